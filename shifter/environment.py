@@ -1,0 +1,104 @@
+"""The container environment of a task, with the original's precedence (reference section 2.9).
+
+Later steps override earlier ones:
+
+1. the caller's environment (``--clearenv`` passes an empty one);
+2. ``SHIFTER_IMAGEREQUEST`` and ``SHIFTER_IMAGE``;
+3. the image's ENV (replace);
+4. ``--env-file`` entries (replace);
+5. ``--env`` entries (replace);
+6. for each active module in order: siteEnv (replace), siteEnvAppend
+   (``VAR=old:new``), siteEnvPrepend (``VAR=new:old``), siteEnvUnset;
+7. the global siteEnv, siteEnvAppend, siteEnvPrepend, siteEnvUnset.
+
+As in the original, an entry without ``=`` or with an empty value is ignored
+when it comes from the image or the site, and is an error when the user gave it;
+appending or prepending to a missing or empty variable just sets it.
+"""
+
+from __future__ import annotations
+
+from shifter.errors import ShifterError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only
+    from shifter.config import ModuleConfig, UdiRootConfig
+
+
+def _split(item: str) -> tuple[str, str] | None:
+    name, sep, value = item.partition("=")
+    if not name or not sep or not value or "\0" in item:
+        return None
+    return name, value
+
+
+def _user_entry(item: str, origin: str) -> tuple[str, str]:
+    pair = _split(item)
+    if pair is None:
+        raise ShifterError(f"improperly formatted environment variable from {origin}: {item!r} (want X=Y)")
+    return pair
+
+
+def _apply_site(
+    env: dict[str, str], setting: list[str], append: list[str], prepend: list[str], unset: list[str]
+) -> None:
+    for item in setting:
+        pair = _split(item)
+        if pair:
+            env[pair[0]] = pair[1]
+    for item in append:
+        pair = _split(item)
+        if pair:
+            old = env.get(pair[0])
+            env[pair[0]] = f"{old}:{pair[1]}" if old else pair[1]
+    for item in prepend:
+        pair = _split(item)
+        if pair:
+            old = env.get(pair[0])
+            env[pair[0]] = f"{pair[1]}:{old}" if old else pair[1]
+    for name in unset:
+        env.pop(name, None)
+
+
+def build_environment(
+    base: dict[str, str],
+    image_request: str | None,
+    image_id: str | None,
+    image_env: list[str],
+    env_file: list[str],
+    cli_env: list[str],
+    modules: list[ModuleConfig],
+    config: UdiRootConfig,
+) -> dict[str, str]:
+    """The environment the command is executed with; ``base`` is not modified."""
+    env = dict(base)
+    if image_request:
+        env["SHIFTER_IMAGEREQUEST"] = image_request
+    if image_id:
+        env["SHIFTER_IMAGE"] = image_id
+    for item in image_env:
+        pair = _split(item)
+        if pair:
+            env[pair[0]] = pair[1]
+    for origin, items in (("--env-file", env_file), ("--env", cli_env)):
+        for item in items:
+            name, value = _user_entry(item, origin)
+            env[name] = value
+    for module in modules:
+        _apply_site(
+            env, module.site_env, module.site_env_append, module.site_env_prepend, module.site_env_unset
+        )
+    _apply_site(env, config.site_env, config.site_env_append, config.site_env_prepend, config.site_env_unset)
+    return env
+
+
+def parse_env_file(text: str, source: str = "--env-file") -> list[str]:
+    """``--env-file`` lines: blank and ``#`` lines skipped, others must hold ``=``; quotes stay literal."""
+    entries: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        if "=" not in line:
+            raise ShifterError(f"{source} line {number}: {line!r} is not NAME=value")
+        entries.append(line)
+    return entries
