@@ -1,0 +1,210 @@
+"""A handle on the running local cluster for tests and benchmarks.
+
+It reads the cluster's ``cluster.env`` (what ``make cluster-env`` prints) and offers the
+operations integration tests repeat: run a command as a test user, submit a batch job and
+wait for it (including its epilog), read its output, look at a node's mount table, and find
+loop devices.  Everything goes through the real tools (sbatch, scontrol, setpriv, nsenter).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cleanup import loop_devices_under as _loop_devices_under
+from .procs import PidRegistry
+from .settings import DEFAULT_STATE_DIR
+
+ACTIVE_JOB_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED",
+                     "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "REQUEUE_HOLD", "REQUEUE_FED"}
+
+
+class ClusterNotUp(RuntimeError):
+    """The local cluster is not running (no cluster.env in its state dir)."""
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str
+    target: str
+    fstype: str
+    options: str
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The values of ``export KEY=VALUE`` lines, with $PATH expanded from our environment."""
+    values = {}
+    for line in path.read_text().splitlines():
+        if not line.startswith("export "):
+            continue
+        key, _, raw = line[len("export "):].partition("=")
+        words = shlex.split(raw)
+        values[key] = os.path.expandvars("".join(words))
+    return values
+
+
+def loop_devices_under(path: Path | str) -> list[str]:
+    """Attached loop devices (/dev/loopN) whose backing file is below `path`."""
+    return _loop_devices_under(Path(path))
+
+
+@dataclass
+class Cluster:
+    """The running local cluster, as described by its cluster.env."""
+
+    env: dict[str, str]
+    outputs: dict[str, Path] = field(default_factory=dict)
+
+    @classmethod
+    def from_state_dir(cls, state_dir: Path | str | None = None) -> Cluster:
+        state = Path(state_dir or os.environ.get("SHIFTER_CLUSTER_STATE", DEFAULT_STATE_DIR))
+        env_file = state / "cluster.env"
+        if not env_file.exists():
+            raise ClusterNotUp(f"the local cluster is not up (no {env_file}); run `make cluster-up`")
+        return cls(read_env_file(env_file))
+
+    # --- what the cluster is -------------------------------------------------------
+    @property
+    def nodes(self) -> list[str]:
+        return self.env["SHIFTER_NODES"].split()
+
+    @property
+    def images(self) -> list[str]:
+        return self.env["SHIFTER_TEST_IMAGES"].split()
+
+    def image(self, repo: str) -> str:
+        """The registry reference of one test image, by repository (e.g. "demo/busybox")."""
+        for ref in self.images:
+            if ref.split("/", 1)[1].rsplit(":", 1)[0] == repo:
+                return ref
+        raise KeyError(f"no test image {repo} in SHIFTER_TEST_IMAGES={self.env['SHIFTER_TEST_IMAGES']}")
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.env["SHIFTER_CLUSTER_STATE"])
+
+    @property
+    def prefix(self) -> Path:
+        return Path(self.env["SHIFTER_PREFIX"])
+
+    @property
+    def gateway(self) -> str:
+        return self.env["SHIFTER_GATEWAY"]
+
+    @property
+    def registry(self) -> str:
+        return self.env["SHIFTER_REGISTRY"]
+
+    @property
+    def udiroot_conf(self) -> Path:
+        return Path(self.env["SHIFTER_UDIROOT_CONF"])
+
+    def environ(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """Our environment plus the cluster's (SLURM_CONF, PATH with the installed tools first...)."""
+        return {**os.environ, **self.env, **(extra or {})}
+
+    # --- running things --------------------------------------------------------------
+    def run(self, argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run a command as root on the host with the cluster's environment."""
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=self.environ())
+
+    def user_environ(self, user: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """A clean login-like environment for `user` with the cluster's variables."""
+        entry = pwd.getpwnam(user)
+        base = {"HOME": entry.pw_dir, "USER": user, "LOGNAME": user, "SHELL": entry.pw_shell,
+                "LANG": "C.UTF-8", "PATH": f"{self.prefix / 'bin'}:/usr/local/bin:/usr/bin:/bin"}
+        cluster = {k: v for k, v in self.env.items() if k != "PATH"}
+        return {**base, **cluster, **(extra or {})}
+
+    def run_as(self, user: str, argv: list[str], env: dict[str, str] | None = None, timeout: float = 120,
+               cwd: str | Path | None = None, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run `argv` as `user` (real uid, gid and groups; no setuid helper), capturing output."""
+        entry = pwd.getpwnam(user)
+        command = ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--init-groups", "--",
+                   *argv]
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, input=input,
+                              env=self.user_environ(user, env), cwd=str(cwd or entry.pw_dir))
+
+    def job_dir(self, user: str) -> Path:
+        """A directory the user owns for job scripts and outputs (on the shared file system)."""
+        entry = pwd.getpwnam(user)
+        path = Path(entry.pw_dir) / "shifter-tests"
+        path.mkdir(mode=0o700, exist_ok=True)
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+        return path
+
+    def submit_batch(self, user: str, script_text: str, **sbatch_opts: object) -> str:
+        """sbatch `script_text` as `user`; options as keywords (nodes=2 -> --nodes=2). Returns the job id.
+
+        Raises RuntimeError with sbatch's message when the submission is refused.
+        """
+        directory = self.job_dir(user)
+        entry = pwd.getpwnam(user)
+        script = directory / f"job-{time.monotonic_ns()}.sh"
+        script.write_text(script_text)
+        os.chown(script, entry.pw_uid, entry.pw_gid)
+        options = [f"--output={directory}/slurm-%j.out"]
+        for key, value in sbatch_opts.items():
+            flag = "--" + key.replace("_", "-")
+            if value is True:
+                options.append(flag)
+            elif value not in (None, False):
+                options.append(f"{flag}={value}")
+        result = self.run_as(user, ["sbatch", "--parsable", *options, str(script)], cwd=directory)
+        if result.returncode != 0:
+            raise RuntimeError(f"sbatch failed ({result.returncode}): {result.stderr.strip()}")
+        job_id = result.stdout.strip().split(";")[0]
+        self.outputs[job_id] = directory / f"slurm-{job_id}.out"
+        return job_id
+
+    def job_fields(self, job_id: str) -> dict[str, str]:
+        result = self.run(["scontrol", "-o", "show", "job", job_id], timeout=30)
+        if result.returncode != 0:
+            return {}
+        return dict(re.findall(r"(\w+)=(\S*)", result.stdout))
+
+    def wait_job(self, job_id: str, timeout: float = 180) -> str:
+        """Wait until the job has ended and its epilog has run on every node; returns its state."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.job_fields(job_id).get("JobState", "UNKNOWN")
+            if state not in ACTIVE_JOB_STATES:
+                return state
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {state} after {timeout:.0f} s")
+            time.sleep(0.2)
+
+    def job_output(self, job_id: str) -> str:
+        path = self.outputs.get(job_id) or Path(self.job_fields(job_id).get("StdOut", ""))
+        return path.read_text(errors="replace") if path.is_file() else ""
+
+    # --- inside the nodes -----------------------------------------------------------
+    def node_pids(self) -> dict[str, int]:
+        """The slurmd pid of every node (its namespaces are the node's)."""
+        registry = PidRegistry(self.state_dir / "pids")
+        pids = {node: registry.pid(f"slurmd-{node}") for node in self.nodes}
+        missing = [node for node, pid in pids.items() if pid is None]
+        if missing:
+            raise RuntimeError(f"slurmd of {' '.join(missing)} is not running")
+        return {node: pid for node, pid in pids.items() if pid is not None}
+
+    def node_mounts(self, node: str) -> list[Mount]:
+        """The node's mount table (that of its slurmd's mount namespace)."""
+        text = Path(f"/proc/{self.node_pids()[node]}/mounts").read_text()
+        mounts = []
+        for line in text.splitlines():
+            source, target, fstype, options = line.split()[:4]
+            mounts.append(Mount(source, target.replace("\\040", " "), fstype, options))
+        return mounts
+
+    def node_exec(self, node: str, argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run a command as root in the node's network, mount and UTS namespaces."""
+        pid = self.node_pids()[node]
+        return self.run(["nsenter", f"--target={pid}", "--net", "--mount", "--uts", "--", *argv],
+                        timeout=timeout)
