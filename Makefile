@@ -21,7 +21,7 @@ CFLAGS_PLUGIN := -shared -fPIC -O2 -Wall -Werror -I/usr/include/slurm \
 
 export PREFIX SYSCONFDIR NODES STATE_DIR VENV
 
-.PHONY: all deps venv plugin install cluster-up cluster-down cluster-env cluster-status \
+.PHONY: all deps venv plugin install udiimage cluster-up cluster-down cluster-env cluster-status \
         debian-image demo test bench lint clean
 
 all: plugin
@@ -54,6 +54,14 @@ $(PLUGIN_SRC):
 install: $(if $(wildcard $(PLUGIN_SRC)),$(PLUGIN))
 	$(BASE_PYTHON) scripts/install.py --prefix $(PREFIX) --sysconfdir $(SYSCONFDIR) --plugin $(PLUGIN)
 
+## udiimage: the in-container sshd (the host's OpenSSH made relocatable) for optUdiImage
+UDIIMAGE := $(PREFIX)/libexec/shifter/opt/udiImage
+udiimage: $(UDIIMAGE)/sbin/sshd
+
+$(UDIIMAGE)/sbin/sshd: shifter/packing.py shifter/packtool.py | venv
+	mkdir -p $(PREFIX)/libexec/shifter/opt
+	$(PYTHON) -m shifter.packtool udiimage --force $(UDIIMAGE)
+
 ## cluster-up / cluster-down / cluster-env / cluster-status: the local cluster (NODES=2 by default)
 cluster-up: venv
 	$(CLUSTER) up --nodes $(NODES)
@@ -72,16 +80,16 @@ debian-image: venv
 	$(CLUSTER) debian-image
 
 ## demo: everything from scratch, then the README's two-node job as the test user
-demo: deps venv install
+demo: deps venv install udiimage
 	$(CLUSTER) up --nodes $(NODES)
 	$(PYTHON) -m localcluster.demo --state-dir $(STATE_DIR)
 
 ## test: the whole suite against the cluster (with the Debian image); always takes it down and checks nothing is left
-test: deps venv install
+test: deps venv install udiimage
 	DEBIAN_IMAGE=1 scripts/with-cluster.sh $(PYTHON) -m pytest -q tests
 
 ## bench: benchmarks on an 8-node cluster with the Debian image; writes bench/results.json
-bench: deps venv install
+bench: deps venv install udiimage
 	NODES=8 DEBIAN_IMAGE=1 scripts/with-cluster.sh $(PYTHON) bench/run.py
 
 lint: venv

@@ -1,0 +1,125 @@
+"""``shifter-gateway --config imagemanager.json``: run the image gateway (uvicorn, one process).
+
+One process serves HTTP (uvicorn with httptools on uvloop) and runs the pull workers
+in threads, like the original. SIGTERM/SIGINT stop accepting requests, let running
+requests finish, then stop the workers; a pull interrupted that way is picked up by
+the next start (see gateway.manager.recover). Also runnable as
+``python -m gateway.service --config ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import socket
+import sys
+
+from shifter.errors import ShifterError
+
+DEFAULT_CONFIG = "/etc/shifter/imagemanager.json"
+
+
+def _setup_logging(level: str, log_file: str | None) -> None:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler: logging.Handler = (
+        logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    )
+    handler.setFormatter(fmt)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel({"warn": "WARNING"}.get(level, level.upper()))
+    access = logging.getLogger("uvicorn.access")  # replaced by gateway.api.AccessLog
+    access.propagate = False
+    access.handlers.clear()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise ShifterError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(config_path: str) -> None:
+    """Load the config, recover the store, serve until a signal arrives."""
+    import uvicorn
+
+    from gateway.api import AccessLog, create_app
+    from gateway.config import load_config
+    from gateway.manager import ImageManager
+    from gateway.store import open_store
+
+    config = load_config(config_path)
+    _setup_logging(config.log_level, config.log_file)
+    log = logging.getLogger("gateway.service")
+    sockets = [_bind(host, port) for host, port in config.listen]
+    store = open_store(config.store, config.mongodb_name)
+    manager = ImageManager(config, store)
+    manager.start()
+    try:
+        access_log = AccessLog(config.access_log) if config.access_log else None
+    except OSError as err:
+        raise ShifterError(f"cannot open AccessLog {config.access_log}: {err.strerror}") from None
+    app = create_app(config, manager, access_log=access_log)
+    gc.collect()
+    gc.freeze()  # the start-up objects never need scanning again: shorter GC pauses under load
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            http="httptools",
+            loop="uvloop",
+            lifespan="off",
+            log_config=None,
+            access_log=bool(config.access_log),
+            server_header=False,
+            timeout_keep_alive=30,
+            backlog=2048,
+            limit_concurrency=4096,
+        )
+    )
+    log.info(
+        "shifter-gateway %s listening on %s (store %s, auth %s)",
+        os.getpid(),
+        ", ".join(f"{h}:{p}" for h, p in config.listen),
+        config.store.split("@")[-1],
+        config.authentication,
+    )
+    try:
+        server.run(sockets=sockets)
+    finally:
+        manager.stop()
+        store.close()
+        if access_log is not None:
+            access_log.close()
+        for sock in sockets:
+            sock.close()
+        log.info("shifter-gateway stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shifter-gateway", description="Shifter image gateway")
+    parser.add_argument(
+        "--config",
+        default=os.environ.get("GWCONFIG", DEFAULT_CONFIG),
+        help="imagemanager.json (default: $GWCONFIG or %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        serve(args.config)
+    except ShifterError as err:
+        print(f"shifter-gateway: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

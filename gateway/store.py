@@ -1,0 +1,596 @@
+"""The gateway's image records: one small repository interface, SQLite and MongoDB behind it.
+
+A record is a plain dict shaped like the original's MongoDB document (``system``,
+``itype``, ``pulltag``, ``tag`` list, ``status``, ``id``, ``userACL``, ...) plus a
+string key ``_id``. Two invariants are kept atomically by both stores, so that
+several gateway processes (or hosts, with MongoDB) can share one store:
+
+* at most one *in-flight* record per (system, itype, pulltag): :meth:`Store.claim`
+  either inserts the new record or returns the one already in flight (a unique
+  index on an ``inflight`` key that is set only while the status is in flight);
+* a tag names at most one READY image per (system, itype): :meth:`Store.add_tag`
+  moves it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from typing import Any
+
+from shifter.errors import ShifterError
+
+INFLIGHT = frozenset({"INIT", "PENDING", "PULLING", "EXAMINATION", "CONVERSION", "TRANSFER", "HASHING"})
+STATUSES = INFLIGHT | {"READY", "FAILURE", "EXPIRING", "EXPIRED"}
+
+Doc = dict[str, Any]
+
+
+def inflight_key(doc: Doc) -> str | None:
+    """The de-duplication key of an in-flight record, None once it is settled."""
+    if doc.get("status") in INFLIGHT:
+        return f"{doc['system']}\x1f{doc['itype']}\x1f{doc['pulltag']}"
+    return None
+
+
+def new_id() -> str:
+    """Unique and ordered by creation time (both stores sort on it)."""
+    return f"{time.time_ns():016x}{uuid.uuid4().hex[:16]}"
+
+
+class Store(ABC):
+    """What the manager needs from persistent storage, nothing more."""
+
+    @abstractmethod
+    def claim(self, doc: Doc) -> tuple[Doc, bool]:
+        """Insert ``doc`` (in flight) unless one is in flight for its pulltag: (record, inserted)."""
+
+    @abstractmethod
+    def insert(self, doc: Doc) -> Doc:
+        """Insert a settled record (e.g. READY from an import); returns it with its ``_id``."""
+
+    @abstractmethod
+    def get(self, rid: str) -> Doc | None:
+        """The record with ``_id`` ``rid``."""
+
+    @abstractmethod
+    def update(self, rid: str, fields: Doc, only_if_status: Iterable[str] | None = None) -> bool:
+        """Set ``fields`` on a record (optionally only while its status is one of ``only_if_status``)."""
+
+    @abstractmethod
+    def delete(self, rid: str) -> None:
+        """Remove a record and its tags."""
+
+    @abstractmethod
+    def find_ready(self, system: str, itype: str, tag: str) -> Doc | None:
+        """The READY record carrying ``tag``: the lookup path, keep it cheap."""
+
+    @abstractmethod
+    def find_ready_by_image_id(self, system: str, image_id: str) -> Doc | None:
+        """A READY record of this image id on ``system`` (images are shared between tags)."""
+
+    @abstractmethod
+    def find_inflight(self, system: str, itype: str, pulltag: str) -> Doc | None:
+        """The in-flight record for ``pulltag``, if any."""
+
+    @abstractmethod
+    def find(
+        self,
+        system: str | None = None,
+        itype: str | None = None,
+        pulltag: str | None = None,
+        statuses: Iterable[str] | None = None,
+    ) -> list[Doc]:
+        """Records matching every given criterion (used by list, queue, expiry and recovery)."""
+
+    @abstractmethod
+    def add_tag(self, rid: str, tag: str) -> None:
+        """Move ``tag`` to record ``rid`` (taking it from any other record of the same system/itype)."""
+
+    @abstractmethod
+    def touch(self, updates: dict[str, float]) -> None:
+        """Set ``expiration`` on many records at once (batched lookups)."""
+
+    @abstractmethod
+    def add_metrics(self, docs: list[Doc]) -> None:
+        """Append lookup metric documents (original ``Metrics: true``)."""
+
+    @abstractmethod
+    def metrics(self, system: str, limit: int) -> list[Doc]:
+        """The last ``limit`` metric documents for ``system``, oldest first."""
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Raise if the store is unusable (health check)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections."""
+
+
+def open_store(url: str, mongodb_name: str = "Shifter") -> Store:
+    """``sqlite:///<path>`` or a ``mongodb://`` URI (see gateway.config)."""
+    if url.startswith("sqlite:///"):
+        return SqliteStore("/" + url[len("sqlite:///") :].lstrip("/"))
+    if url.startswith(("mongodb://", "mongodb+srv://")):
+        return MongoStore(url, mongodb_name)
+    raise ShifterError(f"unsupported store {url!r}")
+
+
+# -- SQLite ------------------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    rid TEXT PRIMARY KEY,
+    system TEXT NOT NULL,
+    itype TEXT NOT NULL,
+    pulltag TEXT NOT NULL,
+    status TEXT NOT NULL,
+    image_id TEXT,
+    inflight TEXT UNIQUE,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_pulltag ON images(system, itype, pulltag);
+CREATE INDEX IF NOT EXISTS images_image_id ON images(system, image_id);
+CREATE INDEX IF NOT EXISTS images_status ON images(status);
+CREATE TABLE IF NOT EXISTS tags (
+    system TEXT NOT NULL,
+    itype TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    rid TEXT NOT NULL,
+    PRIMARY KEY (system, itype, tag)
+);
+CREATE INDEX IF NOT EXISTS tags_rid ON tags(rid);
+CREATE TABLE IF NOT EXISTS metrics (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    system TEXT NOT NULL,
+    doc TEXT NOT NULL
+);
+"""
+
+
+class SqliteStore(Store):
+    """SQLite in WAL mode: readers never wait for the writer; one connection per thread."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        parent = os.path.dirname(path)
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as err:
+            raise ShifterError(f"store {path}: cannot create {parent}: {err.strerror}") from None
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+        conn = self._conn()
+        try:
+            conn.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as err:
+            raise ShifterError(f"store {path}: {err}") from None
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("PRAGMA busy_timeout=30000")
+            except sqlite3.Error as err:
+                raise ShifterError(f"store {self.path}: {err}") from None
+            self._local.conn = conn
+            with self._all_lock:
+                self._all.append(conn)
+        return conn
+
+    @staticmethod
+    def _load(row: tuple[str, str] | None) -> Doc | None:
+        if row is None:
+            return None
+        doc = json.loads(row[1])
+        doc["_id"] = row[0]
+        return doc
+
+    def _write(self, conn: sqlite3.Connection, doc: Doc) -> None:
+        body = {k: v for k, v in doc.items() if k != "_id"}
+        conn.execute(
+            # an upsert on rid only: a clash on the unique inflight key must raise, never replace
+            "INSERT INTO images(rid, system, itype, pulltag, status, image_id, inflight, doc)"
+            " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(rid) DO UPDATE SET system=excluded.system,"
+            " itype=excluded.itype, pulltag=excluded.pulltag, status=excluded.status,"
+            " image_id=excluded.image_id, inflight=excluded.inflight, doc=excluded.doc",
+            (
+                doc["_id"],
+                doc["system"],
+                doc["itype"],
+                doc["pulltag"],
+                doc["status"],
+                doc.get("id"),
+                inflight_key(doc),
+                json.dumps(body, separators=(",", ":")),
+            ),
+        )
+        tags = _tags(doc)
+        conn.execute(
+            f"DELETE FROM tags WHERE rid = ? AND tag NOT IN ({','.join('?' * len(tags))})",
+            (doc["_id"], *tags),
+        )
+
+    def claim(self, doc: Doc) -> tuple[Doc, bool]:
+        doc = dict(doc)
+        doc.setdefault("_id", new_id())
+        if doc.get("status") not in INFLIGHT:
+            raise ValueError("claim() needs an in-flight record")
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute(
+                "SELECT rid, doc FROM images WHERE inflight = ?", (inflight_key(doc),)
+            ).fetchone()
+            if row is not None:
+                conn.execute("COMMIT")
+                return self._load(row), False  # type: ignore[return-value]
+            self._write(conn, doc)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return doc, True
+
+    def insert(self, doc: Doc) -> Doc:
+        doc = dict(doc)
+        doc.setdefault("_id", new_id())
+        conn = self._conn()
+        with _transaction(conn):
+            self._write(conn, doc)
+        return doc
+
+    def get(self, rid: str) -> Doc | None:
+        return self._load(
+            self._conn().execute("SELECT rid, doc FROM images WHERE rid = ?", (rid,)).fetchone()
+        )
+
+    def update(self, rid: str, fields: Doc, only_if_status: Iterable[str] | None = None) -> bool:
+        conn = self._conn()
+        with _transaction(conn):
+            doc = self._load(conn.execute("SELECT rid, doc FROM images WHERE rid = ?", (rid,)).fetchone())
+            if doc is None or (only_if_status is not None and doc["status"] not in set(only_if_status)):
+                return False
+            doc.update(fields)
+            try:
+                self._write(conn, doc)
+            except sqlite3.IntegrityError:  # another record is already in flight for this pulltag
+                return False
+        return True
+
+    def delete(self, rid: str) -> None:
+        conn = self._conn()
+        with _transaction(conn):
+            conn.execute("DELETE FROM tags WHERE rid = ?", (rid,))
+            conn.execute("DELETE FROM images WHERE rid = ?", (rid,))
+
+    def find_ready(self, system: str, itype: str, tag: str) -> Doc | None:
+        row = (
+            self._conn()
+            .execute(
+                "SELECT i.rid, i.doc FROM tags t JOIN images i ON i.rid = t.rid"
+                " WHERE t.system = ? AND t.itype = ? AND t.tag = ? AND i.status = 'READY'",
+                (system, itype, tag),
+            )
+            .fetchone()
+        )
+        return self._load(row)
+
+    def find_ready_by_image_id(self, system: str, image_id: str) -> Doc | None:
+        row = (
+            self._conn()
+            .execute(
+                "SELECT rid, doc FROM images WHERE system = ? AND image_id = ? AND status = 'READY'",
+                (system, image_id),
+            )
+            .fetchone()
+        )
+        return self._load(row)
+
+    def find_inflight(self, system: str, itype: str, pulltag: str) -> Doc | None:
+        key = f"{system}\x1f{itype}\x1f{pulltag}"
+        return self._load(
+            self._conn().execute("SELECT rid, doc FROM images WHERE inflight = ?", (key,)).fetchone()
+        )
+
+    def find(
+        self,
+        system: str | None = None,
+        itype: str | None = None,
+        pulltag: str | None = None,
+        statuses: Iterable[str] | None = None,
+    ) -> list[Doc]:
+        where, args = [], []
+        for column, value in (("system", system), ("itype", itype), ("pulltag", pulltag)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if statuses is not None:
+            wanted = sorted(set(statuses))
+            if not wanted:
+                return []
+            where.append(f"status IN ({','.join('?' * len(wanted))})")
+            args.extend(wanted)
+        sql = (
+            "SELECT rid, doc FROM images"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY rowid"
+        )
+        return [self._load(r) for r in self._conn().execute(sql, args).fetchall()]  # type: ignore[misc]
+
+    def add_tag(self, rid: str, tag: str) -> None:
+        conn = self._conn()
+        with _transaction(conn):
+            doc = self._load(conn.execute("SELECT rid, doc FROM images WHERE rid = ?", (rid,)).fetchone())
+            if doc is None:
+                return
+            old = conn.execute(
+                "SELECT rid FROM tags WHERE system = ? AND itype = ? AND tag = ?",
+                (doc["system"], doc["itype"], tag),
+            ).fetchone()
+            if old is not None and old[0] != rid:
+                other = self._load(
+                    conn.execute("SELECT rid, doc FROM images WHERE rid = ?", (old[0],)).fetchone()
+                )
+                if other is not None:
+                    other["tag"] = [t for t in _tags(other) if t != tag]
+                    self._write(conn, other)
+            conn.execute(
+                "INSERT OR REPLACE INTO tags(system, itype, tag, rid) VALUES (?,?,?,?)",
+                (doc["system"], doc["itype"], tag, rid),
+            )
+            tags = _tags(doc)
+            if tag not in tags:
+                doc["tag"] = tags + [tag]
+                self._write(conn, doc)
+
+    def touch(self, updates: dict[str, float]) -> None:
+        if not updates:
+            return
+        conn = self._conn()
+        with _transaction(conn):
+            for rid, when in updates.items():
+                conn.execute(
+                    "UPDATE images SET doc = json_set(doc, '$.expiration', ?) WHERE rid = ?", (when, rid)
+                )
+
+    def add_metrics(self, docs: list[Doc]) -> None:
+        if not docs:
+            return
+        conn = self._conn()
+        with _transaction(conn):
+            conn.executemany(
+                "INSERT INTO metrics(system, doc) VALUES (?, ?)",
+                [(d.get("system", ""), json.dumps(d, separators=(",", ":"))) for d in docs],
+            )
+
+    def metrics(self, system: str, limit: int) -> list[Doc]:
+        if limit <= 0:
+            return []
+        rows = (
+            self._conn()
+            .execute("SELECT doc FROM metrics WHERE system = ? ORDER BY seq DESC LIMIT ?", (system, limit))
+            .fetchall()
+        )
+        return [json.loads(r[0]) for r in reversed(rows)]
+
+    def ping(self) -> None:
+        try:
+            self._conn().execute("SELECT 1 FROM images LIMIT 1").fetchall()
+        except sqlite3.Error as err:
+            raise ShifterError(f"store {self.path}: {err}") from None
+
+    def close(self) -> None:
+        with self._all_lock:
+            for conn in self._all:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            self._all.clear()
+        self._local = threading.local()
+
+
+class _transaction:
+    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error): writers take the lock up front."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _tags(doc: Doc) -> list[str]:
+    tag = doc.get("tag")
+    if isinstance(tag, str):
+        return [tag]
+    return list(tag) if isinstance(tag, list) else []
+
+
+# -- MongoDB -----------------------------------------------------------------------------------
+
+
+class MongoStore(Store):
+    """MongoDB via pymongo 4 (collection ``images`` like the original, plus ``metrics``).
+
+    Records written by the original gateway (ObjectId ``_id``, scalar ``tag``) are read as-is.
+    """
+
+    def __init__(self, uri: str, dbname: str = "Shifter") -> None:
+        import pymongo
+        from pymongo.errors import PyMongoError
+
+        self._errors = PyMongoError
+        try:
+            self.client: Any = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000, tz_aware=False)
+            self.db = self.client[dbname]
+            self.images = self.db["images"]
+            self.metrics_coll = self.db["metrics"]
+            self.images.create_index(
+                "inflight",
+                unique=True,
+                name="inflight_unique",
+                partialFilterExpression={"inflight": {"$type": "string"}},
+            )
+            self.images.create_index([("system", 1), ("itype", 1), ("tag", 1)], name="lookup")
+            self.images.create_index([("system", 1), ("itype", 1), ("pulltag", 1)], name="pulltag")
+            self.images.create_index([("system", 1), ("id", 1)], name="image_id")
+        except PyMongoError as err:
+            raise ShifterError(f"store {uri}: {err}") from None
+
+    @staticmethod
+    def _out(doc: Doc | None) -> Doc | None:
+        if doc is None:
+            return None
+        doc = dict(doc)
+        doc["_id"] = str(doc["_id"])
+        doc.pop("inflight", None)
+        return doc
+
+    @staticmethod
+    def _key(rid: str) -> Any:
+        from bson import ObjectId
+
+        return {"_id": {"$in": [rid, ObjectId(rid)]}} if ObjectId.is_valid(rid) else {"_id": rid}
+
+    def _in(self, doc: Doc) -> Doc:
+        doc = dict(doc)
+        key = inflight_key(doc)
+        if key is None:
+            doc.pop("inflight", None)
+        else:
+            doc["inflight"] = key
+        return doc
+
+    def claim(self, doc: Doc) -> tuple[Doc, bool]:
+        from pymongo.errors import DuplicateKeyError
+
+        doc = dict(doc)
+        doc.setdefault("_id", new_id())
+        if doc.get("status") not in INFLIGHT:
+            raise ValueError("claim() needs an in-flight record")
+        for _ in range(10):
+            try:
+                self.images.insert_one(self._in(doc))
+                return doc, True
+            except DuplicateKeyError:
+                existing = self.images.find_one({"inflight": inflight_key(doc)})
+                if existing is not None:
+                    return self._out(existing), False  # type: ignore[return-value]
+        raise ShifterError("store: could not claim an in-flight slot (contention)")
+
+    def insert(self, doc: Doc) -> Doc:
+        doc = dict(doc)
+        doc.setdefault("_id", new_id())
+        self.images.insert_one(self._in(doc))
+        return doc
+
+    def get(self, rid: str) -> Doc | None:
+        return self._out(self.images.find_one(self._key(rid)))
+
+    def update(self, rid: str, fields: Doc, only_if_status: Iterable[str] | None = None) -> bool:
+        query = self._key(rid)
+        if only_if_status is not None:
+            query["status"] = {"$in": list(only_if_status)}
+        fields = {k: v for k, v in fields.items() if k != "_id"}
+        change: Doc = {"$set": fields}
+        if "status" in fields:
+            current = self.images.find_one(query, {"system": 1, "itype": 1, "pulltag": 1})
+            if current is None:
+                return False
+            key = inflight_key({**current, "status": fields["status"]})
+            if key is None:
+                change["$unset"] = {"inflight": ""}
+            else:
+                change["$set"] = {**fields, "inflight": key}
+        from pymongo.errors import DuplicateKeyError
+
+        try:
+            return self.images.update_one(query, change).matched_count > 0
+        except DuplicateKeyError:  # another record is already in flight for this pulltag
+            return False
+
+    def delete(self, rid: str) -> None:
+        self.images.delete_one(self._key(rid))
+
+    def find_ready(self, system: str, itype: str, tag: str) -> Doc | None:
+        return self._out(
+            self.images.find_one({"system": system, "itype": itype, "tag": tag, "status": "READY"})
+        )
+
+    def find_ready_by_image_id(self, system: str, image_id: str) -> Doc | None:
+        return self._out(self.images.find_one({"system": system, "id": image_id, "status": "READY"}))
+
+    def find_inflight(self, system: str, itype: str, pulltag: str) -> Doc | None:
+        return self._out(self.images.find_one({"inflight": f"{system}\x1f{itype}\x1f{pulltag}"}))
+
+    def find(
+        self,
+        system: str | None = None,
+        itype: str | None = None,
+        pulltag: str | None = None,
+        statuses: Iterable[str] | None = None,
+    ) -> list[Doc]:
+        query: Doc = {}
+        for key, value in (("system", system), ("itype", itype), ("pulltag", pulltag)):
+            if value is not None:
+                query[key] = value
+        if statuses is not None:
+            query["status"] = {"$in": sorted(set(statuses))}
+        return [self._out(d) for d in self.images.find(query).sort("_id", 1)]  # type: ignore[misc]
+
+    def add_tag(self, rid: str, tag: str) -> None:
+        doc = self.images.find_one(self._key(rid))
+        if doc is None:
+            return
+        if isinstance(doc.get("tag"), str):
+            self.images.update_one({"_id": doc["_id"]}, {"$set": {"tag": [doc["tag"]]}})
+        for other in self.images.find(
+            {"system": doc["system"], "itype": doc["itype"], "tag": tag, "_id": {"$ne": doc["_id"]}}
+        ):
+            remaining = [t for t in _tags(other) if t != tag]
+            self.images.update_one({"_id": other["_id"]}, {"$set": {"tag": remaining}})
+        self.images.update_one({"_id": doc["_id"]}, {"$addToSet": {"tag": tag}})
+
+    def touch(self, updates: dict[str, float]) -> None:
+        from pymongo import UpdateOne
+
+        if updates:
+            self.images.bulk_write(
+                [UpdateOne(self._key(rid), {"$set": {"expiration": when}}) for rid, when in updates.items()],
+                ordered=False,
+            )
+
+    def add_metrics(self, docs: list[Doc]) -> None:
+        if docs:
+            self.metrics_coll.insert_many([dict(d) for d in docs])
+
+    def metrics(self, system: str, limit: int) -> list[Doc]:
+        if limit <= 0:
+            return []
+        docs = list(self.metrics_coll.find({"system": system}, {"_id": 0}).sort("_id", -1).limit(limit))
+        return list(reversed(docs))
+
+    def ping(self) -> None:
+        try:
+            self.client.admin.command("ping")
+        except self._errors as err:
+            raise ShifterError(f"store: {err}") from None
+
+    def close(self) -> None:
+        self.client.close()

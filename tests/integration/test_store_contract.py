@@ -1,0 +1,177 @@
+"""One contract for every gateway store: SQLite always, MongoDB when SHIFTER_TEST_MONGODB_URI is set.
+
+No MongoDB server can be installed on these machines (none in Debian 12; the PyPI/npm
+packages download one at run time), so the MongoDB run is skipped unless a URI is given.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from gateway.store import INFLIGHT, MongoStore, SqliteStore, Store
+
+MONGO_URI = os.environ.get("SHIFTER_TEST_MONGODB_URI")
+
+
+@pytest.fixture(params=["sqlite", "mongodb"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "sqlite":
+        s: Store = SqliteStore(str(tmp_path / "store.db"))
+        yield s
+        s.close()
+        return
+    if not MONGO_URI:
+        pytest.skip("SHIFTER_TEST_MONGODB_URI is not set (no MongoDB server can be installed here)")
+    dbname = f"shifter_test_{uuid.uuid4().hex[:8]}"
+    ms = MongoStore(MONGO_URI, dbname)
+    yield ms
+    ms.client.drop_database(dbname)
+    ms.close()
+
+
+def pull_doc(tag: str = "ubuntu:22.04", system: str = "sys", status: str = "PENDING") -> dict:
+    return {
+        "system": system,
+        "itype": "docker",
+        "pulltag": tag,
+        "tag": [],
+        "status": status,
+        "userACL": [],
+        "groupACL": [],
+        "last_pull": time.time(),
+    }
+
+
+def make_ready(store: Store, tag: str, image_id: str, system: str = "sys") -> dict:
+    rec, inserted = store.claim(pull_doc(tag, system))
+    assert inserted
+    assert store.update(rec["_id"], {"status": "READY", "id": image_id})
+    store.add_tag(rec["_id"], tag)
+    return store.get(rec["_id"])  # type: ignore[return-value]
+
+
+def test_claim_inserts_once_per_pulltag(store: Store) -> None:
+    first, inserted = store.claim(pull_doc())
+    assert inserted
+    second, inserted2 = store.claim(pull_doc())
+    assert not inserted2
+    assert second["_id"] == first["_id"]
+    other, inserted3 = store.claim(pull_doc(system="other"))
+    assert inserted3 and other["_id"] != first["_id"]
+
+
+def test_claim_is_atomic_under_contention(store: Store) -> None:
+    barrier = threading.Barrier(16)
+
+    def one(_: int) -> tuple[str, bool]:
+        barrier.wait()
+        rec, inserted = store.claim(pull_doc("race:1"))
+        return rec["_id"], inserted
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(16)))
+    assert sum(1 for _, ins in results if ins) == 1
+    assert len({rid for rid, _ in results}) == 1
+
+
+def test_settled_record_frees_the_slot(store: Store) -> None:
+    rec, _ = store.claim(pull_doc())
+    assert store.find_inflight("sys", "docker", "ubuntu:22.04")["_id"] == rec["_id"]
+    store.update(rec["_id"], {"status": "FAILURE"})
+    assert store.find_inflight("sys", "docker", "ubuntu:22.04") is None
+    again, inserted = store.claim(pull_doc())
+    assert inserted and again["_id"] != rec["_id"]
+
+
+def test_update_never_takes_an_occupied_inflight_slot(store: Store) -> None:
+    first, _ = store.claim(pull_doc())
+    store.update(first["_id"], {"status": "FAILURE"})
+    second, inserted = store.claim(pull_doc())
+    assert inserted
+    assert not store.update(first["_id"], {"status": "PENDING"})  # the slot belongs to the second
+    assert store.get(first["_id"])["status"] == "FAILURE"
+    assert store.get(second["_id"])["status"] == "PENDING"
+
+
+def test_claim_refuses_settled_records(store: Store) -> None:
+    with pytest.raises(ValueError):
+        store.claim(pull_doc(status="READY"))
+
+
+def test_update_with_status_condition(store: Store) -> None:
+    rec, _ = store.claim(pull_doc())
+    assert not store.update(rec["_id"], {"status": "READY"}, only_if_status=["READY"])
+    assert store.get(rec["_id"])["status"] == "PENDING"
+    assert store.update(rec["_id"], {"status": "PULLING", "status_message": "x"}, only_if_status=INFLIGHT)
+    got = store.get(rec["_id"])
+    assert got["status"] == "PULLING" and got["status_message"] == "x"
+    assert not store.update("no-such-id", {"status": "READY"})
+
+
+def test_find_ready_by_tag_and_id(store: Store) -> None:
+    rec = make_ready(store, "ubuntu:22.04", "a" * 64)
+    assert store.find_ready("sys", "docker", "ubuntu:22.04")["_id"] == rec["_id"]
+    assert store.find_ready("sys", "docker", "ubuntu:24.04") is None
+    assert store.find_ready("other", "docker", "ubuntu:22.04") is None
+    assert store.find_ready_by_image_id("sys", "a" * 64)["_id"] == rec["_id"]
+    store.update(rec["_id"], {"status": "EXPIRED"})
+    assert store.find_ready("sys", "docker", "ubuntu:22.04") is None
+
+
+def test_add_tag_moves_a_tag_to_the_newest_image(store: Store) -> None:
+    old = make_ready(store, "app:latest", "a" * 64)
+    store.add_tag(old["_id"], "app:v1")
+    new = make_ready(store, "app:latest", "b" * 64)
+    assert store.find_ready("sys", "docker", "app:latest")["_id"] == new["_id"]
+    assert store.get(old["_id"])["tag"] == ["app:v1"]
+    assert store.get(new["_id"])["tag"] == ["app:latest"]
+    store.add_tag(new["_id"], "app:latest")  # idempotent
+    assert store.get(new["_id"])["tag"] == ["app:latest"]
+
+
+def test_find_filters_and_delete(store: Store) -> None:
+    make_ready(store, "a:1", "a" * 64)
+    rec, _ = store.claim(pull_doc("b:1"))
+    assert {r["pulltag"] for r in store.find(system="sys")} == {"a:1", "b:1"}
+    assert [r["pulltag"] for r in store.find(statuses=["READY"])] == ["a:1"]
+    assert [r["pulltag"] for r in store.find(pulltag="b:1", statuses=INFLIGHT)] == ["b:1"]
+    assert store.find(statuses=[]) == []
+    store.delete(rec["_id"])
+    assert store.get(rec["_id"]) is None
+    assert store.find_inflight("sys", "docker", "b:1") is None
+
+
+def test_insert_settled_and_touch(store: Store) -> None:
+    rec = store.insert({**pull_doc("imp:1", status="READY"), "id": "c" * 64})
+    store.touch({rec["_id"]: 12345.5})
+    assert store.get(rec["_id"])["expiration"] == 12345.5
+
+
+def test_metrics_keep_order_and_limit(store: Store) -> None:
+    store.add_metrics([{"system": "sys", "tag": f"t{i}", "time": float(i)} for i in range(5)])
+    store.add_metrics([{"system": "other", "tag": "x", "time": 9.0}])
+    docs = store.metrics("sys", 3)
+    assert [d["tag"] for d in docs] == ["t2", "t3", "t4"]
+    assert store.metrics("sys", 0) == []
+    store.ping()
+
+
+def test_sqlite_store_is_shared_between_processes(tmp_path: Path) -> None:
+    """Two store objects (as two gateway processes would have) see one in-flight slot."""
+    a = SqliteStore(str(tmp_path / "shared.db"))
+    b = SqliteStore(str(tmp_path / "shared.db"))
+    try:
+        rec, inserted = a.claim(pull_doc("shared:1"))
+        other, inserted2 = b.claim(pull_doc("shared:1"))
+        assert inserted and not inserted2 and other["_id"] == rec["_id"]
+    finally:
+        a.close()
+        b.close()
