@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 
 from shifter import buildinfo
@@ -119,7 +120,30 @@ def submit(conf: PlugstackArgs, opts: dict[str, str]) -> list[tuple[str, str]]:
         out.append(("SHIFTER_MODULE", ",".join(names) or "none"))
     if ccm:
         out.append(("SHIFTER_CCM", "1"))
+    if conf.enable_sshd and (image_text or ccm):
+        out.append(("SHIFTER_SSH_PUBKEY", user_ssh_pubkey()))
     return out
+
+
+def user_ssh_pubkey() -> str:
+    """The user's in-job ssh key (~/.udiRoot/id_rsa.key, the original's path), created if missing."""
+    home = os.path.expanduser("~")
+    key_dir = os.path.join(home, ".udiRoot")
+    key = os.path.join(key_dir, "id_rsa.key")
+    if not (os.path.exists(key) and os.path.exists(key + ".pub")):
+        os.makedirs(key_dir, mode=0o700, exist_ok=True)
+        for stale in (key, key + ".pub"):
+            if os.path.lexists(stale):
+                os.unlink(stale)
+        proc = subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "shifter job key", "-f", key],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise ShifterError(f"cannot create {key}: {proc.stderr.strip() or 'ssh-keygen failed'}")
+    with open(key + ".pub") as f:
+        pubkey = f.readline().strip()
+    if not pubkey or "\n" in pubkey:
+        raise ShifterError(f"{key}.pub holds no public key")
+    return pubkey
 
 
 def _option_env(conf: PlugstackArgs, name: str) -> str:
@@ -228,7 +252,7 @@ def setuproot_argv(conf: PlugstackArgs, req: JobRequest) -> list[str]:
 
 def prolog(conf: PlugstackArgs, opts: dict[str, str]) -> int:
     req = job_request(opts, dict(os.environ), conf)
-    return _run_root_tool(setuproot_argv(conf, req))
+    return _timed("prolog", req.job_id, setuproot_argv(conf, req))
 
 
 def epilog(conf: PlugstackArgs, opts: dict[str, str]) -> int:
@@ -237,7 +261,16 @@ def epilog(conf: PlugstackArgs, opts: dict[str, str]) -> int:
         raise ShifterError(f"epilog: no valid job id ({job_id!r})")
     argv = [os.path.join(buildinfo.PREFIX, "sbin", "unsetupRoot"), "--config", conf.shifter_config,
             "--job-id", job_id]
-    return _run_root_tool(argv)
+    return _timed("epilog", job_id, argv)
+
+
+def _timed(hook: str, job_id: str, argv: list[str]) -> int:
+    """Run the root tool and log its wall time: admins and the benchmarks read it from slurmd's log."""
+    start = time.monotonic()
+    status = _run_root_tool(argv)
+    print(f"shifter: {hook} job {job_id} took {(time.monotonic() - start) * 1000:.1f} ms (status {status})",
+          file=sys.stderr)
+    return status
 
 
 def _run_root_tool(argv: list[str]) -> int:

@@ -279,7 +279,7 @@ static int run_hook(char **argv, char *out, size_t outlen, int to_user)
             if (to_user)
                 slurm_error("%s", line);
             else
-                slurm_info("shifter: %s", line);
+                slurm_info("%s", line);
         }
     }
     if (WIFEXITED(status))
@@ -334,7 +334,10 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
     if (rc != 0) {
         if (rc < 0)
             slurm_error("shifter: cannot run %s", SHIFTER_HOOK);
-        return -1;
+        /* The hook already said what is wrong in one line; returning an error
+         * would make Slurm add two generic lines after it.  Nothing has been
+         * submitted yet, so leaving here (as the original plugin did) is safe. */
+        exit(1);
     }
     for (line = strtok_r(out, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
         char *eq = strchr(line, '=');
