@@ -138,6 +138,17 @@ def install_plugin(prefix: Path, plugin: Path) -> None:
         os.replace(tmp, target)  # a new inode: running slurmds keep the old mapping intact
 
 
+def install_service_unit(prefix: Path, sysconfdir: Path) -> None:
+    """The gateway's systemd unit, for admins to copy into /etc/systemd/system."""
+    template = (REPO / "templates" / "shifter-gateway.service.j2").read_text()
+    text = template.replace("{{ prefix }}", str(prefix)).replace("{{ sysconfdir }}", str(sysconfdir))
+    write(prefix / "share" / "shifter" / "shifter-gateway.service", text, 0o644)
+    for doc in ("admin-guide.md", "user-guide.md"):
+        source = REPO / "docs" / doc
+        if source.exists():
+            write(prefix / "share" / "doc" / "shifter-slurm" / doc, source.read_text(), 0o644)
+
+
 def install_id(prefix: Path) -> None:
     """A digest of what was installed, so the cluster knows when to restart the gateway."""
     digest = hashlib.sha256()
@@ -184,6 +195,7 @@ def main() -> None:
     write_wrappers(prefix, purelib)
     install_plugin(prefix, Path(args.plugin))
     sysconfdir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    install_service_unit(prefix, sysconfdir)
     install_id(prefix)
     make_world_readable(prefix)
     print(f"install: {prefix} ready in {time.monotonic() - started:.1f} s "
