@@ -1,0 +1,272 @@
+"""Entry points the gateway's workers call: resolve, build_image, publish, remove_published.
+
+``resolve`` is cheap (manifests and the small config blob, which is cached by digest) so
+a re-pull of an unchanged tag can be recognised by its id without downloading layers.
+``build_image`` downloads the missing blobs (3 at a time, each verified while it streams),
+then flattens and converts them in one streaming pass (``gateway.convert``).
+Every failure is a ShifterError whose message names the problem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+from gateway.convert import squash_layers
+from gateway.flatten import Layer
+from gateway.publish import PublishTarget, publish_files, remove_files
+from gateway.registry import (
+    INDEX_TYPES,
+    BlobCache,
+    RegistryClient,
+    check_reference,
+    select_platform,
+)
+from shifter.errors import ShifterError
+from shifter.meta import ImageMeta
+
+__all__ = ["Location", "PullSpec", "ResolvedImage", "BuiltImage", "PublishTarget",
+           "resolve", "build_image", "publish", "remove_published", "image_meta"]
+
+_PARALLEL_DOWNLOADS = 3
+_MAX_CONFIG = 16 << 20
+_LAYER_TYPES = (
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.diff.tar",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "application/vnd.docker.image.rootfs.diff.tar.zstd",
+)
+
+
+@dataclass
+class Location:
+    """One entry of imagemanager.json "Locations" (or the default location)."""
+
+    url: str
+    auth_method: str = "token"
+    cacert: str | None = None
+
+
+@dataclass
+class PullSpec:
+    """Everything a worker needs to pull one image."""
+
+    location: Location
+    repository: str
+    reference: str
+    credentials: tuple[str, str] | None
+    cache_dir: str
+    expand_dir: str
+    platform: tuple[str, str, str | None] = ("linux", "amd64", None)
+    converter_options: list[str] | None = None
+    max_image_bytes: int = 64 << 30
+
+
+@dataclass
+class ResolvedImage:
+    image_id: str          # hex of the platform manifest digest
+    manifest_digest: str
+    private: bool          # the registry required credentials
+    config: dict
+    layers: list[dict]
+
+
+@dataclass
+class BuiltImage:
+    squashfs_path: str     # a temporary file under expand_dir; the caller removes it
+    meta: ImageMeta
+
+
+def _client(spec: PullSpec) -> RegistryClient:
+    check_reference(spec.repository, spec.reference)
+    loc = spec.location
+    return RegistryClient(loc.url, spec.repository, spec.credentials, loc.cacert, loc.auth_method)
+
+
+def _check_layers(manifest: dict) -> list[dict]:
+    layers = manifest.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise ShifterError("image manifest lists no layers")
+    for number, desc in enumerate(layers, 1):
+        if not isinstance(desc, dict) or not isinstance(desc.get("digest"), str) \
+                or not isinstance(desc.get("size"), int) or desc["size"] < 0:
+            raise ShifterError(f"layer {number}: invalid descriptor in the manifest")
+        media = desc.get("mediaType", _LAYER_TYPES[1])
+        if media not in _LAYER_TYPES:
+            raise ShifterError(f"layer {number}: unsupported media type {media!r}")
+        if desc.get("urls"):
+            raise ShifterError(f"layer {number}: foreign (non-distributable) layers are not supported")
+    return layers
+
+
+def _resolve(spec: PullSpec, client: RegistryClient) -> ResolvedImage:
+    cache = BlobCache(spec.cache_dir)
+    digest, media_type, doc = client.manifest(spec.reference)
+    if media_type in INDEX_TYPES:
+        entry = select_platform(doc, spec.platform)
+        digest, media_type, doc = client.manifest(str(entry.get("digest", "")))
+        if media_type in INDEX_TYPES:
+            raise ShifterError("nested image indexes are not supported")
+    layers = _check_layers(doc)
+    config_desc = doc.get("config")
+    if not isinstance(config_desc, dict) or not isinstance(config_desc.get("digest"), str):
+        raise ShifterError("image manifest has no config")
+    config_digest = config_desc["digest"]
+    path = cache.path(config_digest)
+    if cache.has(config_digest, config_desc.get("size")):
+        with open(path, "rb") as handle:
+            data = handle.read(_MAX_CONFIG + 1)
+    else:
+        data = client.blob_bytes(config_digest, _MAX_CONFIG)
+        _store(cache.dir, path, data)
+    try:
+        config = json.loads(data)
+    except ValueError:
+        raise ShifterError("image config is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise ShifterError("image config is not a JSON object")
+    return ResolvedImage(digest[len("sha256:"):], digest, client.private, config, layers)
+
+
+def _store(directory: str, path: str, data: bytes) -> None:
+    fd, partial = tempfile.mkstemp(prefix=".config.partial-", dir=directory)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    os.chmod(partial, 0o644)
+    os.rename(partial, path)
+
+
+def resolve(spec: PullSpec) -> ResolvedImage:
+    """The platform manifest's digest (the image id), config and layers; no layer download."""
+    return _resolve(spec, _client(spec))
+
+
+def image_meta(config: dict) -> ImageMeta:
+    """.meta fields from an image config (Entrypoint, Cmd, WorkingDir, Env)."""
+    inner = config.get("config") or {}
+    if not isinstance(inner, dict):
+        raise ShifterError("image config: 'config' is not an object")
+
+    def argv(key: str) -> list[str] | None:
+        value = inner.get(key)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ShifterError(f"image config: {key} is not a list of strings")
+        return list(value) or None
+
+    env = inner.get("Env") or []
+    if not isinstance(env, list) or not all(isinstance(v, str) for v in env):
+        raise ShifterError("image config: Env is not a list of strings")
+    workdir = inner.get("WorkingDir") or None
+    if workdir is not None and not isinstance(workdir, str):
+        raise ShifterError("image config: WorkingDir is not a string")
+    for value in [*env, workdir or "", *(argv("Entrypoint") or []), *(argv("Cmd") or [])]:
+        if "\n" in value or "\r" in value:
+            raise ShifterError("image config: a value contains a line break")
+    return ImageMeta(entrypoint=argv("Entrypoint"), cmd=argv("Cmd"), workdir=workdir, env=list(env))
+
+
+class _Progress:
+    """Byte and layer counters shared by the download threads; reported from the caller's thread."""
+
+    def __init__(self, layers: list[dict], report: Callable[[str, dict], None]) -> None:
+        self.report = report
+        self.lock = threading.Lock()
+        self.info = {"layers": len(layers), "layers_done": 0, "bytes": 0,
+                     "bytes_total": sum(d["size"] for d in layers)}
+
+    def add_bytes(self, n: int) -> None:
+        with self.lock:
+            self.info["bytes"] += n
+
+    def layer_done(self, size: int, downloaded: bool) -> None:
+        with self.lock:
+            self.info["layers_done"] += 1
+            if not downloaded:
+                self.info["bytes"] += size
+
+    def send(self, phase: str) -> None:
+        with self.lock:
+            info = dict(self.info)
+        self.report(phase, info)
+
+
+def _download(spec: PullSpec, client: RegistryClient, layers: list[dict],
+              progress: _Progress) -> list[str]:
+    """Cached paths of all layers; only missing blobs are fetched, in parallel."""
+    cache = BlobCache(spec.cache_dir)
+
+    def one(desc: dict) -> str:
+        cached = cache.has(desc["digest"], desc["size"])
+        path = cache.fetch(client, desc["digest"], desc["size"], progress.add_bytes)
+        progress.layer_done(desc["size"], downloaded=not cached)
+        return path
+
+    with ThreadPoolExecutor(max_workers=_PARALLEL_DOWNLOADS) as pool:
+        futures = [pool.submit(one, desc) for desc in layers]
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
+            progress.send("PULLING")
+            for future in done:
+                if future.exception() is not None:
+                    for other in pending:
+                        other.cancel()
+                    raise future.exception()  # type: ignore[misc]
+        return [f.result() for f in futures]
+
+
+def build_image(spec: PullSpec, resolved: ResolvedImage,
+                progress: Callable[[str, dict], None]) -> BuiltImage:
+    """Download, verify, flatten and convert; the squashfs is a temporary file in expand_dir."""
+    meta = image_meta(resolved.config)
+    client = _client(spec)
+    layers = _check_layers({"layers": resolved.layers})
+    counters = _Progress(layers, progress)
+    counters.send("PULLING")
+    paths = _download(spec, client, layers, counters)
+    if client.private:
+        resolved.private = True
+    os.makedirs(spec.expand_dir, exist_ok=True)
+    fd, output = tempfile.mkstemp(prefix=f"{resolved.image_id[:16]}-", suffix=".squashfs",
+                                  dir=spec.expand_dir)
+    os.close(fd)
+    # conversion progress counts compressed layer bytes, converted top layer first
+    conversion = {"layers": len(layers), "layers_done": 0, "bytes": 0,
+                  "bytes_total": sum(d["size"] for d in layers)}
+    progress("CONVERSION", dict(conversion))
+
+    def layer_done(layer: Layer) -> None:
+        conversion["layers_done"] += 1
+        conversion["bytes"] += layers[layer.number - 1]["size"]
+        progress("CONVERSION", dict(conversion))
+
+    try:
+        squash_layers([Layer(path, number) for number, path in enumerate(paths, 1)], output,
+                      spec.converter_options, spec.max_image_bytes, layer_done)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(output)
+        raise
+    return BuiltImage(output, meta)
+
+
+def publish(built: BuiltImage, image_id: str, meta: ImageMeta, target: PublishTarget) -> None:
+    """Atomically place ``<id>.squashfs`` and then ``<id>.meta`` into the target's imageDir."""
+    publish_files(built.squashfs_path, image_id, meta, target)
+
+
+def remove_published(image_id: str, target: PublishTarget) -> None:
+    """Remove a published image (``.meta`` first); missing files are not an error."""
+    remove_files(image_id, target)

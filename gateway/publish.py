@@ -1,0 +1,214 @@
+"""Publish a converted image into a system's imageDir, atomically, locally or over ssh.
+
+Each file is written to ``<imageDir>/.<name>.partial-XXXXXX``, synced and renamed, so a
+reader (or a gateway restart) never sees half an image; the ``.meta`` goes last because
+the runtime treats ``<id>.meta`` as "the image is there".  Public images are 0644,
+private ones (the .meta carries ACLs) 0600: only the root runtime reads them.
+Remote transfer runs ``ssh``/``scp`` from argument lists; the one remote command string
+that ssh necessarily builds is made of ``shlex.quote``d, validated parts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from shifter.errors import ShifterError
+from shifter.meta import ImageMeta, format_meta
+
+_ID_RE = re.compile(r"[0-9a-f]{64}")
+_HOST_RE = re.compile(r"[A-Za-z0-9_.:\[\]-]{1,253}")
+_USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+_REMOTE_PATH_RE = re.compile(r"/[A-Za-z0-9_./+-]*")
+_SSH_TIMEOUT = 120
+
+
+@dataclass
+class PublishTarget:
+    """Where a system's images live: a local directory, or ``host:image_dir`` over ssh."""
+
+    image_dir: str
+    host: str | None = None
+    user: str | None = None
+    ssh_key: str | None = None
+    ssh_options: list[str] = field(default_factory=list)
+    scp_options: list[str] = field(default_factory=list)
+    image_format: str = "squashfs"
+
+    @property
+    def remote(self) -> bool:
+        return self.host is not None
+
+
+def _check_id(image_id: str) -> None:
+    if not _ID_RE.fullmatch(image_id):
+        raise ShifterError(f"invalid image id {image_id[:80]!r}")
+
+
+def _mode(meta: ImageMeta) -> int:
+    return 0o600 if (meta.user_acl or meta.group_acl) else 0o644
+
+
+# -- local ----------------------------------------------------------------------------
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy(src: BinaryIO, out: BinaryIO) -> None:
+    """In-kernel copy (copy_file_range), falling back to read/write where unsupported."""
+    remaining = os.fstat(src.fileno()).st_size
+    try:
+        while remaining > 0:
+            done = os.copy_file_range(src.fileno(), out.fileno(), remaining)
+            if done == 0:
+                break
+            remaining -= done
+    except OSError:
+        src.seek(0)
+        out.seek(0)
+        out.truncate()
+        shutil.copyfileobj(src, out, 1 << 20)
+
+
+def _local_write(image_dir: str, name: str, mode: int, source: str | None, data: bytes | None) -> None:
+    fd, partial = tempfile.mkstemp(prefix=f".{name}.partial-", dir=image_dir)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if source is not None:
+                with open(source, "rb") as src:
+                    _copy(src, out)
+            else:
+                assert data is not None
+                out.write(data)
+            out.flush()
+            os.fchmod(out.fileno(), mode)
+            os.fsync(out.fileno())
+        os.rename(partial, os.path.join(image_dir, name))
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+        raise
+    _fsync_dir(image_dir)
+
+
+# -- remote ---------------------------------------------------------------------------
+
+
+def _destination(target: PublishTarget) -> str:
+    host = target.host or ""
+    if not _HOST_RE.fullmatch(host) or host.startswith("-"):
+        raise ShifterError(f"invalid remote host {host!r}")
+    if target.user is None:
+        return host
+    if not _USER_RE.fullmatch(target.user):
+        raise ShifterError(f"invalid remote user {target.user!r}")
+    return f"{target.user}@{host}"
+
+
+def _key(target: PublishTarget) -> list[str]:
+    return ["-i", target.ssh_key] if target.ssh_key else []
+
+
+def _run(argv: list[str], what: str) -> str:
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=_SSH_TIMEOUT
+                              if argv[0] == "ssh" else None)
+    except OSError as err:
+        raise ShifterError(f"{what}: cannot run {argv[0]}: {err.strerror}") from None
+    except subprocess.TimeoutExpired:
+        raise ShifterError(f"{what}: {argv[0]} timed out") from None
+    if done.returncode != 0:
+        lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        detail = lines[-1] if lines else f"exit status {done.returncode}"
+        raise ShifterError(f"{what} failed: {argv[0]}: {detail}")
+    return done.stdout.decode("utf-8", "replace")
+
+
+def _quoted(words: list[str]) -> str:
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _ssh(target: PublishTarget, command: str, what: str) -> str:
+    """Run ``command`` (built only from ``_quoted`` parts) on the target host."""
+    return _run(["ssh", *_key(target), *target.ssh_options, _destination(target), command], what)
+
+
+def _remote_write(target: PublishTarget, name: str, mode: int, source: str) -> None:
+    image_dir = target.image_dir.rstrip("/") or "/"
+    partial = _ssh(target, _quoted(["mktemp", f"{image_dir}/.{name}.partial-XXXXXX"]),
+                   f"transfer of {name}").strip()
+    if not partial.startswith(f"{image_dir}/.{name}.partial-") or not _REMOTE_PATH_RE.fullmatch(partial):
+        raise ShifterError(f"transfer of {name}: unexpected temporary name from the remote mktemp")
+    try:
+        _run(["scp", "-q", *_key(target), *target.scp_options, "--", source,
+              f"{_destination(target)}:{partial}"], f"transfer of {name}")
+        final = f"{image_dir}/{name}"
+        steps = [["chmod", f"{mode:o}", partial], ["sync", partial], ["mv", "-f", partial, final]]
+        _ssh(target, " && ".join(_quoted(step) for step in steps), f"transfer of {name}")
+    except BaseException:
+        with contextlib.suppress(ShifterError):
+            _ssh(target, _quoted(["rm", "-f", partial]), f"clean-up of {name}")
+        raise
+
+
+def _check_remote_dir(target: PublishTarget) -> None:
+    if not _REMOTE_PATH_RE.fullmatch(target.image_dir) or "/../" in target.image_dir + "/":
+        raise ShifterError(f"invalid remote imageDir {target.image_dir!r}")
+
+
+# -- the entry points -----------------------------------------------------------------
+
+
+def publish_files(squashfs_path: str, image_id: str, meta: ImageMeta, target: PublishTarget) -> None:
+    """Publish ``<id>.<format>`` then ``<id>.meta``, each atomically."""
+    _check_id(image_id)
+    mode = _mode(meta)
+    image_name = f"{image_id}.{target.image_format}"
+    meta_name = f"{image_id}.meta"
+    meta_data = format_meta(meta).encode("utf-8")
+    if not target.remote:
+        if not os.path.isdir(target.image_dir):
+            raise ShifterError(f"imageDir {target.image_dir} does not exist")
+        try:
+            _local_write(target.image_dir, image_name, mode, squashfs_path, None)
+            _local_write(target.image_dir, meta_name, mode, None, meta_data)
+        except OSError as err:
+            raise ShifterError(f"cannot publish into {target.image_dir}: {err.strerror}") from None
+        return
+    _check_remote_dir(target)
+    _remote_write(target, image_name, mode, squashfs_path)
+    with tempfile.NamedTemporaryFile(prefix=f".{meta_name}.", dir=os.path.dirname(squashfs_path)) as tmp:
+        tmp.write(meta_data)
+        tmp.flush()
+        _remote_write(target, meta_name, mode, tmp.name)
+
+
+def remove_files(image_id: str, target: PublishTarget) -> None:
+    """Remove ``<id>.meta`` first (the image stops being "there"), then the image file."""
+    _check_id(image_id)
+    names = [f"{image_id}.meta", f"{image_id}.{target.image_format}"]
+    if target.remote:
+        _check_remote_dir(target)
+        base = target.image_dir.rstrip("/")
+        _ssh(target, _quoted(["rm", "-f", *(f"{base}/{n}" for n in names)]), f"removal of {image_id}")
+        return
+    for name in names:
+        try:
+            os.unlink(os.path.join(target.image_dir, name))
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise ShifterError(f"cannot remove {name} from {target.image_dir}: {err.strerror}") from None

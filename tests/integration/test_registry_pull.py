@@ -1,0 +1,595 @@
+"""Pull, convert and publish from a real docker-registry (Debian's distribution 2.8) that
+each test starts on a free loopback port with its own storage, and stops by its pid.
+
+Covered: multi-layer images with whiteouts and opaque directories in gzip, zstd and plain
+layers; an OCI index with two platforms; a blob whose content does not match its digest;
+re-resolving an unchanged tag; a second image sharing the base layer downloading only the
+new blob (GETs counted in the registry's access log); htpasswd basic auth over TLS with a
+per-location CA file; token auth against a small real token service signing RS256 JWTs;
+retries on 503 and http_proxy through a fault-injecting forwarding proxy in front of the
+real registry; a tampered manifest; concurrent pulls sharing a base layer (one GET) and
+cache pruning; remote publish over ssh/scp to an sshd of our own (root only).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import http.server
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gateway import pipeline
+from gateway.pipeline import Location, PublishTarget, PullSpec
+from localcluster import oci
+from shifter.errors import ShifterError
+from shifter.meta import read_meta
+
+pytestmark = pytest.mark.skipif(shutil.which("docker-registry") is None,
+                                reason="docker-registry not installed")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Registry:
+    url: str
+    storage: Path
+    log: Path
+    proc: subprocess.Popen
+
+    def blob_gets(self, digest: str) -> int:
+        """Successful blob GETs for ``digest`` in the access log."""
+        pattern = re.compile(rf'"GET /v2/[^ ]+/blobs/{re.escape(digest)} HTTP/1\.1" 200 ')
+        return sum(1 for line in self.log.read_text().splitlines() if pattern.search(line))
+
+    def blob_data(self, digest: str) -> Path:
+        hexa = digest.split(":", 1)[1]
+        return self.storage / "docker/registry/v2/blobs/sha256" / hexa[:2] / hexa / "data"
+
+
+def start_registry(tmp: Path, auth: str = "", tls: tuple[Path, Path] | None = None) -> Registry:
+    port = free_port()
+    storage = tmp / "storage"
+    storage.mkdir(parents=True)
+    tls_conf = f"\n  tls:\n    certificate: {tls[0]}\n    key: {tls[1]}" if tls else ""
+    config = tmp / "config.yml"
+    config.write_text(
+        "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {storage}\n"
+        f"http:\n  addr: 127.0.0.1:{port}{tls_conf}\n{auth}")
+    log = tmp / "registry.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=out,
+                                stderr=subprocess.STDOUT)
+    scheme = "https" if tls else "http"
+    registry = Registry(f"{scheme}://127.0.0.1:{port}", storage, log, proc)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"docker-registry exited: {log.read_text()[-2000:]}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return registry
+        time.sleep(0.05)
+    stop(registry.proc)
+    raise RuntimeError("docker-registry did not start")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+def registry_factory(tmp_path: Path) -> Iterator[Callable[..., Registry]]:
+    started: list[Registry] = []
+
+    def factory(**kwargs: object) -> Registry:
+        reg = start_registry(tmp_path / f"registry{len(started)}", **kwargs)  # type: ignore[arg-type]
+        started.append(reg)
+        return reg
+
+    yield factory
+    for reg in started:
+        stop(reg.proc)
+
+
+@pytest.fixture
+def registry(registry_factory: Callable[..., Registry]) -> Registry:
+    return registry_factory()
+
+
+def spec_for(tmp_path: Path, url: str, repo: str, ref: str, **kwargs: object) -> PullSpec:
+    location = Location(url, **{k: kwargs.pop(k) for k in ("auth_method", "cacert") if k in kwargs})
+    return PullSpec(location=location, repository=repo, reference=ref,
+                    credentials=kwargs.pop("credentials", None),  # type: ignore[arg-type]
+                    cache_dir=str(tmp_path / "cache"), expand_dir=str(tmp_path / "expand"), **kwargs)
+
+
+def pull(spec: PullSpec, image_dir: Path) -> tuple[pipeline.ResolvedImage, list[tuple[str, dict]]]:
+    events: list[tuple[str, dict]] = []
+    resolved = pipeline.resolve(spec)
+    built = pipeline.build_image(spec, resolved, lambda phase, info: events.append((phase, info)))
+    try:
+        image_dir.mkdir(exist_ok=True)
+        pipeline.publish(built, resolved.image_id, built.meta, PublishTarget(str(image_dir)))
+    finally:
+        os.unlink(built.squashfs_path)
+    return resolved, events
+
+
+BASE = oci.tar_bytes([oci.directory("etc"), oci.file("etc/passwd", b"root:x:0:0::/root:/bin/sh\n"),
+                      oci.file("etc/old.conf", b"old"), oci.directory("opt/app"),
+                      oci.file("opt/app/v1.txt", b"v1"), oci.file("bin/tool", b"#!/bin/sh\n", 0o4755)])
+MIDDLE = oci.tar_bytes([oci.file("etc/.wh.old.conf"), oci.directory("opt/app"),
+                        oci.file("opt/app/.wh..wh..opq"), oci.file("opt/app/v2.txt", b"v2")])
+TOP = oci.tar_bytes([oci.file("etc/motd", b"hello\n"), oci.symlink("usr/bin/tool", "/bin/tool")])
+
+
+def test_multilayer_image_with_whiteouts_in_gzip_zstd_and_plain_layers(registry: Registry,
+                                                                        tmp_path: Path) -> None:
+    config = oci.image_config([BASE, MIDDLE, TOP], env=["PATH=/bin", "A=b:c"], cmd=["/bin/sh"],
+                              entrypoint=["/bin/tool", "-x"], workdir="/opt/app")
+    digest = oci.push_image(registry.url, "demo/multi", "v1",
+                            [oci.gzip_bytes(BASE), oci.zstd_bytes(MIDDLE), TOP], config)
+    images = tmp_path / "images"
+    resolved, events = pull(spec_for(tmp_path, registry.url, "demo/multi", "v1"), images)
+    assert resolved.image_id == digest.split(":")[1] and not resolved.private
+    squashfs = images / f"{resolved.image_id}.squashfs"
+    entries = oci.read_squashfs(squashfs)
+    assert {n for n in entries if n != "."} == {
+        "etc", "etc/passwd", "etc/motd", "opt", "opt/app", "opt/app/v2.txt", "bin", "bin/tool",
+        "usr", "usr/bin", "usr/bin/tool"}
+    assert entries["bin/tool"][0].mode == 0o755
+    assert (squashfs.stat().st_mode & 0o777) == 0o644
+    meta = read_meta(str(images / f"{resolved.image_id}.meta"))
+    assert meta.entrypoint == ["/bin/tool", "-x"] and meta.cmd == ["/bin/sh"]
+    assert meta.workdir == "/opt/app" and meta.env == ["PATH=/bin", "A=b:c"]
+    phases = [phase for phase, _ in events]
+    assert phases[0] == "PULLING" and phases[-1] == "CONVERSION"
+    pulled = [info for phase, info in events if phase == "PULLING"][-1]
+    assert pulled["layers_done"] == 3 and pulled["bytes"] == pulled["bytes_total"] > 0
+    assert not list((tmp_path / "expand").iterdir()), "temporary files left in expand_dir"
+    assert not [p for p in images.iterdir() if p.name.startswith(".")], "partial files left"
+
+
+def test_index_with_two_platforms_selects_the_requested_one(registry: Registry, tmp_path: Path) -> None:
+    amd = oci.tar_bytes([oci.file("arch", b"amd64")])
+    arm = oci.tar_bytes([oci.file("arch", b"arm64")])
+    amd_digest = oci.push_image(registry.url, "demo/multiarch", "amd64",
+                                [oci.gzip_bytes(amd)], oci.image_config([amd]))
+    arm_digest = oci.push_image(registry.url, "demo/multiarch", "arm64",
+                                [oci.gzip_bytes(arm)], oci.image_config([arm], architecture="arm64"))
+    oci.push_index(registry.url, "demo/multiarch", "latest",
+                   [(arm_digest, {"os": "linux", "architecture": "arm64", "variant": "v8"}),
+                    (amd_digest, {"os": "linux", "architecture": "amd64"})])
+    resolved, _ = pull(spec_for(tmp_path, registry.url, "demo/multiarch", "latest"), tmp_path / "images")
+    assert resolved.image_id == amd_digest.split(":")[1]
+    assert oci.read_squashfs(tmp_path / "images" / f"{resolved.image_id}.squashfs")["arch"][1] == b"amd64"
+    arm_spec = spec_for(tmp_path, registry.url, "demo/multiarch", "latest", platform=("linux", "arm64", "v8"))
+    assert pipeline.resolve(arm_spec).image_id == arm_digest.split(":")[1]
+    with pytest.raises(ShifterError, match="no manifest for platform linux/s390x"):
+        pipeline.resolve(spec_for(tmp_path, registry.url, "demo/multiarch", "latest",
+                                  platform=("linux", "s390x", None)))
+
+
+def test_blob_whose_content_does_not_match_its_digest_fails(registry: Registry, tmp_path: Path) -> None:
+    layer = oci.gzip_bytes(oci.tar_bytes([oci.file("a", b"a" * 1000)]))
+    oci.push_image(registry.url, "demo/tampered", "v1", [layer], oci.image_config([layer]))
+    digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+    data = registry.blob_data(digest)
+    data.write_bytes(bytes(len(layer)))  # same length, different bytes: only hashing can tell
+    spec = spec_for(tmp_path, registry.url, "demo/tampered", "v1")
+    resolved = pipeline.resolve(spec)
+    with pytest.raises(ShifterError, match=rf"layer {digest[:19]}\.\. digest mismatch"):
+        pipeline.build_image(spec, resolved, lambda *_: None)
+    cache = tmp_path / "cache" / "blobs" / "sha256"
+    assert not (cache / digest.split(":")[1]).exists()
+    assert not [p for p in cache.iterdir() if ".partial" in p.name]
+    assert not list((tmp_path / "expand").glob("*.squashfs"))
+
+
+def test_unchanged_tag_resolves_to_the_same_id_and_shared_base_downloads_once(
+        registry: Registry, tmp_path: Path) -> None:
+    base = oci.gzip_bytes(BASE)
+    app1 = oci.gzip_bytes(oci.tar_bytes([oci.file("app", b"one")]))
+    app2 = oci.zstd_bytes(oci.tar_bytes([oci.file("app", b"two")]))
+    oci.push_image(registry.url, "demo/app", "one", [base, app1], oci.image_config([BASE]))
+    oci.push_image(registry.url, "demo/app", "two", [base, app2], oci.image_config([BASE, b"2"]))
+    spec_one = spec_for(tmp_path, registry.url, "demo/app", "one")
+    first, _ = pull(spec_one, tmp_path / "images")
+    started = time.monotonic()
+    again = pipeline.resolve(spec_one)
+    assert time.monotonic() - started < 0.3
+    assert again.image_id == first.image_id
+    second, _ = pull(spec_for(tmp_path, registry.url, "demo/app", "two"), tmp_path / "images")
+    assert second.image_id != first.image_id
+    digest = lambda blob: "sha256:" + hashlib.sha256(blob).hexdigest()  # noqa: E731
+    assert registry.blob_gets(digest(base)) == 1
+    assert registry.blob_gets(digest(app1)) == 1 and registry.blob_gets(digest(app2)) == 1
+    squashfs = tmp_path / "images" / f"{second.image_id}.squashfs"
+    assert oci.read_squashfs(squashfs)["app"][1] == b"two"
+
+
+# -- basic auth over TLS ----------------------------------------------------------------------
+
+
+def make_cert(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+def bcrypt_hash(password: str) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt  # libxcrypt's bcrypt: the format docker-registry's htpasswd needs
+
+        return crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))
+
+
+def test_basic_auth_over_tls_with_a_location_ca_file(registry_factory: Callable[..., Registry],
+                                                     tmp_path: Path) -> None:
+    cert, key = make_cert(tmp_path)
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(f"alice:{bcrypt_hash('s3cret')}\n")
+    registry = registry_factory(tls=(cert, key),
+                                auth=f"auth:\n  htpasswd:\n    realm: test\n    path: {htpasswd}\n")
+    layer = oci.gzip_bytes(oci.tar_bytes([oci.file("secret", b"private data")]))
+    tls_context = __import__("ssl").create_default_context(cafile=str(cert))
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=tls_context))
+    urllib.request.install_opener(opener)
+    try:
+        oci.push_image(registry.url, "team/private", "v1", [layer], oci.image_config([layer]),
+                       auth=("alice", "s3cret"))
+    finally:
+        urllib.request.install_opener(None)  # type: ignore[arg-type]
+    with pytest.raises(ShifterError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+        pipeline.resolve(spec_for(tmp_path, registry.url, "team/private", "v1",
+                                  credentials=("alice", "s3cret")))
+    with pytest.raises(ShifterError, match="needs credentials for team/private"):
+        pipeline.resolve(spec_for(tmp_path, registry.url, "team/private", "v1", cacert=str(cert)))
+    with pytest.raises(ShifterError, match="refused the credentials"):
+        pipeline.resolve(spec_for(tmp_path, registry.url, "team/private", "v1", cacert=str(cert),
+                                  credentials=("alice", "wrong")))
+    spec = spec_for(tmp_path, registry.url, "team/private", "v1", cacert=str(cert),
+                    credentials=("alice", "s3cret"), auth_method="basic")
+    resolved = pipeline.resolve(spec)
+    assert resolved.private
+    built = pipeline.build_image(spec, resolved, lambda *_: None)
+    meta = built.meta.replace(user_acl=[1000])
+    images = tmp_path / "images"
+    images.mkdir()
+    pipeline.publish(built, resolved.image_id, meta, PublishTarget(str(images)))
+    os.unlink(built.squashfs_path)
+    assert (images / f"{resolved.image_id}.squashfs").stat().st_mode & 0o777 == 0o600
+    assert (images / f"{resolved.image_id}.meta").stat().st_mode & 0o777 == 0o600
+    assert read_meta(str(images / f"{resolved.image_id}.meta")).user_acl == [1000]
+    pipeline.remove_published(resolved.image_id, PublishTarget(str(images)))
+    assert not list(images.iterdir())
+
+
+# -- token auth ------------------------------------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class TokenService:
+    """A small real token endpoint: anonymous pull tokens for ``public/*``, tokens for
+    ``private/*`` only with alice's password; RS256 JWTs signed by ``openssl dgst``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.cert, self.key = make_cert(directory)
+        der = subprocess.run(["openssl", "x509", "-in", str(self.cert), "-outform", "DER"],
+                             check=True, capture_output=True).stdout
+        self.x5c = base64.b64encode(der).decode()
+        self.port = free_port()
+        self.requests: list[tuple[str, bool]] = []
+        service = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+                scope = query.get("scope", [""])[0]
+                header = self.headers.get("Authorization", "")
+                authed = header == "Basic " + base64.b64encode(b"alice:s3cret").decode()
+                service.requests.append((scope, authed))
+                if header and not authed:
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                _, _, rest = scope.partition(":")
+                name, _, actions = rest.rpartition(":")
+                allowed = actions.split(",") if (name.startswith("public/") or authed) else []
+                body = json.dumps({"token": service.sign(name, allowed)}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def sign(self, name: str, actions: list[str]) -> str:
+        now = int(time.time())
+        header = {"alg": "RS256", "typ": "JWT", "x5c": [self.x5c]}
+        claims = {"iss": "test-issuer", "sub": "alice", "aud": "test-registry", "exp": now + 300,
+                  "nbf": now - 10, "iat": now, "jti": os.urandom(8).hex(),
+                  "access": [{"type": "repository", "name": name, "actions": actions}] if actions else []}
+        signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
+        signature = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(self.key)],
+                                   input=signing_input.encode(), check=True, capture_output=True).stdout
+        return f"{signing_input}.{_b64(signature)}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_token_auth_anonymous_then_with_credentials(registry_factory: Callable[..., Registry],
+                                                    tmp_path: Path) -> None:
+    tokens = TokenService(tmp_path)
+    try:
+        registry = registry_factory(auth=(
+            "auth:\n  token:\n"
+            f"    realm: http://127.0.0.1:{tokens.port}/token\n    service: test-registry\n"
+            f"    issuer: test-issuer\n    rootcertbundle: {tokens.cert}\n"))
+        public = oci.gzip_bytes(oci.tar_bytes([oci.file("pub", b"public")]))
+        private = oci.gzip_bytes(oci.tar_bytes([oci.file("priv", b"private")]))
+        for repo, layer in (("public/img", public), ("private/img", private)):
+            push_token = tokens.sign(repo, ["pull", "push"])
+            opener = urllib.request.build_opener()
+            opener.addheaders = [("Authorization", f"Bearer {push_token}")]
+            urllib.request.install_opener(opener)
+            try:
+                oci.push_image(registry.url, repo, "v1", [layer], oci.image_config([layer]))
+            finally:
+                urllib.request.install_opener(None)  # type: ignore[arg-type]
+        resolved, _ = pull(spec_for(tmp_path, registry.url, "public/img", "v1",
+                                    credentials=("alice", "s3cret")), tmp_path / "images")
+        assert not resolved.private  # anonymous token sufficed: credentials never needed
+        assert all(not authed for _, authed in tokens.requests)
+        with pytest.raises(ShifterError, match="needs credentials for private/img"):
+            pipeline.resolve(spec_for(tmp_path, registry.url, "private/img", "v1"))
+        with pytest.raises(ShifterError, match="credentials refused"):
+            pipeline.resolve(spec_for(tmp_path, registry.url, "private/img", "v1",
+                                      credentials=("alice", "no")))
+        resolved, _ = pull(spec_for(tmp_path, registry.url, "private/img", "v1",
+                                    credentials=("alice", "s3cret")), tmp_path / "images")
+        assert resolved.private
+        assert ("repository:private/img:pull", True) in tokens.requests
+        entries = oci.read_squashfs(tmp_path / "images" / f"{resolved.image_id}.squashfs")
+        assert entries["priv"][1] == b"private"
+    finally:
+        tokens.close()
+
+
+# -- retries and proxies -------------------------------------------------------------------------
+
+
+class FaultProxy:
+    """A forward HTTP proxy in front of the real registry that answers 503 (with
+    Retry-After) to the first ``failures`` requests, then forwards; counts what it saw."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.seen: list[str] = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                proxy.seen.append(self.path)
+                if len(proxy.seen) <= proxy.failures:
+                    self.send_response(503)
+                    self.send_header("Retry-After", "0")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                target = urllib.parse.urlsplit(self.path)
+                conn = http.client.HTTPConnection(target.netloc, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                path = target.path + (f"?{target.query}" if target.query else "")
+                conn.request("GET", path, headers=headers)
+                resp = conn.getresponse()
+                body = resp.read()
+                self.send_response(resp.status)
+                for key, value in resp.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                conn.close()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_retries_on_503_through_the_environment_proxy(registry: Registry, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = oci.gzip_bytes(oci.tar_bytes([oci.file("x", b"x")]))
+    oci.push_image(registry.url, "demo/proxied", "v1", [layer], oci.image_config([layer]))
+    proxy = FaultProxy(failures=2)
+    try:
+        monkeypatch.setenv("http_proxy", proxy.url)
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        resolved, _ = pull(spec_for(tmp_path, registry.url, "demo/proxied", "v1"), tmp_path / "images")
+        assert len(proxy.seen) >= 5  # 2 refused + manifest, config and layer through the proxy
+        assert all(p.startswith(registry.url + "/v2/") for p in proxy.seen)
+        assert resolved.image_id
+        monkeypatch.setenv("no_proxy", "127.0.0.1")
+        before = len(proxy.seen)
+        pipeline.resolve(spec_for(tmp_path, registry.url, "demo/proxied", "v1"))
+        assert len(proxy.seen) == before  # bypassed
+        proxy.failures = 10**6
+        monkeypatch.delenv("no_proxy")
+        started = time.monotonic()
+        with pytest.raises(ShifterError, match="manifest v1 answered 503"):
+            pipeline.resolve(spec_for(tmp_path, registry.url, "demo/proxied", "v1"))
+        assert time.monotonic() - started < 10  # bounded retries
+    finally:
+        proxy.close()
+
+
+# -- remote publish over a real sshd ----------------------------------------------------------
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """An sshd of our own on a loopback port, accepting one key for root."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run sshd")
+    if not os.path.exists("/usr/sbin/sshd"):
+        pytest.skip("openssh-server not installed")
+    keys = tmp_path / "ssh"
+    keys.mkdir()
+    for name in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / name)], check=True)
+    shutil.copy(keys / "client.pub", keys / "authorized_keys")
+    port = free_port()
+    config = keys / "sshd_config"
+    config.write_text(f"Port {port}\nListenAddress 127.0.0.1\nHostKey {keys / 'host'}\n"
+                      f"PidFile {keys / 'sshd.pid'}\nAuthorizedKeysFile {keys / 'authorized_keys'}\n"
+                      "StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+                      "UsePAM no\nPermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n")
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+    with open(keys / "sshd.log", "wb") as log:
+        proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.monotonic() + 10
+    while True:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(proc)
+            raise RuntimeError(f"sshd did not start: {(keys / 'sshd.log').read_text()}")
+        time.sleep(0.05)
+    yield port, keys / "client"
+    stop(proc)
+
+
+def test_remote_publish_over_ssh_is_atomic_and_removable(registry: Registry, sshd: tuple[int, Path],
+                                                        tmp_path: Path) -> None:
+    port, key = sshd
+    layer = oci.gzip_bytes(oci.tar_bytes([oci.file("remote", b"over ssh")]))
+    oci.push_image(registry.url, "demo/remote", "v1", [layer], oci.image_config([layer], cmd=["/x"]))
+    spec = spec_for(tmp_path, registry.url, "demo/remote", "v1")
+    resolved = pipeline.resolve(spec)
+    built = pipeline.build_image(spec, resolved, lambda *_: None)
+    remote_dir = tmp_path / "remote images"  # a space: the remote shell must get it quoted
+    remote_dir.mkdir()
+    common = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+              "-o", "LogLevel=ERROR"]
+    target = PublishTarget(str(remote_dir), host="127.0.0.1", user="root", ssh_key=str(key),
+                           ssh_options=["-p", str(port), *common], scp_options=["-P", str(port), *common])
+    with pytest.raises(ShifterError, match="invalid remote imageDir"):
+        pipeline.publish(built, resolved.image_id, built.meta, target)
+    remote_dir = tmp_path / "remote-images"
+    remote_dir.mkdir()
+    target.image_dir = str(remote_dir)
+    pipeline.publish(built, resolved.image_id, built.meta, target)
+    squashfs = remote_dir / f"{resolved.image_id}.squashfs"
+    assert oci.read_squashfs(squashfs)["remote"][1] == b"over ssh"
+    assert squashfs.stat().st_mode & 0o777 == 0o644
+    assert read_meta(str(remote_dir / f"{resolved.image_id}.meta")).cmd == ["/x"]
+    assert sorted(p.name for p in remote_dir.iterdir()) == [f"{resolved.image_id}.meta", squashfs.name]
+    private = built.meta.replace(group_acl=[4242])
+    pipeline.publish(built, resolved.image_id, private, target)
+    assert squashfs.stat().st_mode & 0o777 == 0o600
+    pipeline.remove_published(resolved.image_id, target)
+    assert not list(remote_dir.iterdir())
+    target.image_dir = str(tmp_path / "missing")
+    with pytest.raises(ShifterError, match="transfer of .* failed: ssh"):
+        pipeline.publish(built, resolved.image_id, built.meta, target)
+    os.unlink(built.squashfs_path)
+
+
+def test_concurrent_pulls_sharing_a_base_download_it_once_and_prune_keeps_referenced_blobs(
+        registry: Registry, tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gateway.registry import prune_cache
+
+    base = oci.gzip_bytes(oci.tar_bytes([oci.file(f"base/{i}", os.urandom(20_000)) for i in range(50)]))
+    tags = [f"t{i}" for i in range(4)]
+    tops = {tag: oci.gzip_bytes(oci.tar_bytes([oci.file("which", tag.encode())])) for tag in tags}
+    for tag in tags:
+        oci.push_image(registry.url, "demo/shared", tag, [base, tops[tag]], oci.image_config([b"x", tag.encode()]))
+
+    def build(tag: str) -> str:
+        spec = spec_for(tmp_path, registry.url, "demo/shared", tag)
+        resolved = pipeline.resolve(spec)
+        built = pipeline.build_image(spec, resolved, lambda *_: None)
+        content = oci.read_squashfs(built.squashfs_path)["which"][1].decode()
+        os.unlink(built.squashfs_path)
+        return content
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert list(pool.map(build, tags)) == tags
+    base_digest = "sha256:" + hashlib.sha256(base).hexdigest()
+    assert registry.blob_gets(base_digest) == 1
+    cache = str(tmp_path / "cache")
+    keep = {base_digest, "sha256:" + hashlib.sha256(tops["t0"]).hexdigest()}
+    assert prune_cache(cache, keep, grace_seconds=3600) == []  # everything is fresh
+    removed = prune_cache(cache, keep, grace_seconds=0)
+    assert {"sha256:" + hashlib.sha256(tops[t]).hexdigest() for t in tags[1:]} <= set(removed)
+    left = set(os.listdir(tmp_path / "cache" / "blobs" / "sha256"))
+    assert {d.split(":")[1] for d in keep} <= left
+
+
+def test_manifest_whose_content_does_not_match_its_digest_fails(registry: Registry, tmp_path: Path) -> None:
+    layer = oci.gzip_bytes(oci.tar_bytes([oci.file("m", b"m")]))
+    digest = oci.push_image(registry.url, "demo/badmanifest", "v1", [layer], oci.image_config([layer]))
+    stored = registry.blob_data(digest)
+    body = stored.read_bytes()
+    stored.write_bytes(body.replace(b'"schemaVersion": 2', b'"schemaVersion":2 '))  # same length, valid JSON
+    assert stored.read_bytes() != body
+    with pytest.raises(ShifterError, match=rf"manifest {digest[:19]}\.\. digest mismatch"):
+        pipeline.resolve(spec_for(tmp_path, registry.url, "demo/badmanifest", "v1"))
+    with pytest.raises(ShifterError, match="digest mismatch"):
+        pipeline.resolve(spec_for(tmp_path, registry.url, "demo/badmanifest", digest))
