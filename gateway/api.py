@@ -30,26 +30,11 @@ from starlette.types import Message, Receive, Scope, Send
 from gateway.auth import Authenticator, AuthError, Session
 from gateway.config import GatewayConfig
 from gateway.manager import BadRequest, Forbidden, ImageManager, NotFound, check_tag, parse_acl
-from gateway.openapi import openapi_document
+from gateway.openapi import RECORD_KEYS, openapi_document
 from shifter.errors import ShifterError
 
 log = logging.getLogger("gateway.api")
 
-RECORD_KEYS = (
-    "id",
-    "system",
-    "itype",
-    "tag",
-    "status",
-    "userACL",
-    "groupACL",
-    "ENV",
-    "ENTRY",
-    "WORKDIR",
-    "LABELS",
-    "last_pull",
-    "status_message",
-)
 MAX_BODY = 64 * 1024
 _REASONS = {
     400: "Bad Request",

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+# The original's record shape; api.py fills exactly these keys.
+RECORD_KEYS = (
+    "id", "system", "itype", "tag", "status", "userACL", "groupACL",
+    "ENV", "ENTRY", "WORKDIR", "LABELS", "last_pull", "status_message",
+)
+
 STATUSES = [
     "INIT",
     "PENDING",
@@ -27,21 +33,7 @@ def _or_missing(schema: dict[str, Any]) -> dict[str, Any]:
 _RECORD: dict[str, Any] = {
     "type": "object",
     "description": "An image record: always exactly these 13 keys; an absent value is the string MISSING.",
-    "required": [
-        "id",
-        "system",
-        "itype",
-        "tag",
-        "status",
-        "userACL",
-        "groupACL",
-        "ENV",
-        "ENTRY",
-        "WORKDIR",
-        "LABELS",
-        "last_pull",
-        "status_message",
-    ],
+    "required": list(RECORD_KEYS),
     "additionalProperties": False,
     "properties": {
         "id": {"type": "string"},
