@@ -1,0 +1,57 @@
+"""setupRoot: build a job's container environment on this node (run as root by the prolog).
+
+Accepts the original's argv, ``-U uid -G gid -u user [-s pubkey] -N "host/n ..." [-v volmap]...
+[-m modules] [-V] <type> <image>``, plus ``--config PATH`` and ``--job-id ID`` (else
+SLURM_JOB_ID).  Every failure undoes what was done and prints one line on stderr.
+
+Exit status (the prolog hook acts on it, see docs/admin-guide.md "Failure policy"):
+0 built; 1 the request cannot be served (image missing or private, a volume the user cannot
+read, an unknown module...): the job fails, the node stays up; 2 the node is at fault (no loop
+device, a mount or the udiRoot.conf failing, an unexpected crash): the prolog fails and Slurm
+drains the node.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from setuproot.args import parse_args
+from setuproot.build import setup_job
+from shifter.errors import NODE_FAILED, REQUEST_FAILED, NodeError, ShifterError
+
+PROG = "setupRoot"
+
+
+def main(argv: list[str] | None = None) -> int:
+    inherited_jobid = os.environ.get("SLURM_JOB_ID")
+    os.environ.clear()
+    os.environ["PATH"] = "/usr/bin:/usr/sbin:/bin:/sbin"
+    try:
+        request = parse_args(sys.argv[1:] if argv is None else argv, inherited_jobid)
+        setup_job(request)
+    except NodeError as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return NODE_FAILED
+    except ShifterError as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return REQUEST_FAILED
+    except OSError as err:
+        print(f"{PROG}: {err.strerror or err}" + (f": {err.filename}" if err.filename else ""), file=sys.stderr)
+        return NODE_FAILED
+    except Exception as err:  # noqa: BLE001 - a bug must still end in one line, not a traceback
+        print(f"{PROG}: internal error: {type(err).__name__}: {err}", file=sys.stderr)
+        return NODE_FAILED
+    return 0
+
+
+def run_and_exit() -> None:
+    """Entry point of the installed command: skip the interpreter's teardown (a few ms)."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    run_and_exit()

@@ -1,0 +1,88 @@
+"""setupRoot's command line: the original's getopt string plus two long-option extensions."""
+
+from __future__ import annotations
+
+from shifter.errors import ShifterError
+from shifter.record import Record
+
+DEFAULT_CONFIG = "/etc/shifter/udiRoot.conf"
+USAGE = ("usage: setupRoot -U uid -G gid -u user [-s pubkey] [-N nodespec] [-v volmap]... [-m modules] [-V] "
+         "[--config PATH] [--job-id ID] [--memory-cgroup PATH] <type> <image>")
+
+
+class SetupRequest(Record):
+    """What the prolog asked for."""
+
+    __slots__ = ("uid", "gid", "user", "pubkey", "node_spec", "volumes", "modules", "verbose",
+                 "config_path", "jobid", "memory_cgroup", "image_type", "image")
+    uid: int
+    gid: int
+    user: str
+    pubkey: str | None
+    node_spec: str | None
+    volumes: list[str]
+    modules: str | None
+    verbose: bool
+    config_path: str | None
+    jobid: str | None
+    memory_cgroup: str | None
+    image_type: str
+    image: str
+
+
+def default_config_path() -> str:
+    """The udiRoot.conf baked in at install time: root commands never take it from the environment."""
+    try:
+        from shifter import buildinfo
+    except ImportError:
+        return DEFAULT_CONFIG
+    return buildinfo.CONFIG_FILE
+
+
+def _int_option(flag: str, value: str) -> int:
+    if not value.isascii() or not value.isdigit():
+        raise ShifterError(f"{flag} needs a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def parse_args(argv: list[str], inherited_jobid: str | None) -> SetupRequest:
+    from shifter.cmdline import getopt
+
+    try:
+        opts, positional = getopt(argv, "v:s:u:U:G:N:m:V", ["config=", "job-id=", "memory-cgroup="])
+    except ShifterError as err:
+        raise ShifterError(f"{err}; {USAGE}") from None
+    values: dict[str, object] = {"uid": None, "gid": None, "user": None, "pubkey": None, "node_spec": None,
+                                 "volumes": [], "modules": None, "verbose": False, "config_path": None,
+                                 "jobid": inherited_jobid, "memory_cgroup": None}
+    for flag, value in opts:
+        if flag == "-U":
+            values["uid"] = _int_option(flag, value)
+        elif flag == "-G":
+            values["gid"] = _int_option(flag, value)
+        elif flag == "-u":
+            values["user"] = value
+        elif flag == "-s":
+            values["pubkey"] = value
+        elif flag == "-N":
+            values["node_spec"] = value
+        elif flag == "-v":
+            values["volumes"].append(value)  # type: ignore[union-attr]
+        elif flag == "-m":
+            values["modules"] = value
+        elif flag == "-V":
+            values["verbose"] = True
+        elif flag == "--config":
+            values["config_path"] = value
+        elif flag == "--job-id":
+            values["jobid"] = value
+        elif flag == "--memory-cgroup":
+            if not value.startswith("/"):
+                raise ShifterError(f"--memory-cgroup needs an absolute path, got {value!r}")
+            values["memory_cgroup"] = value
+    if len(positional) != 2:
+        raise ShifterError(f"expected <type> <image>, got {len(positional)} argument(s); {USAGE}")
+    for flag, key in (("-u", "user"), ("-U", "uid"), ("-G", "gid")):
+        if values[key] is None:
+            raise ShifterError(f"{flag} is required; {USAGE}")
+    return SetupRequest(image_type=positional[0], image=positional[1], **values)

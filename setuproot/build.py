@@ -1,0 +1,202 @@
+"""The prolog's work: check the request, then build the job's environment or undo everything."""
+
+from __future__ import annotations
+
+import os
+
+from setuproot.args import SetupRequest, default_config_path
+from shifter import container, filecopy, linux, loopdev, teardown, userns
+from shifter.config import UdiRootConfig, load_config
+from shifter.errors import NodeError, ShifterError
+from shifter.jobenv import JobEnv
+from shifter.meta import ImageMeta, read_meta
+from shifter.reuse import marker_text
+
+_MAX_GROUPS = 512
+
+
+def resolve_account(request: SetupRequest) -> container.Account:
+    """The job's user, refusing root (the original's rule) and a user whose uid does not match."""
+    import pwd
+
+    if request.user == "root" or request.uid == 0 or request.gid == 0:
+        raise ShifterError("refusing to set up an environment for root (uid or gid 0)")
+    try:
+        entry = pwd.getpwnam(request.user)
+    except KeyError:
+        raise ShifterError(f"user {request.user!r} does not exist") from None
+    if entry.pw_uid != request.uid:
+        raise ShifterError(f"user {request.user!r} has uid {entry.pw_uid}, not {request.uid}")
+    groups = [request.gid if g == 0 else g for g in os.getgrouplist(request.user, request.gid)]
+    if len(groups) > _MAX_GROUPS:
+        raise ShifterError(f"user {request.user!r} is in more than {_MAX_GROUPS} groups")
+    unique = tuple(dict.fromkeys(groups))
+    return container.Account(user=request.user, uid=request.uid, gid=request.gid, groups=unique)
+
+
+def select_modules(config: UdiRootConfig, requested: str | None) -> list:
+    """The active modules: -m replaces defaultModules, ``none`` disables all."""
+    try:
+        from shifter.modules import select_modules as select
+    except ImportError:  # TEMPORARY until shifter.modules lands
+        names = config.default_modules if requested is None else [n for n in requested.split(",") if n]
+        if names == ["none"]:
+            return []
+        for name in names:
+            if name not in config.modules:
+                raise ShifterError(f"unknown shifter module {name!r}") from None
+        return [config.modules[n] for n in names]
+    return select(config, requested)
+
+
+def resolve_image(config: UdiRootConfig, request: SetupRequest) -> tuple[str, str]:
+    """(image id, image file) for the request; only ids (and local dirs when allowed) reach a node."""
+    from shifter.imageref import parse_image_ref
+
+    ref = parse_image_ref(f"{request.image_type}:{request.image}", config.default_image_type)
+    if ref.type == "local":
+        if not config.allow_local_chroot:
+            raise ShifterError("image type local is not allowed (allowLocalChroot=0)")
+        return ref.tag, ref.tag
+    if ref.type == "id":
+        identifier = ref.tag
+    else:
+        from shifter.gatewayclient import GatewayClient
+
+        identifier = GatewayClient(config.image_gateways, config.system or "", config.gateway_timeout).lookup(ref)["id"]
+    if not identifier or not all(c.isalnum() or c in "._-" for c in identifier) or identifier[0] == ".":
+        raise ShifterError(f"invalid image id {identifier!r}")
+    return identifier, os.path.join(config.image_path, identifier)
+
+
+def load_image_meta(identifier: str, base: str, account: container.Account) -> ImageMeta:
+    try:
+        meta = read_meta(base + ".meta")
+    except FileNotFoundError:
+        raise ShifterError(f"image {identifier} not found ({base}.meta does not exist)") from None
+    if meta.format != "squashfs":
+        raise ShifterError(f"image {identifier}: format {meta.format} is not supported (squashfs only)")
+    if not meta.allows(account.uid, account.gid, account.groups):
+        raise ShifterError(f"user {account.user} may not use image {identifier} (private image)")
+    return meta
+
+
+def _make_dir(path: str, mode: int, uid: int = 0, gid: int = 0) -> None:
+    os.mkdir(path, mode)
+    os.chown(path, uid, gid)
+    os.chmod(path, mode)
+
+
+def _ensure_base(path: str, mode: int) -> None:
+    """The shared parent (udiMount, loopMount): root-owned and not writable by anyone else."""
+    os.makedirs(path, mode, exist_ok=True)
+    info = os.lstat(path)
+    if info.st_uid != 0 or not os.path.isdir(path) or os.path.islink(path):
+        raise NodeError(f"{path} must be a directory owned by root")
+    if info.st_mode & 0o777 != mode:
+        os.chmod(path, mode)
+
+
+def _mount_image(image_file: str, target: str) -> None:
+    try:
+        device, dev_fd = loopdev.attach(image_file + ".squashfs")
+    except FileNotFoundError:
+        raise ShifterError(f"image file {image_file}.squashfs does not exist") from None
+    except OSError as exc:
+        raise NodeError(f"cannot attach a loop device: {exc.strerror}") from None
+    try:
+        linux.mount(device, target, "squashfs", linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV)
+    except OSError as exc:
+        raise NodeError(f"cannot mount {image_file}.squashfs: {exc.strerror}") from None
+    finally:
+        os.close(dev_fd)
+    linux.mount(None, target, None, linux.MS_PRIVATE)
+
+
+def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest, account: container.Account,
+                      identifier: str, image_file: str, modules: list) -> None:
+    """Everything of docs/internals.md "Per-job environment on a node", in order."""
+    from shifter.volumemap import parse_volume_map, volume_signature
+
+    user_volumes = parse_volume_map(";".join(request.volumes), site=False)
+    hostsfile = None
+    if request.node_spec:
+        from shifter.hostsfile import hostsfile_text, parse_node_spec
+
+        hostsfile = hostsfile_text(parse_node_spec(request.node_spec))
+    marker = marker_text(identifier, account.user, volume_signature(user_volumes), [m.name for m in modules])
+
+    _ensure_base(config.udi_mount, 0o755)
+    _ensure_base(config.loop_mount, 0o700)
+    # root's until the end, so the user cannot swap paths under the mounts being made; 0711 lets the
+    # user volumes be resolved with the user's own permissions meanwhile
+    _make_dir(job.dir, 0o711)
+    _make_dir(job.root, 0o755)
+    if request.image_type == "local":
+        image_dir = os.path.realpath(image_file)
+    else:
+        _make_dir(job.loop_mount, 0o700)
+        _mount_image(image_file, job.loop_mount)
+        image_dir = job.loop_mount
+    linux.mount(config.rootfs_type, job.root, config.rootfs_type, linux.MS_NOSUID | linux.MS_NODEV, "mode=0755")
+    linux.mount(None, job.root, None, linux.MS_PRIVATE)
+    spec = container.RootSpec(root=job.root, image_dir=image_dir, account=account, modules=modules,
+                              user_volumes=user_volumes, hostsfile=hostsfile, cache_tag=f"job{job.jobid}")
+    container.build_root(config, spec)
+    if request.image_type != "local":
+        filecopy.copy_file(image_file + ".meta", job.meta, mode=0o644)
+    else:  # a host directory has no metadata: no ENV, ENTRY, CMD or WORKDIR
+        from shifter.meta import write_meta
+
+        write_meta(job.meta, ImageMeta(format="VFS"))
+        os.chmod(job.meta, 0o644)
+    userns.pin_user_namespace(account, job.userns)
+    cgroup = None
+    if request.memory_cgroup:
+        from shifter import jobcgroup
+
+        try:
+            cgroup = jobcgroup.create(request.memory_cgroup, account.uid, job.jobid)
+        except OSError as exc:
+            raise NodeError(f"memory cgroup: {exc.strerror}") from None
+    if request.pubkey:
+        from setuproot import sshd
+
+        sshd.prepare(job.root, account, request.pubkey)
+        sshd.start(job.root, account, cgroup)
+    fd = os.open(job.marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(marker)
+    if not config.mount_udi_root_writable:
+        linux.mount(None, job.root, None, linux.MS_REMOUNT | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_RDONLY)
+    os.chown(job.dir, account.uid, account.gid)  # now only the job's user may enter
+    os.chmod(job.dir, 0o700)
+
+
+def setup_job(request: SetupRequest) -> None:
+    if os.geteuid() != 0:
+        raise ShifterError("must run as root")
+    try:
+        config = load_config(request.config_path or default_config_path())
+    except ShifterError as err:  # the site's config, not the user's request: the node is broken
+        raise NodeError(str(err)) from None
+    job = JobEnv(config, request.jobid)
+    account = resolve_account(request)
+    identifier, image_file = resolve_image(config, request)
+    if request.image_type != "local":
+        load_image_meta(identifier, image_file, account)
+    modules = select_modules(config, request.modules)
+    try:
+        teardown.destroy(config, job, request.memory_cgroup)  # a stale environment of the same job (#249)
+    except ShifterError as err:
+        raise NodeError(f"cannot remove a stale environment of job {job.jobid}: {err}") from None
+    try:
+        build_environment(config, job, request, account, identifier, image_file, modules)
+    except BaseException as err:
+        try:
+            teardown.destroy(config, job, request.memory_cgroup)
+        except ShifterError as undo_err:
+            raise NodeError(f"{err}; cleanup also failed: {undo_err}") from None
+        if isinstance(err, OSError) and not isinstance(err, ShifterError):
+            raise NodeError(f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")) from None
+        raise

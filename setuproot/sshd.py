@@ -1,0 +1,134 @@
+"""The optional per-job sshd (reference section 2.11): as the job's user, inside the container.
+
+Host keys are generated per job, ``AllowUsers`` names the job's user, the given public key is
+the only one authorised, and the daemon (from the udiImage) is started
+chrooted into the job's root as the user with no capabilities and no_new_privs, on port 1204.
+unsetupRoot finds it as a process rooted in the job's environment (and in the job's memory
+cgroup when one is configured) and kills it.  The udiImage (built by ``python -m shifter.packtool
+udiimage``) provides the binaries and the sshd_config template: every ``HostKey`` it lists is
+generated, and a ``PidFile`` under /opt/udiImage gets a directory the user can write.
+"""
+
+from __future__ import annotations
+
+import os
+
+from shifter import jobcgroup, linux
+from shifter.errors import ShifterError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from shifter.container import Account
+
+UDI = "/opt/udiImage"
+_KEY_TYPES = frozenset({"rsa", "ecdsa", "ed25519", "dsa"})
+_KEY_PREFIXES = ("ssh-", "ecdsa-", "sk-")
+
+
+def check_pubkey(text: str) -> str:
+    key = text.strip()
+    if not key or "\n" in key or "\r" in key or not key.startswith(_KEY_PREFIXES) or len(key.split()) < 2:
+        raise ShifterError("the ssh public key (-s) must be one 'ssh-...' / 'ecdsa-...' line")
+    return key
+
+
+def _run_chrooted(root: str, argv: list[str], account: Account | None = None, cgroup: str | None = None,
+                  stderr_fd: int | None = None) -> int:
+    """fork, (join the cgroup,) chroot into the root, (drop to the user, no privileges,) exec; the status."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if cgroup:
+                jobcgroup.add_self(cgroup)
+            os.chroot(root)
+            os.chdir("/")
+            devnull = os.open("/dev/null", os.O_RDWR)
+            os.dup2(devnull, 0)
+            os.dup2(devnull, 1)
+            if stderr_fd is not None:
+                os.dup2(stderr_fd, 2)
+            if account is not None:
+                linux.drop_bounding_set()
+                os.setgroups(list(account.groups))
+                os.setresgid(account.gid, account.gid, account.gid)
+                os.setresuid(account.uid, account.uid, account.uid)
+                linux.set_no_new_privs()
+            os.execv(argv[0], argv)
+        finally:
+            os._exit(127)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _settings(lines: list[str], keyword: str) -> list[str]:
+    """The values of every ``keyword value`` line of an sshd_config (keywords are case-insensitive)."""
+    found = []
+    for line in lines:
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[0].lower() == keyword.lower():
+            found.append(parts[1].strip())
+    return found
+
+
+def prepare(root: str, account: Account, pubkey: str) -> None:
+    """Keys, sshd_config, the authorised key and the ssh client in the container (before ro remount)."""
+    udi = root + UDI
+    for needed in ("sbin/sshd", "bin/ssh-keygen", "etc/sshd_config"):
+        if not os.path.exists(os.path.join(udi, needed)):
+            raise ShifterError(f"an sshd was requested but the udiImage has no {needed} "
+                               "(build it with `python -m shifter.packtool udiimage <optUdiImage>`)")
+    config = os.path.join(udi, "etc/sshd_config")
+    with open(config) as fh:
+        lines = [f"AllowUsers {account.user}" if line.strip() == "AllowUsers ToBeReplaced" else line
+                 for line in fh.read().splitlines()]
+    for key in _settings(lines, "HostKey"):
+        kind = os.path.basename(key).removeprefix("ssh_host_").removesuffix("_key")
+        if kind not in _KEY_TYPES or not key.startswith(UDI + "/"):
+            raise ShifterError(f"sshd_config: cannot generate host key {key} (expected {UDI}/etc/ssh_host_<type>_key)")
+        status = _run_chrooted(root, [f"{UDI}/bin/ssh-keygen", "-q", "-t", kind, "-f", key, "-N", ""])
+        if status != 0:
+            raise ShifterError(f"ssh-keygen -t {kind} failed in the container (status {status})")
+        os.chown(root + key, account.uid, account.gid)
+        os.chmod(root + key, 0o600)
+    for pid_file in _settings(lines, "PidFile"):
+        if pid_file != "none" and pid_file.startswith(UDI + "/"):
+            run_dir = root + os.path.dirname(pid_file)
+            os.makedirs(run_dir, 0o755, exist_ok=True)
+            os.chown(run_dir, account.uid, account.gid)
+    os.unlink(config)
+    fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o404)
+    with os.fdopen(fd, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    os.chown(config, account.uid, 0)
+    keys = os.path.join(udi, "etc/user_auth_keys")
+    fd = os.open(keys, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(check_pubkey(pubkey) + "\n")
+    os.chown(keys, account.uid, 0)
+    for client in ("usr/bin/ssh", "bin/ssh"):
+        target = os.path.join(root, client)
+        if os.path.isfile(target) and not os.path.islink(target):
+            linux.bind(os.path.join(udi, "bin/ssh"), target, readonly=True)
+    ssh_config = os.path.join(udi, "etc/ssh_config")
+    if os.path.exists(ssh_config) and not os.path.lexists(os.path.join(root, "etc/ssh/ssh_config")):
+        from shifter import filecopy
+
+        filecopy.copy_file(ssh_config, os.path.join(root, "etc/ssh/ssh_config"), mode=0o644, owner=(0, 0))
+
+
+def start(root: str, account: Account, cgroup: str | None) -> None:
+    """Start the daemon as the user; it daemonizes once listening, so a bad port fails here."""
+    read_end, write_end = os.pipe()
+    try:
+        status = _run_chrooted(root, [f"{UDI}/sbin/sshd", "-f", f"{UDI}/etc/sshd_config", "-e"], account, cgroup,
+                               write_end)
+    finally:
+        os.close(write_end)
+    os.set_blocking(read_end, False)  # the daemon has let go of it by now; never wait for it
+    with os.fdopen(read_end, "rb") as fh:
+        try:
+            errors = (fh.read(4096) or b"").decode(errors="replace").strip().splitlines()
+        except BlockingIOError:
+            errors = []
+    if status != 0:
+        raise ShifterError(f"the job's sshd did not start (status {status})" + (f": {errors[-1]}" if errors else ""))

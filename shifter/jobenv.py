@@ -1,0 +1,46 @@
+"""Where a job's environment lives on a node (docs/internals.md, "Per-job environment on a node").
+
+Every job gets its own directory tree, so two jobs sharing a node both get the fast path and a
+dead job's leftovers never block the next one.  The job id becomes a path component, so it is
+validated strictly: digits only.
+"""
+
+from __future__ import annotations
+
+from shifter.errors import ShifterError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from shifter.config import UdiRootConfig
+
+_MAX_JOBID_DIGITS = 20
+
+
+def check_jobid(text: str | None) -> str:
+    """Return ``text`` if it is a usable job id (ASCII digits only), else raise ShifterError."""
+    if not text:
+        raise ShifterError("no job id: pass --job-id or set SLURM_JOB_ID")
+    if not (text.isascii() and text.isdigit()) or len(text) > _MAX_JOBID_DIGITS:
+        raise ShifterError(f"invalid job id {text!r}: digits only")
+    return text
+
+
+class JobEnv:
+    """The paths of one job's environment on this node."""
+
+    __slots__ = ("jobid", "dir", "root", "userns", "marker", "meta", "loop_mount", "error")
+
+    def __init__(self, config: UdiRootConfig, jobid: str | None) -> None:
+        self.jobid = check_jobid(jobid)
+        self.dir = f"{config.udi_mount.rstrip('/')}/{self.jobid}"
+        self.root = f"{self.dir}/root"
+        self.userns = f"{self.dir}/userns"
+        self.marker = f"{self.root}/var/shifterConfig.json"
+        self.meta = f"{self.dir}/image.meta"
+        self.loop_mount = f"{config.loop_mount.rstrip('/')}/{self.jobid}"
+        # why the prolog could not build the environment (the user's request was at fault);
+        # written by the prolog hook, read by the launcher, removed with the directory
+        self.error = f"{self.dir}/setup.error"
+
+    def __repr__(self) -> str:
+        return f"JobEnv({self.dir!r})"

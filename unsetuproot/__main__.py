@@ -1,0 +1,94 @@
+"""unsetupRoot: remove a job's environment from this node (run as root by the epilog).
+
+``unsetupRoot [--config PATH] [--job-id ID] [--all]``: without --job-id the job in SLURM_JOB_ID;
+with --all every job environment on the node.  Idempotent: after a partial setup, a crash or a
+previous run it still exits 0 and leaves nothing behind.  Exit 1 only when something could not
+be removed (the message says what).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from shifter import teardown
+from shifter.config import load_config
+from shifter.errors import ShifterError
+from shifter.jobenv import JobEnv
+
+PROG = "unsetupRoot"
+USAGE = "usage: unsetupRoot [--config PATH] [--memory-cgroup PATH] [--job-id ID | --all]"
+
+
+def job_ids_on_node(udi_mount: str, loop_mount: str) -> list[str]:
+    """Every job id that has a directory under udiMount or loopMount."""
+    found: set[str] = set()
+    for base in (udi_mount, loop_mount):
+        try:
+            found.update(name for name in os.listdir(base) if name.isascii() and name.isdigit())
+        except FileNotFoundError:
+            pass
+    return sorted(found)
+
+
+def run(argv: list[str], inherited_jobid: str | None) -> None:
+    from shifter.cmdline import getopt
+
+    try:
+        opts, positional = getopt(argv, "", ["config=", "job-id=", "all", "memory-cgroup="])
+    except ShifterError as err:
+        raise ShifterError(f"{err}; {USAGE}") from None
+    if positional:
+        raise ShifterError(f"unexpected argument {positional[0]!r}; {USAGE}")
+    options = dict(opts)
+    if os.geteuid() != 0:
+        raise ShifterError("must run as root")
+    if "--config" in options:
+        config_path = options["--config"]
+    else:
+        from setuproot.args import default_config_path
+
+        config_path = default_config_path()
+    config = load_config(config_path)
+    memory_cgroup = options.get("--memory-cgroup")
+    if memory_cgroup is not None and not memory_cgroup.startswith("/"):
+        raise ShifterError(f"--memory-cgroup needs an absolute path, got {memory_cgroup!r}")
+    if "--all" in options:
+        jobids = job_ids_on_node(config.udi_mount, config.loop_mount)
+    else:
+        jobids = [options.get("--job-id", inherited_jobid or "")]
+    errors = []
+    for jobid in jobids:
+        try:
+            teardown.destroy(config, JobEnv(config, jobid), memory_cgroup)
+        except ShifterError as err:
+            errors.append(str(err))
+    if errors:
+        raise ShifterError("; ".join(errors))
+
+
+def main(argv: list[str] | None = None) -> int:
+    inherited_jobid = os.environ.get("SLURM_JOB_ID")
+    os.environ.clear()
+    os.environ["PATH"] = "/usr/bin:/usr/sbin:/bin:/sbin"
+    try:
+        run(sys.argv[1:] if argv is None else argv, inherited_jobid)
+    except ShifterError as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # noqa: BLE001 - a bug must still end in one line, not a traceback
+        print(f"{PROG}: internal error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_and_exit() -> None:
+    """Entry point of the installed command: skip the interpreter's teardown (a few ms)."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    run_and_exit()
