@@ -1,0 +1,96 @@
+"""`make bench`: measure the metrics of BENCHMARKS.md on the running local cluster.
+
+Writes bench/results.json.  Each metric is a ratio against a baseline measured
+in the same run; a metric that cannot be measured is recorded with its error
+instead of stopping the others.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from bench import slurm  # noqa: E402
+from localcluster.testing import Cluster  # noqa: E402
+
+USER = "shifter-u1"
+
+
+def image_named(env: dict[str, str], needle: str) -> str:
+    for ref in env.get("SHIFTER_TEST_IMAGES", "").split():
+        if needle in ref:
+            return ref if ref.startswith("docker:") else f"docker:{ref}"
+    raise RuntimeError(f"no test image matching {needle!r} in SHIFTER_TEST_IMAGES")
+
+
+def record(metrics: dict, key: str, fn: Callable[[], dict], group: bool = False) -> None:
+    """Measure one metric (or, with group, a dict of metrics) without letting a failure hide the others."""
+    print(f"bench: {key} ...", flush=True)
+    try:
+        result = fn()
+    except Exception as err:  # a failed metric must not hide the others
+        traceback.print_exc()
+        result = {"value": None, "error": f"{type(err).__name__}: {err}"}
+        group = False
+    if group:
+        metrics.update(result)
+    else:
+        metrics[key] = result
+    print(f"bench: {key} = {json.dumps(result)}", flush=True)
+
+
+def main() -> int:
+    cluster = Cluster.from_state_dir()
+    state = cluster.state_dir
+    env = cluster.environ()
+    prefix = cluster.prefix
+    python = str(prefix / "venv" / "bin" / "python3")
+    busybox = image_named(env, "busybox")
+    debian = image_named(env, "debian")
+    nodes = env.get("SHIFTER_NODES", "").split()
+    metrics: dict[str, dict] = {}
+
+    from bench import lookups, pull, runtime
+
+    record(metrics, "P1", lambda: slurm.measure_p1(USER, env, python, busybox))
+    record(metrics, "P2/P2c/P7s/P7u", runtime.measure_all, group=True)
+    record(metrics, "P2f", lambda: slurm.measure_p2f(USER, env, python, busybox, debian))
+    record(metrics, "P3", lambda: pull.measure_p3(env["SHIFTER_REGISTRY"], "demo/debian", "bookworm",
+                                                  str(state / "bench")))
+    if "P3" in metrics and "P3f" in metrics["P3"]:
+        metrics["P3f"] = metrics["P3"].pop("P3f")
+    record(metrics, "P4", lambda: lookups.measure_p4(env["SHIFTER_GATEWAY"], busybox))
+    record(metrics, "P5", lambda: lookups.measure_p5(env["SHIFTER_GATEWAY"], busybox))
+    record(metrics, "P6", lambda: slurm.measure_p6(USER, env, busybox))
+    if len(nodes) >= 8:
+        record(metrics, "P8", lambda: slurm.measure_p8(USER, env, python, busybox, len(nodes)))
+    else:
+        metrics["P8"] = {"value": None, "error": f"cluster has {len(nodes)} nodes; P8 needs at least 8"}
+    record(metrics, "prolog/epilog", lambda: slurm.prolog_epilog_times(USER, env, debian, state / "log"),
+           group=True)
+
+    results = {
+        "machine": f"{os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}",
+        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "metrics": metrics,
+    }
+    out = HERE / "results.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"bench: wrote {out}")
+    failed = [k for k, v in metrics.items() if v.get("value") is None and "error" in v]
+    if failed:
+        print(f"bench: not measured: {', '.join(failed)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

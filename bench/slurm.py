@@ -1,0 +1,173 @@
+"""Benchmarks that go through Slurm: P1, P2f, P6, P8 and the prolog/epilog times.
+
+Every number is a ratio against a baseline measured in the same run,
+interleaved with it, because these machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+# Runs inside the allocation as the test user: times N srun steps of each kind, interleaved.
+STEP_TIMER = r'''
+import json, subprocess, sys, time
+nodes, runs, shifter = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+extra = sys.argv[4:]
+def step(argv):
+    t = time.perf_counter()
+    p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if p.returncode:
+        sys.exit("step failed: %s: %s" % (" ".join(argv), p.stderr.strip()))
+    return time.perf_counter() - t
+base, meas = [], []
+srun = ["srun", "-N%d" % nodes, "--ntasks-per-node=1"]
+step(srun + ["/bin/true"]); step(srun + [shifter] + extra + ["/bin/true"])
+for _ in range(runs):
+    base.append(step(srun + ["/bin/true"]))
+    meas.append(step(srun + [shifter] + extra + ["/bin/true"]))
+print(json.dumps({"base": base, "meas": meas}))
+'''
+
+
+def _median_ms(values: list[float]) -> float:
+    return statistics.median(values) * 1000.0
+
+
+def _run_as(user: str, argv: list[str], env: dict[str, str], timeout: float = 900) -> str:
+    proc = subprocess.run(["runuser", "-u", user, "--", *argv], env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr.strip()[-2000:]}")
+    return proc.stdout
+
+
+def _timer_script() -> str:
+    fd, path = tempfile.mkstemp(prefix="shifter-bench-", suffix=".py", dir="/tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(STEP_TIMER)
+    os.chmod(path, 0o644)
+    return path
+
+
+def steps_in_allocation(user: str, env: dict[str, str], python: str, image: str, nodes: int, runs: int,
+                        shifter: str = "shifter", extra: list[str] | None = None) -> dict:
+    """Median srun step time with and without `shifter` inside one --image allocation."""
+    script = _timer_script()
+    try:
+        out = _run_as(user, ["salloc", f"-N{nodes}", "--exclusive", f"--image={image}", "--quiet",
+                             python, "-I", script, str(nodes), str(runs), shifter, *(extra or [])], env)
+    finally:
+        os.unlink(script)
+    data = json.loads(out.strip().splitlines()[-1])
+    return {"base_ms": _median_ms(data["base"]), "meas_ms": _median_ms(data["meas"]), "runs": runs}
+
+
+def measure_p1(user: str, env: dict[str, str], python: str, image: str, runs: int = 20) -> dict:
+    r = steps_in_allocation(user, env, python, image, 2, runs)
+    return {
+        "value": round(r["meas_ms"] / r["base_ms"], 3), "unit": "ratio",
+        "baseline": f"srun -N2 /bin/true, {r['base_ms']:.0f} ms median",
+        "measured": f"srun -N2 shifter /bin/true, {r['meas_ms']:.0f} ms median",
+        "runs": runs, "goal": "<= 1.10",
+    }
+
+
+def measure_p8(user: str, env: dict[str, str], python: str, image: str, max_nodes: int, runs: int = 10) -> dict:
+    small = steps_in_allocation(user, env, python, image, 2, runs)
+    large = steps_in_allocation(user, env, python, image, max_nodes, runs)
+    return {
+        "value": round(large["meas_ms"] / small["meas_ms"], 3), "unit": "ratio",
+        "baseline": f"srun -N2 shifter /bin/true, {small['meas_ms']:.0f} ms median",
+        "measured": f"srun -N{max_nodes} shifter /bin/true, {large['meas_ms']:.0f} ms median "
+                    f"(plain srun: {small['base_ms']:.0f} ms at 2 nodes, {large['base_ms']:.0f} ms at {max_nodes})",
+        "runs": runs, "goal": "<= 1.2",
+    }
+
+
+def measure_p2f(user: str, env: dict[str, str], python: str, job_image: str, other_image: str,
+                runs: int = 10) -> dict:
+    """Fresh path (another image than the job's) against the reuse path, on one node."""
+    script = _timer_script()
+    try:
+        reuse = json.loads(_run_as(user, ["salloc", "-N1", "--exclusive", f"--image={job_image}", "--quiet",
+                                          python, "-I", script, "1", str(runs), "shifter"], env).splitlines()[-1])
+        fresh = json.loads(_run_as(user, ["salloc", "-N1", "--exclusive", f"--image={job_image}", "--quiet",
+                                          python, "-I", script, "1", str(runs), "shifter",
+                                          f"--image={other_image}"], env).splitlines()[-1])
+    finally:
+        os.unlink(script)
+    # Subtract the plain srun step from both so the ratio compares the launchers themselves.
+    reuse_ms = _median_ms(reuse["meas"]) - _median_ms(reuse["base"])
+    fresh_ms = _median_ms(fresh["meas"]) - _median_ms(fresh["base"])
+    return {
+        "value": round(fresh_ms / max(reuse_ms, 0.1), 2), "unit": "ratio",
+        "baseline": f"shifter /bin/true on the reuse path, {reuse_ms:.1f} ms over a plain srun step",
+        "measured": f"shifter --image={other_image} /bin/true (fresh path), {fresh_ms:.1f} ms over a plain srun step",
+        "runs": runs, "goal": "<= 10",
+    }
+
+
+def measure_p6(user: str, env: dict[str, str], image: str, runs: int = 10) -> dict:
+    """Submission time of sbatch with and without --image (held jobs, cancelled afterwards)."""
+    base: list[float] = []
+    meas: list[float] = []
+    jobs: list[str] = []
+
+    def submit(extra: list[str]) -> float:
+        t = time.perf_counter()
+        out = _run_as(user, ["sbatch", "--parsable", "--hold", "-N1", *extra, "--wrap=true"], env)
+        elapsed = time.perf_counter() - t
+        jobs.append(out.strip().split(";")[0])
+        return elapsed
+
+    try:
+        submit([])
+        submit([f"--image={image}"])
+        for _ in range(runs):
+            base.append(submit([]))
+            meas.append(submit([f"--image={image}"]))
+    finally:
+        if jobs:
+            subprocess.run(["scancel", *jobs], env=env, check=False)
+    diff = _median_ms(meas) - _median_ms(base)
+    return {
+        "value": round(diff / 1000.0, 3), "unit": "seconds",
+        "baseline": f"sbatch without --image, {_median_ms(base):.0f} ms median",
+        "measured": f"sbatch --image={image}, {_median_ms(meas):.0f} ms median",
+        "runs": runs, "goal": "<= 0.2",
+    }
+
+
+HOOK_TIME = re.compile(r"shifter: (prolog|epilog) job (\d+) took ([0-9.]+) ms")
+
+
+def prolog_epilog_times(user: str, env: dict[str, str], image: str, log_dir: Path, runs: int = 3) -> dict:
+    """Per-node prolog and epilog wall times for a 2-node job, read from slurmd's logs."""
+    job_ids = []
+    for _ in range(runs):
+        out = _run_as(user, ["sbatch", "--parsable", "--wait", "-N2", "--exclusive", f"--image={image}",
+                             "--wrap=true"], env)
+        job_ids.append(out.strip().split(";")[0])
+    times: dict[str, list[float]] = {"prolog": [], "epilog": []}
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        times = {"prolog": [], "epilog": []}
+        for log in log_dir.glob("slurmd-*.log"):
+            for match in HOOK_TIME.finditer(log.read_text(errors="replace")):
+                if match.group(2) in job_ids:
+                    times[match.group(1)].append(float(match.group(3)))
+        if len(times["epilog"]) >= 2 * runs:
+            break
+        time.sleep(1)
+    return {
+        f"{kind}_ms": {"value": round(statistics.median(v), 1) if v else None, "unit": "ms",
+               "measured": f"{kind} per node, {image}, median of {len(v)}", "runs": len(v), "goal": None}
+        for kind, v in times.items()
+    }
