@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import cleanup, gatewaysvc, images, munge, network, registry, slurm, users
+from . import cleanup, gatewaysvc, images, munge, network, registry, sitemodules, slurm, users
 from .procs import DaemonError, PidRegistry
 from .render import render_to, write_file
 from .settings import REGISTRY_ADDR, Settings
@@ -50,7 +50,7 @@ def _write_udiroot_conf(settings: Settings) -> None:
     for directory in (settings.prefix, settings.sysconfdir):
         directory.mkdir(mode=0o755, parents=True, exist_ok=True)
     opt_udi_image = settings.prefix / "libexec" / "shifter" / "opt" / "udiImage"
-    render_to(settings.udiroot_conf, "udiRoot.conf.j2", mode=0o644,
+    render_to(settings.udiroot_conf, "udiRoot.conf.j2", mode=0o644, **sitemodules.prepare(settings),
               udi_mount=settings.udi_mount, loop_mount=settings.loop_mount,
               image_path=settings.image_path, prefix=settings.prefix, etc_path=settings.etc_path,
               opt_udi_image=opt_udi_image if opt_udi_image.is_dir() else None,
@@ -150,7 +150,8 @@ def test_images(debian: bool) -> list[images.TestImage]:
     chosen = [images.BUSYBOX_IMAGE, images.MULTILAYER_IMAGE]
     if debian:
         from .debian import DEBIAN_IMAGE
-        chosen.append(DEBIAN_IMAGE)
+        from .mpich import MPICH_IMAGE
+        chosen += [DEBIAN_IMAGE, MPICH_IMAGE]
     return chosen
 
 

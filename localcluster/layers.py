@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import tarfile
 import tempfile
@@ -105,6 +106,20 @@ class LayerWriter:
     def copy_member(self, member: tarfile.TarInfo, data: Any) -> None:
         self.tar.addfile(member, data)
 
+    def host_entry(self, name: str, source: Path) -> None:
+        """Copy a host file, directory or symlink as `name`, keeping its mode, owned by root."""
+        info = self.tar.gettarinfo(str(source), name.lstrip("/"))
+        info.uid = info.gid = 0
+        info.uname = info.gname = "root"
+        info.mtime = EPOCH
+        if info.isreg():
+            with open(source, "rb") as data:
+                self.tar.addfile(info, data)
+        elif info.isdir() or info.issym():
+            self.tar.addfile(info)
+        else:
+            raise ValueError(f"{source}: only files, directories and symlinks go into a test layer")
+
 
 class OciLayout:
     """An OCI image layout directory holding one tagged image."""
@@ -171,6 +186,23 @@ class OciLayout:
         (self.root / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
         (self.root / "index.json").write_text(json.dumps(index, indent=1))
         return manifest
+
+    def adopt_layers(self, base: OciLayout) -> list[Layer]:
+        """The layers of the image in `base`, hard-linked (or copied) into this layout: an image
+        built on another one shares its layer blobs, as in a registry."""
+        manifest = base.manifest()
+        config = json.loads(base.blob_path(manifest["config"]["digest"]).read_bytes())
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        layers = []
+        for descriptor, diff_id in zip(manifest["layers"], config["rootfs"]["diff_ids"], strict=True):
+            target = self.blob_path(descriptor["digest"])
+            if not target.exists():
+                try:
+                    os.link(base.blob_path(descriptor["digest"]), target)
+                except OSError:
+                    shutil.copyfile(base.blob_path(descriptor["digest"]), target)
+            layers.append(Layer(Blob(descriptor["digest"], descriptor["size"]), diff_id))
+        return layers
 
     def manifest(self) -> dict[str, Any]:
         index = json.loads((self.root / "index.json").read_text())

@@ -1,6 +1,6 @@
 """First process of a node: give it its own state dirs, hosts file and hostname, then exec slurmd.
 
-Started as ``nsenter --net=<netns> unshare -m -u --propagation private -- python -m
+Started as ``nsenter --net=<netns> unshare -m -u --ipc --propagation private -- python -m
 localcluster.nodeinit ...``, so everything mounted here lives only in this node's private
 mount namespace and dies with it.  The runtime's per-node state dirs (udiMount, loopMount)
 get a fresh tmpfs, so two nodes on one host never see each other's job environments.
@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tmpfs", action="append", default=[], metavar="DIR=MODE",
                         help="mount a private tmpfs with this mode on DIR")
     parser.add_argument("--hosts", help="file to bind-mount over /etc/hosts")
+    parser.add_argument("--memory-cgroup", metavar="DIR",
+                        help="create this memory cgroup and bind it over /sys/fs/cgroup/memory "
+                             "(the node's own; localcluster/features.py)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- program and arguments to exec")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -39,6 +42,9 @@ def main(argv: list[str] | None = None) -> None:
         _mount(["-t", "tmpfs", "-o", f"mode={mode or '0755'},nosuid,nodev", "tmpfs", path])
     if args.hosts:
         _mount(["--bind", args.hosts, "/etc/hosts"])
+    if args.memory_cgroup:
+        os.makedirs(args.memory_cgroup, exist_ok=True)
+        _mount(["--bind", args.memory_cgroup, "/sys/fs/cgroup/memory"])
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
     os.execvpe(command[0], command, env)
 

@@ -1,11 +1,13 @@
 """slurmctld on the host and one slurmd per node, each node in its own namespaces.
 
 A node's slurmd is started as
-``nsenter --net=/run/netns/shifter-n<i> unshare -m -u --propagation private -- python -m
+``nsenter --net=/run/netns/shifter-n<i> unshare -m -u --ipc --propagation private -- python -m
 localcluster.nodeinit ... -- slurmd -D -N n<i>``: its own network namespace (own address and
 ports), its own private mount namespace (own mount table; the runtime's state dirs are a
-tmpfs of its own) and its own hostname.  ``ip netns exec`` is not used: it remounts /sys,
-which hides /sys/fs/cgroup from slurmd.
+tmpfs of its own), its own hostname, and its own System V IPC namespace and /dev/shm, as on
+separate machines: shared-memory transports (UCX's, for MPI) tell nodes of one kernel apart
+by their IPC namespace, and would otherwise try shared memory between ranks of two nodes.
+``ip netns exec`` is not used: it remounts /sys, which hides /sys/fs/cgroup from slurmd.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import network
+from . import features, network
 from .procs import DaemonError, PidRegistry, require_free_port, start_daemon, wait_until
 from .render import render_to, write_file
 from .settings import BRIDGE_ADDR, Settings
@@ -53,7 +55,8 @@ def write_config(settings: Settings) -> str:
               cpus=2)
     render_to(settings.slurm_dir / "cgroup.conf", "cgroup.conf.j2")
     render_to(settings.plugstack_conf, "plugstack.conf.j2", plugin=plugin,
-              expected_plugin=settings.plugin_so, udiroot_conf=settings.udiroot_conf)
+              expected_plugin=settings.plugin_so, udiroot_conf=settings.udiroot_conf,
+              plugin_args=features.plugstack_args(settings))
     hosts = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback",
              f"{BRIDGE_ADDR}\t{settings.controller_host}"]
     hosts += [f"{n['addr']}\t{n['name']}" for n in nodes]
@@ -101,7 +104,14 @@ def start_controller(settings: Settings, pids: PidRegistry, clear_state: bool) -
     wait_until("slurmctld", lambda: _controller_answers(settings), 60, log, proc, interval=0.3)
 
 
-def start_node(settings: Settings, pids: PidRegistry, node: str) -> subprocess.Popen[bytes] | None:
+def start_node(settings: Settings, pids: PidRegistry, node: str,
+               rejoin: dict[str, str] | None = None) -> subprocess.Popen[bytes] | None:
+    """Start the node's slurmd in fresh namespaces, or with ``rejoin`` in the node's old ones.
+
+    ``rejoin`` maps ``mnt``, ``uts`` and ``ipc`` to namespace files (e.g. /proc/<pid>/fd/<n>)
+    of a node whose slurmd died: the new slurmd finds the node's mount table as it was, as a
+    real node's would be after a slurmd crash (tests of leftovers of dead jobs use it).
+    """
     name = slurmd_name(node)
     if pids.pid(name) is not None:
         return None
@@ -109,13 +119,22 @@ def start_node(settings: Settings, pids: PidRegistry, node: str) -> subprocess.P
                  settings.state_dir / "slurmd" / node):
         base.mkdir(parents=True, exist_ok=True)
     env = {**slurm_env(settings), "PYTHONPATH": str(REPO_ROOT)}
-    argv = ["nsenter", f"--net={network.NETNS_DIR / settings.netns(node)}", "--",
-            "unshare", "--mount", "--uts", "--propagation", "private", "--",
-            sys.executable, "-m", "localcluster.nodeinit", "--hostname", node,
-            "--tmpfs", f"{settings.udi_mount}=0755", "--tmpfs", f"{settings.loop_mount}=0700",
-            "--tmpfs", f"{settings.per_node_cache}=0755", "--tmpfs", f"{settings.node_tmp}=1777",
-            "--hosts", str(settings.node_hosts_file), "--",
-            "slurmd", "-D", "-N", node, "-f", str(settings.slurm_conf)]
+    nodeinit = [sys.executable, "-m", "localcluster.nodeinit", "--hostname", node]
+    slurmd = ["--", "slurmd", "-D", "-N", node, "-f", str(settings.slurm_conf)]
+    net = f"--net={network.NETNS_DIR / settings.netns(node)}"
+    if rejoin is not None:
+        argv = ["nsenter", net, f"--mount={rejoin['mnt']}", f"--uts={rejoin['uts']}", f"--ipc={rejoin['ipc']}",
+                "--", *nodeinit, *slurmd]
+    else:
+        memory_cgroup = features.node_memory_cgroup(settings, node)  # see localcluster/features.py
+        if memory_cgroup is not None:
+            nodeinit += ["--memory-cgroup", str(memory_cgroup)]
+        argv = ["nsenter", net, "--", "unshare", "--mount", "--uts", "--ipc", "--propagation", "private", "--",
+                *nodeinit,
+                "--tmpfs", f"{settings.udi_mount}=0755", "--tmpfs", f"{settings.loop_mount}=0700",
+                "--tmpfs", f"{settings.per_node_cache}=0755", "--tmpfs", f"{settings.node_tmp}=1777",
+                "--tmpfs", "/dev/shm=1777",
+                "--hosts", str(settings.node_hosts_file), *slurmd]
     proc = start_daemon(argv, settings.log_dir / f"slurmd-{node}.out", env=env, cwd=settings.state_dir)
     pids.record(name, proc.pid)
     return proc
