@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .cleanup import loop_devices_under as _loop_devices_under
 from .procs import PidRegistry
-from .settings import DEFAULT_STATE_DIR
+from .settings import DEFAULT_STATE_DIR, Settings
 
 ACTIVE_JOB_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED",
                      "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "REQUEUE_HOLD", "REQUEUE_FED"}
@@ -208,3 +208,159 @@ class Cluster:
         pid = self.node_pids()[node]
         return self.run(["nsenter", f"--target={pid}", "--net", "--mount", "--uts", "--", *argv],
                         timeout=timeout)
+
+    def node_job_dirs(self, node: str) -> list[str]:
+        """Job ids with an environment directory under the node's udiMount or loopMount."""
+        root = f"/proc/{self.node_pids()[node]}/root"
+        found: set[str] = set()
+        for base in (self.config_value("udiMount"), self.config_value("loopMount")):
+            try:
+                found.update(name for name in os.listdir(root + base) if name.isdigit())
+            except FileNotFoundError:
+                pass
+        return sorted(found)
+
+    def node_state(self, node: str) -> tuple[str, str]:
+        """(state, reason) of a node as the controller sees it, e.g. ("DRAIN", "shifter: ...")."""
+        fields = self.run(["scontrol", "-o", "show", "node", node], timeout=30).stdout
+        state = re.search(r"\bState=(\S+)", fields)
+        reason = re.search(r"\bReason=(.*?)(?: \w+=|$)", fields)
+        return (state.group(1) if state else "UNKNOWN", reason.group(1).strip() if reason else "")
+
+    def resume_node(self, node: str) -> None:
+        self.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], timeout=30)
+
+    # --- the runtime's view -----------------------------------------------------------
+    def config_value(self, key: str) -> str:
+        """A value of the cluster's udiRoot.conf (e.g. "imagePath")."""
+        for line in self.udiroot_conf.read_text().splitlines():
+            name, sep, value = line.partition("=")
+            if sep and name.strip() == key:
+                return value.strip()
+        raise KeyError(f"{key} missing from {self.udiroot_conf}")
+
+    def job_leftovers(self, job_id: str) -> list[str]:
+        """Everything of the job still present on any node: mounts, loop devices, directories, processes."""
+        found = []
+        for node in self.nodes:
+            for mount in self.node_mounts(node):
+                if re.search(rf"/{job_id}(/|$)", mount.target):
+                    found.append(f"{node}: mount {mount.target} ({mount.fstype})")
+            if job_id in self.node_job_dirs(node):
+                found.append(f"{node}: directory of job {job_id} under udiMount or loopMount")
+        found += [f"loop device {dev}" for dev in loop_devices_under(self.config_value("imagePath"))
+                  if self._loop_device_job(dev) in (job_id, None)]
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                environ = (proc / "environ").read_bytes()
+            except OSError:
+                continue
+            if f"SLURM_JOB_ID={job_id}\0".encode() in environ:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"process {proc.name}: {cmd.strip()}")
+        return found
+
+    def _loop_device_job(self, device: str) -> str | None:
+        """The job whose loopMount holds `device` on some node (None when no node mounts it)."""
+        loop_mount = self.config_value("loopMount").rstrip("/") + "/"
+        for node in self.nodes:
+            for mount in self.node_mounts(node):
+                if mount.source == device and mount.target.startswith(loop_mount):
+                    return mount.target[len(loop_mount):].split("/", 1)[0]
+        return None
+
+    # --- daemons (for tests of failures) ----------------------------------------------
+    @property
+    def settings(self) -> Settings:
+        settings = Settings.load(self.state_dir)
+        if settings is None:
+            raise ClusterNotUp(f"no cluster.json in {self.state_dir}")
+        return settings
+
+    def stop_gateway(self) -> None:
+        """Stop the image gateway by its recorded pid (start it again with start_gateway)."""
+        PidRegistry(self.state_dir / "pids").stop("gateway")
+
+    def start_gateway(self) -> None:
+        """Start the gateway with the cluster's own code unless it runs; returns once it answers."""
+        from . import gatewaysvc
+
+        gatewaysvc.start(self.settings, PidRegistry(self.state_dir / "pids"))
+
+    def crash_node(self, node: str, job_id: str | None = None) -> dict[str, int]:
+        """kill -9 the node's slurmd (and, with `job_id`, every process of that job on the node).
+
+        The node's mount table survives, as on a real node: the returned descriptors hold its
+        mount, UTS and IPC namespaces for restart_node (which closes them).
+        """
+        pid = self.node_pids()[node]
+        held = {kind: os.open(f"/proc/{pid}/ns/{kind}", os.O_RDONLY) for kind in ("mnt", "uts", "ipc")}
+        victims = self.job_pids_on_node(node, job_id) if job_id is not None else []
+        os.kill(pid, 9)
+        for victim in victims:
+            try:
+                os.kill(victim, 9)
+            except ProcessLookupError:
+                pass
+        registry = PidRegistry(self.state_dir / "pids")
+        deadline = time.monotonic() + 10
+        while registry.pid(f"slurmd-{node}") is not None:  # gone (or a zombie) before anyone restarts it
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"slurmd of {node} (pid {pid}) survived SIGKILL")
+            time.sleep(0.02)
+        return held
+
+    def job_pids_on_node(self, node: str, job_id: str) -> list[int]:
+        """The job's processes on the node: its slurmstepds, their descendants (the extern step's
+        sleep has no SLURM_JOB_ID) and anything else with its SLURM_JOB_ID."""
+        net = os.stat(f"/proc/{self.node_pids()[node]}/ns/net").st_ino
+        found: set[int] = set()
+        parents: dict[int, int] = {}
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                if os.stat(proc / "ns" / "net").st_ino != net:
+                    continue
+                cmdline = (proc / "cmdline").read_bytes()
+                environ = (proc / "environ").read_bytes()
+                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if cmdline.startswith(f"slurmstepd: [{job_id}.".encode()) or f"SLURM_JOB_ID={job_id}\0".encode() in environ:
+                found.add(int(proc.name))
+        grown = True
+        while grown:
+            more = {pid for pid, parent in parents.items() if parent in found} - found
+            found |= more
+            grown = bool(more)
+        return sorted(found)
+
+    def restart_node(self, node: str, held: dict[str, int] | None = None, timeout: float = 90) -> None:
+        """Start the node's slurmd again with the cluster's code, in its old namespaces when `held`."""
+        from . import slurm
+
+        rejoin = {kind: f"/proc/{os.getpid()}/fd/{fd}" for kind, fd in held.items()} if held else None
+        started_before = self._slurmd_start_time(node)
+        try:
+            proc = slurm.start_node(self.settings, PidRegistry(self.state_dir / "pids"), node, rejoin=rejoin)
+            if proc is None and held:
+                raise RuntimeError(f"slurmd of {node} is still running: it was not restarted in its namespaces")
+            deadline = time.monotonic() + timeout
+            while (self._slurmd_start_time(node) == started_before  # the new slurmd has registered
+                   or self.node_state(node)[0].split("+")[0] not in ("IDLE", "MIXED", "ALLOCATED", "COMPLETING")):
+                if proc is not None and proc.poll() is not None:
+                    raise RuntimeError(f"slurmd of {node} exited with status {proc.returncode}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{node} not back after {timeout:.0f} s: {self.node_state(node)}")
+                time.sleep(0.3)
+        finally:  # nsenter opens the namespaces through our descriptors: keep them until slurmd runs
+            for fd in (held or {}).values():
+                os.close(fd)
+
+    def _slurmd_start_time(self, node: str) -> str:
+        fields = self.run(["scontrol", "-o", "show", "node", node], timeout=30).stdout
+        found = re.search(r"\bSlurmdStartTime=(\S+)", fields)
+        return found.group(1) if found else ""

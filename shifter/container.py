@@ -399,10 +399,11 @@ def _bind_user_volume(config: UdiRootConfig, spec: RootSpec, mount: VolumeMount,
     checked is what gets mounted.
     """
     what = f"volume {mount.source}:{mount.target}"
-    try:  # a missing target (e.g. /input) is made, but only on the container's own tmpfs
-        _make_path(spec.root, mount.target, True, os.stat(spec.root).st_dev)
-    except (ShifterError, OSError):
-        pass  # the checks below name the problem
+    if "/" not in mount.target.strip("/"):  # a missing top-level target (/input) is made on the root tmpfs
+        try:
+            _make_path(spec.root, mount.target, True, os.stat(spec.root).st_dev)
+        except (ShifterError, OSError):
+            pass  # the checks below name the problem
     try:
         target = pathsafe.resolve_in_root(spec.root, mount.target)
         target_fd = pathsafe.open_inside(spec.root, target, os.O_PATH | os.O_DIRECTORY)

@@ -88,6 +88,7 @@ def submit(conf: PlugstackArgs, opts: dict[str, str]) -> list[tuple[str, str]]:
     volume_text = opts.get("volume")
     module_text = opts.get("module")
     ccm = "ccm" in opts
+    inherited = {name for name in ("image", "volume", "module") if _inherited(conf, name, opts.get(name))}
     if ccm and not conf.enable_ccm:
         raise ShifterError("--ccm is not enabled on this system (plugstack.conf enable_ccm=1)")
     if ccm and image_text:
@@ -96,7 +97,9 @@ def submit(conf: PlugstackArgs, opts: dict[str, str]) -> list[tuple[str, str]]:
         raise ShifterError("--volume needs --image")
 
     out: list[tuple[str, str]] = []
-    if image_text:
+    if image_text and "image" in inherited and _first_env("IMAGE") and _first_env("IMAGETYPE"):
+        pass  # the job's image, resolved at submission: its SHIFTER_* variables are already here
+    elif image_text:
         ref = parse_image_ref(image_text, config.default_image_type)
         if ref.type == "id":
             image_id = ref.tag
@@ -110,12 +113,10 @@ def submit(conf: PlugstackArgs, opts: dict[str, str]) -> list[tuple[str, str]]:
         out += [("SHIFTER_IMAGE", image_id), ("SHIFTER_IMAGETYPE", image_type)]
         if ref.type not in ("id", "local"):
             out.append(("SHIFTER_IMAGEREQUEST", f"{ref.type}:{ref.tag}"))
-        # Nested sruns inherit the resolved id and never ask the gateway again.
-        out.append((_option_env(conf, "image"), f"{image_type}:{image_id}"))
-    if volume_text:
+    if volume_text and "volume" not in inherited:
         mounts = parse_volume_map(volume_text, site=False)
         out.append(("SHIFTER_VOLUME", ";".join(m.canonical() for m in mounts)))
-    if module_text:
+    if module_text and "module" not in inherited:
         names = module_names(select_modules(config, module_text))
         out.append(("SHIFTER_MODULE", ",".join(names) or "none"))
     if ccm:
@@ -146,8 +147,22 @@ def user_ssh_pubkey() -> str:
     return pubkey
 
 
-def _option_env(conf: PlugstackArgs, name: str) -> str:
-    return OPTION_ENV + ("shifter_" if conf.long_options else "") + name
+def _inherited(conf: PlugstackArgs, name: str, value: str | None) -> bool:
+    """Is this option value the job's own, handed down to an srun inside the allocation?
+
+    Slurm gives every nested srun the submission's options again (SLURM_SPANK_<option env>,
+    with only the last value of a repeated --volume).  Such a value was validated and resolved
+    at submission, and the job's SHIFTER_* variables already hold the result: using them means
+    nested sruns never ask the gateway again and keep every volume.
+    """
+    if not value or not os.environ.get("SLURM_JOB_ID"):
+        return False
+    option_env = "SLURM_SPANK_" + OPTION_ENV + ("shifter_" if conf.long_options else "") + name
+    return os.environ.get(option_env) == value
+
+
+def _first_env(name: str) -> str | None:
+    return os.environ.get(f"SHIFTER_{name}") or os.environ.get(f"SLURM_SPANK_SHIFTER_{name}") or None
 
 
 def _resolve(config, ref) -> str:
@@ -192,17 +207,20 @@ def job_request(opts: dict[str, str], env: dict[str, str], conf: PlugstackArgs) 
         raise ShifterError(f"prolog: job {job_id} has no valid non-root uid")
     user = env.get("SLURM_JOB_USER") or _user_name(uid)
     gid = int(opts.get("gid") or env.get("SLURM_JOB_GID") or _primary_gid(uid))
-    nodes = expand_hostlist(env.get("SLURM_JOB_NODELIST", ""))
+    # slurmd's prolog environment names the job's nodes SLURM_NODELIST (Slurm 22.05)
+    nodes = expand_hostlist(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", ""))
     cpus = _cpus_per_node(env, len(nodes), expand_cpus_per_node)
     node_spec = " ".join(f"{node}/{count}" for node, count in zip(nodes, cpus, strict=True))
     volume = env.get("SPANK_SHIFTER_VOLUME", "")
+    ccm = env.get("SPANK_SHIFTER_CCM") == "1" and conf.enable_ccm and not env.get("SPANK_SHIFTER_IMAGE")
     return JobRequest(
         job_id=job_id,
         uid=uid,
         gid=gid,
         user=user,
-        image_type=env.get("SPANK_SHIFTER_IMAGETYPE", "id"),
-        image=env.get("SPANK_SHIFTER_IMAGE", ""),
+        # --ccm: a container made from the host's / (the original's local:/)
+        image_type="local" if ccm else env.get("SPANK_SHIFTER_IMAGETYPE", "id"),
+        image="/" if ccm else env.get("SPANK_SHIFTER_IMAGE", ""),
         volumes=[v for v in volume.split(";") if v],
         modules=env.get("SPANK_SHIFTER_MODULE") or None,
         ssh_pubkey=env.get("SPANK_SHIFTER_SSH_PUBKEY") if conf.enable_sshd else None,
@@ -237,11 +255,15 @@ def _primary_gid(uid: int) -> int:
 
 
 def setuproot_argv(conf: PlugstackArgs, req: JobRequest) -> list[str]:
-    """The original's setupRoot argv contract, plus --config and --job-id."""
+    """The original's setupRoot argv contract, plus --config, --job-id, --memory-cgroup, --defer-sshd."""
     argv = [os.path.join(buildinfo.PREFIX, "sbin", "setupRoot"), "--config", conf.shifter_config,
             "--job-id", req.job_id, "-U", str(req.uid), "-G", str(req.gid), "-u", req.user]
+    if conf.memory_cgroup:
+        argv += ["--memory-cgroup", conf.memory_cgroup]
     if req.ssh_pubkey:
         argv += ["-s", req.ssh_pubkey]
+        if conf.extern_cgroup:  # the extern step starts it, so that Slurm tracks it (hook `extern`)
+            argv.append("--defer-sshd")
     argv += ["-N", req.node_spec]
     for volume in req.volumes:
         argv += ["-v", volume]
@@ -251,8 +273,95 @@ def setuproot_argv(conf: PlugstackArgs, req: JobRequest) -> list[str]:
 
 
 def prolog(conf: PlugstackArgs, opts: dict[str, str]) -> int:
+    """Build the job's environment; the failure policy is in docs/admin-guide.md.
+
+    A request the node cannot serve (setupRoot exit 1) must not drain the node: the reason is
+    recorded for the job's ``shifter`` to print, and the prolog succeeds.  Anything else
+    (exit 2: the node is broken; a crash) fails the prolog, and Slurm drains the node.
+    """
+    from shifter.errors import REQUEST_FAILED
+
     req = job_request(opts, dict(os.environ), conf)
-    return _timed("prolog", req.job_id, setuproot_argv(conf, req))
+    remove_stale_environments(conf, req.job_id)
+    status, reason = _timed("prolog", req.job_id, setuproot_argv(conf, req))
+    if status == REQUEST_FAILED:
+        record_setup_error(conf, req, reason)
+        print(f"shifter: job {req.job_id} cannot run in its container: {reason}", file=sys.stderr)
+        return 0
+    if status != 0:
+        drain_node(f"shifter: {reason or f'setupRoot failed with status {status}'}")
+    return status
+
+
+def drain_node(reason: str) -> None:
+    """Drain this node with the setup error as its reason (Slurm's own is a bare "Prolog error").
+
+    One scontrol call, only when the node is broken; if it fails Slurm still drains the node.
+    """
+    node = os.environ.get("SLURMD_NODENAME", "")
+    if not node:
+        return
+    argv = ["scontrol", "update", f"NodeName={node}", "State=DRAIN", f"Reason={reason[:200]}"]
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=15, stdin=subprocess.DEVNULL,
+                                check=False)
+    except (OSError, subprocess.SubprocessError) as err:
+        print(f"shifter: cannot drain {node}: {err}", file=sys.stderr)
+        return
+    if result.returncode != 0:
+        print(f"shifter: cannot drain {node}: {result.stderr.strip()}", file=sys.stderr)
+
+
+def record_setup_error(conf: PlugstackArgs, req: JobRequest, reason: str) -> None:
+    """Leave the reason where only the job's user can read it: <udiMount>/<jobid>/setup.error.
+
+    The directory is the job's own (0700, the user's), so the epilog removes the file with it.
+    """
+    from shifter.config import load_config
+    from shifter.jobenv import JobEnv
+
+    job = JobEnv(load_config(conf.shifter_config), req.job_id)
+    try:
+        os.mkdir(job.dir, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(job.dir) or os.path.islink(job.dir):
+            raise ShifterError(f"prolog: {job.dir} is not a directory") from None
+    os.chown(job.dir, 0, 0)
+    os.chmod(job.dir, 0o700)
+    try:
+        os.unlink(job.error)  # never write through whatever is there
+    except FileNotFoundError:
+        pass
+    fd = os.open(job.error, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "w") as fh:
+        fh.write((reason or "setupRoot failed") + "\n")
+    os.chown(job.dir, req.uid, req.gid)
+
+
+def remove_stale_environments(conf: PlugstackArgs, current_job: str) -> None:
+    """Tear down environments of other jobs that died without their epilog (spank_plugin/stale.py).
+
+    Best effort: a problem here is logged and never fails this job's prolog.
+    """
+    from shifter.config import load_config
+    from spank_plugin.stale import stale_job_ids
+    from unsetuproot.__main__ import job_ids_on_node
+
+    try:
+        config = load_config(conf.shifter_config)
+        job_ids = job_ids_on_node(config.udi_mount, config.loop_mount)
+        stale = stale_job_ids(config.udi_mount, config.loop_mount, job_ids, current_job)
+    except (ShifterError, OSError) as err:
+        print(f"shifter: prolog job {current_job}: looking for stale environments: {err}", file=sys.stderr)
+        return
+    for job_id in stale:
+        print(f"shifter: prolog job {current_job}: removing the stale environment of job {job_id}",
+              file=sys.stderr)
+        argv = [os.path.join(buildinfo.PREFIX, "sbin", "unsetupRoot"), "--config", conf.shifter_config,
+                "--job-id", job_id]
+        if conf.memory_cgroup:
+            argv += ["--memory-cgroup", conf.memory_cgroup]
+        _run_root_tool(argv)
 
 
 def epilog(conf: PlugstackArgs, opts: dict[str, str]) -> int:
@@ -261,31 +370,42 @@ def epilog(conf: PlugstackArgs, opts: dict[str, str]) -> int:
         raise ShifterError(f"epilog: no valid job id ({job_id!r})")
     argv = [os.path.join(buildinfo.PREFIX, "sbin", "unsetupRoot"), "--config", conf.shifter_config,
             "--job-id", job_id]
-    return _timed("epilog", job_id, argv)
+    if conf.memory_cgroup:  # the same path as the prolog's, so the job's cgroup is found and removed
+        argv += ["--memory-cgroup", conf.memory_cgroup]
+    return _timed("epilog", job_id, argv)[0]
 
 
-def _timed(hook: str, job_id: str, argv: list[str]) -> int:
+def _timed(hook: str, job_id: str, argv: list[str]) -> tuple[int, str]:
     """Run the root tool and log its wall time: admins and the benchmarks read it from slurmd's log."""
     start = time.monotonic()
-    status = _run_root_tool(argv)
+    status, reason = _run_root_tool(argv)
     print(f"shifter: {hook} job {job_id} took {(time.monotonic() - start) * 1000:.1f} ms (status {status})",
           file=sys.stderr)
-    return status
+    return status, reason
 
 
-def _run_root_tool(argv: list[str]) -> int:
-    """Run setupRoot/unsetupRoot with a clean environment; its stderr reaches slurmd's log."""
+def _run_root_tool(argv: list[str]) -> tuple[int, str]:
+    """Run setupRoot/unsetupRoot with a clean environment; its stderr is copied to slurmd's log.
+
+    Returns the exit status and the tool's last line without its ``<prog>: `` prefix.
+    """
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
     for key in ("SLURM_JOB_ID",):
         if key in os.environ:
             env[key] = os.environ[key]
-    proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, check=False)
-    return proc.returncode
+    proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, check=False)
+    lines = [line for line in proc.stderr.decode(errors="replace").splitlines() if line.strip()]
+    for line in lines:
+        print(line, file=sys.stderr)
+    prog = os.path.basename(argv[0]) + ": "
+    reason = lines[-1].removeprefix(prog) if lines else ""
+    return proc.returncode, reason
 
 
 # ---------------------------------------------------------------- entry point
 
-HOOKS = {"submit", "prolog", "epilog"}
+HOOKS = {"submit", "prolog", "epilog", "extern", "ccm-task"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,6 +422,13 @@ def main(argv: list[str] | None = None) -> int:
         if hook == "submit":
             for key, value in submit(conf, opts):
                 sys.stdout.write(f"{key}={value}\n")
+            return 0
+        if hook in ("extern", "ccm-task"):  # run by slurmstepd: spank_plugin/stephooks.py
+            from spank_plugin import stephooks
+
+            if hook == "extern":
+                return stephooks.extern(conf, opts)
+            sys.stdout.write(stephooks.ccm_task(conf, opts) + "\n")
             return 0
         return prolog(conf, opts) if hook == "prolog" else epilog(conf, opts)
     except ShifterError as err:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from localcluster.testing import Cluster, loop_devices_under
+from localcluster.testing import Cluster
 
 pytestmark = pytest.mark.cluster
 
@@ -22,35 +22,6 @@ IMAGE_OS_NAME = 'NAME="Shifter Demo BusyBox"'
 
 def demo_script(image: str, command: str = "srun shifter cat /etc/os-release") -> str:
     return f"#!/bin/bash\n#SBATCH --image=docker:{image}\n#SBATCH -N 2\n{command}\n"
-
-
-def job_leftovers(cluster: Cluster, job_id: str) -> list[str]:
-    """Everything of the job still present on any node: mounts, loop devices, processes."""
-    found = []
-    for node in cluster.nodes:
-        for mount in cluster.node_mounts(node):
-            if re.search(rf"/{job_id}(/|$)", mount.target):
-                found.append(f"{node}: mount {mount.target} ({mount.fstype})")
-    image_dir = _image_path(cluster)
-    found += [f"loop device {dev}" for dev in loop_devices_under(image_dir)]
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes()
-        except OSError:
-            continue
-        if f"SLURM_JOB_ID={job_id}\0".encode() in environ:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            found.append(f"process {proc.name}: {cmd.strip()}")
-    return found
-
-
-def _image_path(cluster: Cluster) -> str:
-    for line in cluster.udiroot_conf.read_text().splitlines():
-        if line.startswith("imagePath="):
-            return line.split("=", 1)[1].strip()
-    raise AssertionError("imagePath missing from the cluster's udiRoot.conf")
 
 
 def run_demo_job(cluster: Cluster) -> tuple[str, str]:
@@ -68,14 +39,14 @@ def test_demo_job_runs_in_the_image_on_both_nodes(cluster: Cluster) -> None:
     host_name = next((line for line in Path("/etc/os-release").read_text().splitlines()
                       if line.startswith("NAME=")), None)
     assert host_name and host_name not in output, output
-    assert job_leftovers(cluster, job_id) == []
+    assert cluster.job_leftovers(job_id) == []
 
 
 def test_second_job_on_the_same_nodes_works(cluster: Cluster) -> None:
     first, _ = run_demo_job(cluster)
     second, output = run_demo_job(cluster)
     assert output.count(IMAGE_OS_NAME) == 2, output
-    assert job_leftovers(cluster, first) == [] and job_leftovers(cluster, second) == []
+    assert cluster.job_leftovers(first) == [] and cluster.job_leftovers(second) == []
 
 
 def test_job_environment_exposes_the_resolved_image(cluster: Cluster) -> None:

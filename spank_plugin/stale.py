@@ -1,0 +1,89 @@
+"""Finding job environments on this node whose job is gone (a crash skipped its epilog).
+
+setupRoot already replaces a stale environment of the *same* job id; this finds those of
+other jobs so that they do not pile up (the original's issue #249).  An environment is stale
+only when every sign says its job is over on this node:
+
+- no process of the job runs here: no ``slurmstepd: [<jobid>.<step>]`` (with
+  ``PrologFlags=contain`` the extern step lives as long as the job) and no process whose
+  environment has ``SLURM_JOB_ID=<jobid>`` (a prolog or task of it);
+- it was not touched for ``GRACE_SECONDS`` (a prolog between its end and the extern step);
+- the controller does not list the job as running (one squeue call, made only for such a
+  rare candidate; when it cannot answer nothing is removed).
+
+"This node" is the node's network namespace: several nodes of the local test cluster share
+one host and pid namespace, and a process of the same job on another node must not count.
+Removal is unsetupRoot's own code, run as a separate process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+GRACE_SECONDS = 5.0
+STEPD_PREFIX = b"slurmstepd: ["
+# squeue states in which a job may still own its environment on a node
+_ACTIVE_STATES = {"RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "STOPPED", "SIGNALING",
+                  "RESIZING", "STAGE_OUT"}
+
+
+def job_ids_with_processes(candidates: set[str]) -> set[str]:
+    """Which of ``candidates`` have a process in this node's network namespace."""
+    own_net = os.stat("/proc/self/ns/net")
+    found: set[str] = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or name == str(os.getpid()):
+            continue
+        try:
+            net = os.stat(f"/proc/{name}/ns/net")
+            if (net.st_dev, net.st_ino) != (own_net.st_dev, own_net.st_ino):
+                continue
+            with open(f"/proc/{name}/cmdline", "rb") as fh:
+                cmdline = fh.read(256)
+            if cmdline.startswith(STEPD_PREFIX):
+                found.add(cmdline[len(STEPD_PREFIX):].split(b".", 1)[0].split(b"]", 1)[0].decode("ascii", "replace"))
+                continue
+            with open(f"/proc/{name}/environ", "rb") as fh:
+                environ = fh.read()
+        except OSError:
+            continue
+        for job_id in candidates - found:
+            if b"\0SLURM_JOB_ID=" + job_id.encode() + b"\0" in b"\0" + environ:
+                found.add(job_id)
+    return found & candidates
+
+
+def recently_touched(paths: list[str], now: float) -> bool:
+    for path in paths:
+        try:
+            if now - os.lstat(path).st_ctime < GRACE_SECONDS:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
+def controller_says_gone(job_id: str) -> bool:
+    """True only when the controller answers and does not run the job any more."""
+    try:
+        result = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                                timeout=15, stdin=subprocess.DEVNULL, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    if result.returncode != 0:
+        return "invalid job id" in result.stderr.lower()
+    return not (set(result.stdout.split()) & _ACTIVE_STATES)
+
+
+def stale_job_ids(udi_mount: str, loop_mount: str, job_ids: list[str], current_job: str) -> list[str]:
+    """The job ids (other than ``current_job``) whose environment here is stale."""
+    candidates = {job_id for job_id in job_ids if job_id != current_job}
+    if not candidates:
+        return []
+    candidates -= job_ids_with_processes(candidates)
+    now = time.time()
+    candidates = {job_id for job_id in candidates
+                  if not recently_touched([f"{udi_mount}/{job_id}", f"{loop_mount}/{job_id}"], now)}
+    return sorted(job_id for job_id in candidates if controller_says_gone(job_id))

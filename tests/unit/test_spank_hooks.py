@@ -1,0 +1,85 @@
+"""The prolog/epilog hook's argv for the optional features, and the sshd's login-shell fallback."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from setuproot.args import parse_args
+from setuproot.sshd import ensure_login_shell
+from spank_plugin.hooks import job_request, parse_plugstack_args, setuproot_argv
+
+PROLOG_ENV = {"SLURM_JOB_ID": "42", "SLURM_JOB_UID": "1002", "SLURM_JOB_GID": "1003", "SLURM_JOB_USER": "alice",
+              "SLURM_NODELIST": "n[1-2]", "SLURM_JOB_CPUS_PER_NODE": "2(x2)",
+              "SPANK_SHIFTER_IMAGE": "a" * 64, "SPANK_SHIFTER_IMAGETYPE": "id",
+              "SPANK_SHIFTER_SSH_PUBKEY": "ssh-ed25519 AAAAC3Nza key"}
+
+
+def argv_for(plugstack: list[str], env: dict[str, str]) -> list[str]:
+    conf, _ = parse_plugstack_args(plugstack)
+    return setuproot_argv(conf, job_request({}, env, conf))
+
+
+def test_node_list_comes_from_the_prolog_environment_slurm_nodelist() -> None:
+    argv = argv_for([], PROLOG_ENV)
+    assert argv[argv.index("-N") + 1] == "n1/2 n2/2"
+
+
+def test_memory_cgroup_sshd_and_deferral_reach_setuproot() -> None:
+    argv = argv_for(["enable_sshd=1", "memory_cgroup=/sys/fs/cgroup/memory", "extern_cgroup=1"], PROLOG_ENV)
+    assert argv[argv.index("--memory-cgroup") + 1] == "/sys/fs/cgroup/memory"
+    assert argv[argv.index("-s") + 1] == PROLOG_ENV["SPANK_SHIFTER_SSH_PUBKEY"]
+    assert "--defer-sshd" in argv
+    request = parse_args(argv[1:], None)
+    assert request.memory_cgroup == "/sys/fs/cgroup/memory" and request.defer_sshd and request.pubkey
+
+
+def test_without_the_features_setuproot_gets_none_of_them() -> None:
+    argv = argv_for([], PROLOG_ENV)
+    assert "--memory-cgroup" not in argv and "-s" not in argv and "--defer-sshd" not in argv
+    assert not parse_args(argv[1:], None).defer_sshd
+
+
+def test_sshd_started_by_the_prolog_without_extern_cgroup() -> None:
+    argv = argv_for(["enable_sshd=1"], PROLOG_ENV)
+    assert "-s" in argv and "--defer-sshd" not in argv
+
+
+def test_ccm_job_gets_the_local_root_image() -> None:
+    env = {k: v for k, v in PROLOG_ENV.items() if not k.startswith("SPANK_SHIFTER_IMAGE")}
+    env["SPANK_SHIFTER_CCM"] = "1"
+    assert argv_for(["enable_ccm=1"], env)[-2:] == ["local", "/"]
+    assert argv_for([], env)[-2:] != ["local", "/"]  # enable_ccm=0: never the host's root
+
+
+def _root_with(tmp_path: Path, passwd: str, files: list[str]) -> Path:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/passwd").write_text(passwd)
+    for name in files:
+        path = tmp_path / name.lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+    return tmp_path
+
+
+def test_missing_login_shell_becomes_bin_sh(tmp_path: Path) -> None:
+    root = _root_with(tmp_path, "root:x:0:0::/root:/bin/bash\nalice:x:1002:1003::/home/alice:/bin/bash\n",
+                      ["/bin/sh"])
+    ensure_login_shell(str(root), "alice")
+    assert (root / "etc/passwd").read_text() == ("root:x:0:0::/root:/bin/bash\n"
+                                                 "alice:x:1002:1003::/home/alice:/bin/sh\n")
+    assert oct((root / "etc/passwd").stat().st_mode & 0o777) == oct(0o644 & ~_umask())
+
+
+def test_existing_login_shell_is_kept(tmp_path: Path) -> None:
+    text = "alice:x:1002:1003::/home/alice:/bin/bash\n"
+    root = _root_with(tmp_path, text, ["/bin/sh", "/usr/bin/bash"])
+    os.symlink("/usr/bin/bash", root / "bin/bash")  # absolute link: resolved inside the root
+    ensure_login_shell(str(root), "alice")
+    assert (root / "etc/passwd").read_text() == text
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
