@@ -14,6 +14,7 @@ is indistinguishable from a missing one), 405 wrong method, 413 body too large,
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -262,12 +263,14 @@ class AccessLog:
     """One line per request, written from the event loop thread into a buffered file.
 
     Cheaper than uvicorn's logging-based access log (a formatted LogRecord per request);
-    flushed at most once a second and at shutdown.
+    flushed at most once a second, at the latest a second after a line was written (so an
+    admin tailing it sees every request), and at shutdown.
     """
 
     def __init__(self, path: str) -> None:
         self._fh = open(path, "a", buffering=1 << 16, encoding="utf-8")  # noqa: SIM115 (lives with the app)
-        self._flushed = time.monotonic()
+        self._flushed = time.time()
+        self._flush_scheduled = False
 
     def write(self, scope: Scope, status: int, started: float) -> None:
         client = scope.get("client") or ("-", 0)
@@ -279,10 +282,15 @@ class AccessLog:
         )
         if now - self._flushed > 1.0:
             self.flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_later(1.0, self.flush)
 
     def flush(self) -> None:
+        self._flush_scheduled = False
         self._flushed = time.time()
-        self._fh.flush()
+        if not self._fh.closed:
+            self._fh.flush()
 
     def close(self) -> None:
         self._fh.close()
