@@ -18,6 +18,7 @@ import sys
 
 from setuproot.args import parse_args
 from setuproot.build import setup_job
+from shifter.cmdline import exit_fast
 from shifter.errors import NODE_FAILED, REQUEST_FAILED, NodeError, ShifterError
 
 PROG = "setupRoot"
@@ -45,13 +46,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_and_exit() -> None:
-    """Entry point of the installed command: skip the interpreter's teardown (a few ms)."""
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    run_and_exit()
+    exit_fast(main)

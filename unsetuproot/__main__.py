@@ -12,6 +12,7 @@ import os
 import sys
 
 from shifter import teardown
+from shifter.cmdline import exit_fast
 from shifter.config import load_config
 from shifter.errors import ShifterError
 from shifter.jobenv import JobEnv
@@ -82,13 +83,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_and_exit() -> None:
-    """Entry point of the installed command: skip the interpreter's teardown (a few ms)."""
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    run_and_exit()
+    exit_fast(main)

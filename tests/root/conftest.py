@@ -140,7 +140,8 @@ class Site:
             fh.write("hello from the site\n")
         os.makedirs(os.path.join(self.site_dir, "rootonly"), 0o700)
         for name, module in (("setupRoot", "setuproot"), ("unsetupRoot", "unsetuproot")):
-            self._wrapper(name, f"from {module}.__main__ import run_and_exit\nrun_and_exit()\n")
+            self._wrapper(name, "from shifter.cmdline import exit_fast\n"
+                                f"from {module}.__main__ import main\nexit_fast(main)\n")
         self._wrapper("shifter", "from shifter.launcher import main\nmain()\n")
         self.write_config()
         subprocess.run([PYTHON, "-m", "compileall", "-q", os.path.join(REPO, "shifter"),
