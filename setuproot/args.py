@@ -7,14 +7,14 @@ from shifter.record import Record
 
 DEFAULT_CONFIG = "/etc/shifter/udiRoot.conf"
 USAGE = ("usage: setupRoot -U uid -G gid -u user [-s pubkey] [-N nodespec] [-v volmap]... [-m modules] [-V] "
-         "[--config PATH] [--job-id ID] [--memory-cgroup PATH] <type> <image>")
+         "[--config PATH] [--job-id ID] [--memory-cgroup PATH] [--defer-sshd] <type> <image>")
 
 
 class SetupRequest(Record):
     """What the prolog asked for."""
 
     __slots__ = ("uid", "gid", "user", "pubkey", "node_spec", "volumes", "modules", "verbose",
-                 "config_path", "jobid", "memory_cgroup", "image_type", "image")
+                 "config_path", "jobid", "memory_cgroup", "defer_sshd", "image_type", "image")
     uid: int
     gid: int
     user: str
@@ -26,6 +26,7 @@ class SetupRequest(Record):
     config_path: str | None
     jobid: str | None
     memory_cgroup: str | None
+    defer_sshd: bool  # prepare the sshd but let the extern step start it (plugstack extern_cgroup=1)
     image_type: str
     image: str
 
@@ -49,12 +50,13 @@ def parse_args(argv: list[str], inherited_jobid: str | None) -> SetupRequest:
     from shifter.cmdline import getopt
 
     try:
-        opts, positional = getopt(argv, "v:s:u:U:G:N:m:V", ["config=", "job-id=", "memory-cgroup="])
+        opts, positional = getopt(argv, "v:s:u:U:G:N:m:V", ["config=", "job-id=", "memory-cgroup=", "defer-sshd"])
     except ShifterError as err:
         raise ShifterError(f"{err}; {USAGE}") from None
     values: dict[str, object] = {"uid": None, "gid": None, "user": None, "pubkey": None, "node_spec": None,
                                  "volumes": [], "modules": None, "verbose": False, "config_path": None,
-                                 "jobid": inherited_jobid, "memory_cgroup": None}
+                                 "jobid": inherited_jobid, "memory_cgroup": None,
+                                 "defer_sshd": False}
     for flag, value in opts:
         if flag == "-U":
             values["uid"] = _int_option(flag, value)
@@ -76,6 +78,8 @@ def parse_args(argv: list[str], inherited_jobid: str | None) -> SetupRequest:
             values["config_path"] = value
         elif flag == "--job-id":
             values["jobid"] = value
+        elif flag == "--defer-sshd":
+            values["defer_sshd"] = True
         elif flag == "--memory-cgroup":
             if not value.startswith("/"):
                 raise ShifterError(f"--memory-cgroup needs an absolute path, got {value!r}")

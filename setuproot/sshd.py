@@ -70,9 +70,49 @@ def _settings(lines: list[str], keyword: str) -> list[str]:
     return found
 
 
+def _shell_exists(root: str, shell: str) -> bool:
+    from shifter.pathsafe import resolve_in_root
+
+    try:
+        return shell.startswith("/") and os.path.isfile(resolve_in_root(root, shell))
+    except OSError:
+        return False
+
+
+def ensure_login_shell(root: str, user: str) -> None:
+    """Give the user the image's /bin/sh when the container's passwd names a shell it lacks.
+
+    sshd refuses a user whose login shell does not exist ("not allowed because shell ...
+    does not exist"), and the site's passwd names the host's shell (often /bin/bash), which
+    small images such as busybox do not have.  Only the container's own copy is changed.
+    """
+    from shifter.etcfiles import find_passwd_entry
+
+    path = os.path.join(root, "etc/passwd")
+    try:
+        with open(path) as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        return
+    fields = find_passwd_entry(text, user)
+    if fields is None or _shell_exists(root, fields[6]) or not _shell_exists(root, "/bin/sh"):
+        return
+    old_line = ":".join(fields)
+    fields[6] = "/bin/sh"
+    lines = [":".join(fields) if line == old_line else line for line in text.splitlines()]
+    info = os.lstat(path)
+    tmp = path + ".shifter-tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, info.st_mode & 0o777)
+    with os.fdopen(fd, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    os.chown(tmp, info.st_uid, info.st_gid)
+    os.replace(tmp, path)
+
+
 def prepare(root: str, account: Account, pubkey: str) -> None:
     """Keys, sshd_config, the authorised key and the ssh client in the container (before ro remount)."""
     udi = root + UDI
+    ensure_login_shell(root, account.user)
     for needed in ("sbin/sshd", "bin/ssh-keygen", "etc/sshd_config"):
         if not os.path.exists(os.path.join(udi, needed)):
             raise ShifterError(f"an sshd was requested but the udiImage has no {needed} "
@@ -116,8 +156,72 @@ def prepare(root: str, account: Account, pubkey: str) -> None:
         filecopy.copy_file(ssh_config, os.path.join(root, "etc/ssh/ssh_config"), mode=0o644, owner=(0, 0))
 
 
-def start(root: str, account: Account, cgroup: str | None) -> None:
-    """Start the daemon as the user; it daemonizes once listening, so a bad port fails here."""
+class PortInUse(ShifterError):
+    """Port 1204 is taken on this node: another job sharing the node has its sshd there."""
+
+
+def start_unless_port_taken(root: str, account: Account, cgroup: str | None, jobid: str) -> bool:
+    """Start the job's sshd; when another job's sshd holds the port, say so and go on without one.
+
+    Only one sshd can listen on port 1204 of a node, and jobs may share nodes: the job that
+    comes second must still run (the original failed silently here), it just has no sshd on
+    this node.  The line goes to slurmd's log through the hook.
+
+    Checking the port, starting the daemon and waiting for it to listen happen under a lock
+    on the node (flock of the udiMount directory; the root is ``<udiMount>/<jobid>/root``), so two
+    jobs starting at once cannot both see the port free (OpenSSH detaches before binding, so
+    the loser would fail unseen and the winner's listener would pass for its own).
+    """
+    import fcntl
+    import sys
+
+    udi_mount = os.path.dirname(os.path.dirname(root.rstrip("/")))
+    fd = os.open(udi_mount, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        start(root, account, cgroup)
+    except PortInUse as err:
+        print(f"shifter: job {jobid}: no sshd on this node: {err}", file=sys.stderr)
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def _port(root: str) -> int:
+    """The sshd_config's Port (1204 in the udiImage's)."""
+    with open(root + UDI + "/etc/sshd_config") as fh:
+        ports = _settings(fh.read().splitlines(), "Port")
+    return int(ports[0]) if ports and ports[0].isdigit() else 22
+
+
+def listening(port: int) -> bool:
+    """Whether a TCP socket listens on ``port`` in this network namespace (/proc/net/tcp{,6})."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fh:
+                rows = fh.read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 3 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
+
+
+def start(root: str, account: Account, cgroup: str | None, timeout: float = 5.0) -> None:
+    """Start the daemon as the user and wait until it listens.
+
+    OpenSSH detaches *before* it binds its port, so its exit status cannot tell that the port
+    is taken: that is checked first (PortInUse), and afterwards the port must start listening,
+    so that the job's first ``ssh`` never finds it closed.
+    """
+    import time
+
+    port = _port(root)
+    if listening(port):
+        raise PortInUse(f"port {port} is in use (another job's sshd on a shared node)")
     read_end, write_end = os.pipe()
     try:
         status = _run_chrooted(root, [f"{UDI}/sbin/sshd", "-f", f"{UDI}/etc/sshd_config", "-e"], account, cgroup,
@@ -132,3 +236,8 @@ def start(root: str, account: Account, cgroup: str | None) -> None:
             errors = []
     if status != 0:
         raise ShifterError(f"the job's sshd did not start (status {status})" + (f": {errors[-1]}" if errors else ""))
+    deadline = time.monotonic() + timeout
+    while not listening(port):
+        if time.monotonic() > deadline:
+            raise ShifterError(f"the job's sshd is not listening on port {port} after {timeout:.0f} s")
+        time.sleep(0.002)

@@ -16,9 +16,10 @@
  *           failure it prints one line on stderr and exits non-zero, and the
  *           submission fails.
  *   prolog / epilog (slurmd, as root): the environment is the prolog's; the
- *           hook's output is copied into slurmd's log line by line.
- *   task    (slurmstepd, per task, before privileges are dropped): lets the
- *           hook refuse the task with the prolog's setup error.
+ *           hook's output is copied into slurmd's log line by line.  A
+ *           non-zero status fails the prolog and Slurm drains the node, so
+ *           the hook returns 0 when only the user's request was at fault
+ *           (it records the reason for the job's `shifter` to print).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -29,11 +30,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <slurm/spank.h>
+
+/* slurm.h's step id of the extern step (public header; repeated to keep this file's includes small) */
+#ifndef SLURM_EXTERN_CONT
+#define SLURM_EXTERN_CONT 0xfffffffc
+#endif
 
 SPANK_PLUGIN(shifter, 1);
 
@@ -54,6 +61,8 @@ static int opt_ccm;
 
 static int use_long_options;
 static int enable_ccm;
+static int extern_cgroup;
+static int extern_setup;
 
 /* Plugstack arguments every hook receives verbatim; the hook parses them. */
 static const char *known_args[] = {
@@ -176,6 +185,10 @@ static void read_plugstack_args(int ac, char **av)
             use_long_options = 1;
         else if (strncmp(av[i], "enable_ccm=", 11) == 0)
             enable_ccm = atoi(av[i] + 11) != 0;
+        else if (strncmp(av[i], "extern_cgroup=", 14) == 0)
+            extern_cgroup = atoi(av[i] + 14) != 0;
+        else if (strncmp(av[i], "extern_setup=", 13) == 0)
+            extern_setup = av[i][13] != '\0';
     }
 }
 
@@ -197,12 +210,62 @@ int slurm_spank_init(spank_t sp, int ac, char **av)
     return 0;
 }
 
+/* In the child: exec the hook with stdout and stderr on the given pipes. */
+static void exec_hook(char **argv, int outfd, int errfd)
+{
+    int devnull = open("/dev/null", O_RDONLY);
+    if (devnull >= 0)
+        dup2(devnull, 0);
+    dup2(outfd, 1);
+    dup2(errfd, 2);
+    /* nothing of slurmd/slurmstepd (sockets, files) may reach the hook or what it starts,
+     * such as the job's sshd, which runs as the user */
+    close_range(3, ~0U, 0);
+    signal(SIGPIPE, SIG_DFL);
+    execve(argv[0], argv, environ);
+    dprintf(2, "cannot run %s: %s\n", argv[0], strerror(errno));
+    _exit(127);
+}
+
+/* In the child of the extern slurmstepd: become a child subreaper, run the
+ * hook, report its exit status on statusfd, then reap whatever the hook left
+ * running (the job's sshd) and whatever that orphans, until nothing is left.
+ * Everything stays a descendant of the extern step, so Slurm tracks and kills
+ * it, and no orphan lingers as a zombie of slurmstepd (which never reaps
+ * children it does not know).  Only async-signal-safe calls: slurmstepd has
+ * threads. */
+static void reap_after_hook(char **argv, int outfd, int errfd, int statusfd)
+{
+    int status, rc = -1;
+    pid_t pid;
+
+    signal(SIGCHLD, SIG_DFL);
+    prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    pid = fork();
+    if (pid == 0)
+        exec_hook(argv, outfd, errfd);
+    close(outfd);
+    close(errfd);
+    if (pid > 0) {
+        while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+            ;
+        rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    }
+    if (write(statusfd, &rc, sizeof(rc)) != sizeof(rc))
+        rc = -1;
+    close_range(3, ~0U, 0);  /* hold none of slurmstepd's descriptors for the life of the job */
+    while (wait(NULL) > 0 || errno == EINTR)
+        ;
+    _exit(0);
+}
+
 /* Run the hook with argv; collect its stdout into out (if given) and copy
  * its stderr lines to the Slurm log (or to the user's terminal when
- * to_user).  Returns the hook's exit status, or -1 if it could not run. */
-static int run_hook(char **argv, char *out, size_t outlen, int to_user)
+ * to_user).  Returns the hook's exit status, or -1 if it could not run.
+ * With as_reaper the hook runs under reap_after_hook. */
+static int run_hook_as(char **argv, char *out, size_t outlen, int to_user, int as_reaper)
 {
-    int outpipe[2], errpipe[2], status;
+    int outpipe[2], errpipe[2], statuspipe[2] = {-1, -1}, status = -1;
     size_t used = 0, errused = 0;
     char errbuf[MAX_OUTPUT];
     pid_t pid;
@@ -215,27 +278,31 @@ static int run_hook(char **argv, char *out, size_t outlen, int to_user)
         close(outpipe[1]);
         return -1;
     }
-    pid = fork();
+    if (as_reaper && pipe2(statuspipe, O_CLOEXEC) < 0)
+        statuspipe[0] = statuspipe[1] = -1;
+    pid = (as_reaper && statuspipe[0] < 0) ? -1 : fork();
     if (pid < 0) {
         close(outpipe[0]);
         close(outpipe[1]);
         close(errpipe[0]);
         close(errpipe[1]);
+        if (statuspipe[0] >= 0) {
+            close(statuspipe[0]);
+            close(statuspipe[1]);
+        }
         return -1;
     }
     if (pid == 0) {
-        int devnull = open("/dev/null", O_RDONLY);
-        if (devnull >= 0)
-            dup2(devnull, 0);
-        dup2(outpipe[1], 1);
-        dup2(errpipe[1], 2);
-        signal(SIGPIPE, SIG_DFL);
-        execve(argv[0], argv, environ);
-        dprintf(2, "cannot run %s: %s\n", argv[0], strerror(errno));
-        _exit(127);
+        if (as_reaper) {
+            close(statuspipe[0]);
+            reap_after_hook(argv, outpipe[1], errpipe[1], statuspipe[1]);
+        }
+        exec_hook(argv, outpipe[1], errpipe[1]);
     }
     close(outpipe[1]);
     close(errpipe[1]);
+    if (as_reaper)
+        close(statuspipe[1]);
     fds[0].fd = outpipe[0];
     fds[0].events = POLLIN;
     fds[1].fd = errpipe[0];
@@ -271,8 +338,17 @@ static int run_hook(char **argv, char *out, size_t outlen, int to_user)
     if (out != NULL)
         out[used] = '\0';
     errbuf[errused] = '\0';
-    while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
-        ;
+    if (as_reaper) {
+        int rc = -1;
+        ssize_t got;
+        while ((got = read(statuspipe[0], &rc, sizeof(rc))) < 0 && errno == EINTR)
+            ;
+        close(statuspipe[0]);
+        status = got == sizeof(rc) && rc >= 0 ? (rc & 0xff) << 8 : -1;  /* as waitpid's */
+    } else {
+        while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+            ;
+    }
     {
         char *save = NULL, *line;
         for (line = strtok_r(errbuf, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
@@ -282,9 +358,14 @@ static int run_hook(char **argv, char *out, size_t outlen, int to_user)
                 slurm_info("%s", line);
         }
     }
-    if (WIFEXITED(status))
+    if (status != -1 && WIFEXITED(status))
         return WEXITSTATUS(status);
     return -1;
+}
+
+static int run_hook(char **argv, char *out, size_t outlen, int to_user)
+{
+    return run_hook_as(argv, out, outlen, to_user, 0);
 }
 
 static int build_argv(char **argv, const char *hook, int ac, char **av)
@@ -403,5 +484,104 @@ int slurm_spank_exit(spank_t sp, int ac, char **av)
     free(opt_volume);
     free(opt_module);
     opt_image = opt_volume = opt_module = NULL;
+    return 0;
+}
+
+/* --job-id, --uid and --gid of the job, from Slurm (never from the user's environment). */
+struct job_ids {
+    char job_id[32], uid[32], gid[32];
+};
+
+static int append_job_ids(spank_t sp, char **argv, int n, struct job_ids *ids)
+{
+    uint32_t job_id = 0;
+    uid_t job_uid = 0;
+    gid_t job_gid = 0;
+
+    if (spank_get_item(sp, S_JOB_ID, &job_id) != ESPANK_SUCCESS ||
+        spank_get_item(sp, S_JOB_UID, &job_uid) != ESPANK_SUCCESS ||
+        spank_get_item(sp, S_JOB_GID, &job_gid) != ESPANK_SUCCESS)
+        return -1;
+    snprintf(ids->job_id, sizeof(ids->job_id), "--job-id=%u", job_id);
+    snprintf(ids->uid, sizeof(ids->uid), "--uid=%u", (unsigned)job_uid);
+    snprintf(ids->gid, sizeof(ids->gid), "--gid=%u", (unsigned)job_gid);
+    argv[n++] = ids->job_id;
+    argv[n++] = ids->uid;
+    argv[n++] = ids->gid;
+    argv[n] = NULL;
+    return n;
+}
+
+/*
+ * The extern step (PrologFlags=contain): its slurmstepd lives as long as the job.
+ * With extern_cgroup=1 the hook starts the job's sshd under a child subreaper
+ * forked from this slurmstepd (reap_after_hook), so the daemon (and whatever it
+ * starts and orphans) stays a descendant of the extern step rather than of init:
+ * Slurm's process tracking finds it, accounts for it and kills it at the end of
+ * the job.  The hook also runs extern_setup.  Every other step returns at once.
+ */
+int slurm_spank_task_post_fork(spank_t sp, int ac, char **av)
+{
+    char *argv[MAX_ARGS];
+    struct job_ids ids;
+    uint32_t step_id = 0;
+    int n, rc;
+
+    if ((!extern_cgroup && !extern_setup) || spank_context() != S_CTX_REMOTE)
+        return 0;
+    if (spank_get_item(sp, S_JOB_STEPID, &step_id) != ESPANK_SUCCESS || step_id != SLURM_EXTERN_CONT)
+        return 0;
+    n = build_argv(argv, "extern", ac, av);
+    if (append_job_ids(sp, argv, n, &ids) < 0) {
+        slurm_error("shifter: extern step: no job id, uid or gid");
+        return -1;
+    }
+    rc = run_hook_as(argv, NULL, 0, 0, extern_cgroup);
+    if (rc != 0) {
+        slurm_error("shifter: extern hook failed (status %d)", rc);
+        return -1;
+    }
+    return 0;
+}
+
+/*
+ * --ccm: each task of the job (not of its extern step) is chrooted into the
+ * job's container, whose path the hook prints.  The chroot must happen in the
+ * task's own process, so it is done here; Slurm drops privileges after this.
+ */
+int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
+{
+    char *argv[MAX_ARGS];
+    char value[8], root[4096], cwd[4096];
+    struct job_ids ids;
+    int n, rc, have_cwd;
+    size_t len;
+
+    if (!enable_ccm || spank_context() != S_CTX_REMOTE)
+        return 0;
+    if (spank_getenv(sp, "SLURM_SPANK_SHIFTER_CCM", value, sizeof(value)) != ESPANK_SUCCESS ||
+        strcmp(value, "1") != 0)
+        return 0;
+    n = build_argv(argv, "ccm-task", ac, av);
+    if (append_job_ids(sp, argv, n, &ids) < 0) {
+        slurm_error("shifter: --ccm: no job id, uid or gid");
+        return -1;
+    }
+    rc = run_hook(argv, root, sizeof(root), 1);
+    len = strlen(root);
+    while (len > 0 && root[len - 1] == '\n')
+        root[--len] = '\0';
+    if (rc != 0 || root[0] != '/' || strchr(root, '\n') != NULL) {
+        slurm_error("shifter: --ccm: this task has no container to run in");
+        return -1;
+    }
+    have_cwd = getcwd(cwd, sizeof(cwd)) != NULL;
+    if (chdir(root) != 0 || chroot(".") != 0) {
+        slurm_error("shifter: --ccm: cannot enter %s: %s", root, strerror(errno));
+        return -1;
+    }
+    /* the container is the host's /, so the task's directory has the same path in it */
+    if (!have_cwd || chdir(cwd) != 0)
+        (void)chdir("/");
     return 0;
 }

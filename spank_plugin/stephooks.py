@@ -1,0 +1,116 @@
+"""The hooks slurmstepd runs: ``extern`` (the job's extern step) and ``ccm-task`` (each task of --ccm).
+
+Both run as root inside slurmstepd (the shim's ``slurm_spank_task_post_fork`` of the extern
+step and ``slurm_spank_task_init_privileged``), after the prolog built the job's environment.
+
+``extern`` (plugstack ``extern_cgroup=1`` and/or ``extern_setup=``): with ``extern_cgroup=1``
+the prolog only prepared the sshd (setupRoot ``--defer-sshd``) and it is started here.  The
+shim made the extern slurmstepd a child subreaper, so the daemon, orphaned when it detaches,
+is re-parented to that slurmstepd instead of init: Slurm's process tracking (the descendants
+of the step's slurmstepd with proctrack/linuxproc, the step's cgroup with proctrack/cgroup)
+then sees it and everything started through it, accounts for it and kills it when the job
+ends, even if the epilog never runs.  Then the ``extern_setup=`` script runs, as root, with
+the job's ids and ``SHIFTER_ROOT`` in its environment; a failure is logged.
+
+``ccm-task``: prints the job's container root, which the shim chroots the task into.  It runs
+once per task, so it only checks that the environment is there and the job's own.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from shifter.errors import ShifterError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from shifter.container import Account
+    from spank_plugin.hooks import PlugstackArgs
+
+_AUTHORIZED_KEYS = "opt/udiImage/etc/user_auth_keys"
+
+
+def _ids(opts: dict[str, str], hook: str) -> tuple[str, int, int]:
+    job_id, uid, gid = opts.get("job-id", ""), opts.get("uid", ""), opts.get("gid", "")
+    if not (job_id.isdigit() and uid.isdigit() and gid.isdigit()):
+        raise ShifterError(f"{hook}: needs --job-id, --uid and --gid from Slurm")
+    return job_id, int(uid), int(gid)
+
+
+def _job(conf: PlugstackArgs, job_id: str):
+    from shifter.config import load_config
+    from shifter.jobenv import JobEnv
+
+    return JobEnv(load_config(conf.shifter_config), job_id)
+
+
+def _account(uid: int, gid: int) -> Account:
+    """The job's user as setupRoot saw it (name, primary and supplementary groups)."""
+    import pwd
+
+    from shifter.container import Account
+
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        raise ShifterError(f"uid {uid} has no passwd entry") from None
+    groups = tuple(dict.fromkeys(gid if g == 0 else g for g in os.getgrouplist(user, gid)))
+    return Account(user=user, uid=uid, gid=gid, groups=groups)
+
+
+def extern(conf: PlugstackArgs, opts: dict[str, str]) -> int:
+    """Start the deferred sshd in the extern step, then run ``extern_setup``; 1 if that failed."""
+    job_id, uid, gid = _ids(opts, "extern")
+    if uid == 0:
+        return 0  # root's jobs never get a container (setupRoot refuses them)
+    job = _job(conf, job_id)
+    if not os.path.isfile(job.marker):
+        return 0  # no container for this job on this node (no --image, or its setup failed)
+    if conf.extern_cgroup and conf.enable_sshd and os.path.isfile(os.path.join(job.root, _AUTHORIZED_KEYS)):
+        from setuproot import sshd
+        from shifter import jobcgroup
+
+        cgroup = jobcgroup.job_cgroup(conf.memory_cgroup, uid, job_id) if conf.memory_cgroup else None
+        if cgroup is not None and not os.path.isdir(cgroup):
+            cgroup = None  # setupRoot made it; if it is gone, the epilog is already running
+        sshd.start_unless_port_taken(job.root, _account(uid, gid), cgroup, job_id)
+    if conf.extern_setup:
+        return run_extern_setup(conf.extern_setup, job_id, _account(uid, gid), job.root)
+    return 0
+
+
+def run_extern_setup(script: str, job_id: str, account: Account, root: str) -> int:
+    """Run the site's script as root; its output goes to slurmd's log through the shim."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SLURM_JOB_ID": job_id, "SLURM_JOB_UID": str(account.uid),
+           "SLURM_JOB_GID": str(account.gid), "SLURM_JOB_USER": account.user, "SHIFTER_ROOT": root}
+    try:
+        proc = subprocess.run([script], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, cwd="/", check=False)
+    except OSError as err:
+        print(f"shifter: job {job_id}: extern_setup {script}: {err.strerror}", file=sys.stderr)
+        return 1
+    for line in proc.stdout.decode(errors="replace").splitlines():
+        print(f"shifter: extern_setup: {line}", file=sys.stderr)
+    if proc.returncode != 0:
+        print(f"shifter: job {job_id}: extern_setup {script} failed with status {proc.returncode}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def ccm_task(conf: PlugstackArgs, opts: dict[str, str]) -> str:
+    """The root a --ccm task is chrooted into: the job's environment on this node, complete and its own."""
+    job_id, uid, _ = _ids(opts, "ccm-task")
+    job = _job(conf, job_id)
+    try:
+        info = os.lstat(job.dir)
+    except FileNotFoundError:
+        raise ShifterError(f"--ccm: job {job_id} has no container on this node") from None
+    if os.path.lexists(job.error):
+        with open(job.error, errors="replace") as fh:
+            raise ShifterError(f"--ccm: the container could not be built: {fh.readline().strip()}")
+    if info.st_uid != uid or not os.path.isfile(job.marker):
+        raise ShifterError(f"--ccm: the container of job {job_id} on this node is not ready")
+    return job.root
