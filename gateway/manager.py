@@ -589,29 +589,29 @@ class ImageManager:
         self._set(rid, "TRANSFER", "publishing the image")
         pipeline.publish(built, image_id, meta, target)
         shutil.rmtree(spec.expand_dir, ignore_errors=True)
-        existing = self.store.find_ready_by_image_id(system, image_id)
-        if existing is not None:
-            self._merge(existing, rec, private, user_acl, group_acl)
-        else:
-            self.store.update(
-                rid,
-                {
-                    "status": "READY",
-                    "status_message": "",
-                    "id": image_id,
-                    "private": private,
-                    "userACL": user_acl,
-                    "groupACL": group_acl,
-                    "last_pull": time.time(),
-                    "last_heartbeat": time.time(),
-                    "manifest_digest": resolved.manifest_digest,
-                    "layers": [layer.get("digest") for layer in resolved.layers if isinstance(layer, dict)],
-                    **fields,
-                },
-            )
-            self.store.add_tag(rid, rec["pulltag"])
+        self._complete(rec, image_id, private, user_acl, group_acl, {
+            "last_heartbeat": time.time(),
+            "manifest_digest": resolved.manifest_digest,
+            "layers": [layer.get("digest") for layer in resolved.layers if isinstance(layer, dict)],
+            **fields,
+        })
         self.metrics.inc("shifter_gateway_pulls_total", outcome="ready")
         self.metrics.observe("shifter_gateway_pull_seconds", time.monotonic() - started)
+
+    def _complete(
+        self, rec: Doc, image_id: str, private: bool, user_acl: list[int], group_acl: list[int], fields: Doc
+    ) -> Doc | None:
+        """Mark the pull or import READY, or merge it into the published image with the same id (returned)."""
+        existing = self.store.find_ready_by_image_id(rec["system"], image_id)
+        if existing is not None:
+            self._merge(existing, rec, private, user_acl, group_acl)
+            return existing
+        self.store.update(rec["_id"], {
+            "status": "READY", "status_message": "", "id": image_id, "private": private,
+            "userACL": user_acl, "groupACL": group_acl, "last_pull": time.time(), **fields,
+        })
+        self.store.add_tag(rec["_id"], rec["pulltag"])
+        return None
 
     def _merge(
         self, existing: Doc, rec: Doc, private: bool, user_acl: list[int], group_acl: list[int]
@@ -825,25 +825,9 @@ class ImageManager:
             self._set(rid, "TRANSFER", "publishing the image")
             pipeline.publish(pipeline.BuiltImage(copy, meta), image_id, meta, self.target(platform))
             shutil.rmtree(work_dir, ignore_errors=True)
-            existing = self.store.find_ready_by_image_id(rec["system"], image_id)
+            existing = self._complete(rec, image_id, private, user_acl, group_acl, {"ENV": []})
             if existing is not None:
                 self.store.update(existing["_id"], {"imported_from": filepath})
-                self._merge(existing, rec, private, user_acl, group_acl)
-            else:
-                self.store.update(
-                    rid,
-                    {
-                        "status": "READY",
-                        "status_message": "",
-                        "id": image_id,
-                        "private": private,
-                        "last_pull": time.time(),
-                        "ENV": [],
-                        "userACL": user_acl,
-                        "groupACL": group_acl,
-                    },
-                )
-                self.store.add_tag(rid, rec["pulltag"])
             self.metrics.inc("shifter_gateway_pulls_total", outcome="imported")
         except ShifterError as err:
             self._fail(rid, str(err), started, work_dir)
