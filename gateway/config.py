@@ -6,7 +6,7 @@ required key or a value of the wrong type stops the gateway at start-up with a
 message naming the key (and the closest known key for a typo).
 
 Keys added by this implementation (documented in docs/gateway.md):
-``Store``, ``Listen``, ``AccessLog``, ``LogFile``, ``ImagePlatform``, ``MaxImageBytes``.
+``Store``, ``Listen``, ``AccessLog``, ``LogFile``, ``ImagePlatform``, ``MaxImageBytes``, ``ExaminerTimeout``.
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ class GatewayConfig:
     import_users: str | tuple[str, ...] | None = None
     converter_options: dict[str, tuple[str, ...]] = field(default_factory=dict)
     examiner: str | None = None
+    examiner_timeout: float = 600.0
     metrics: bool = False
     log_level: str = "info"
     store: str = ""
@@ -130,6 +131,7 @@ _TOP_KEYS: dict[str, tuple[type | tuple[type, ...], bool]] = {
     "LogFile": ((str, type(None)), False),
     "ImagePlatform": (str, False),
     "MaxImageBytes": (int, False),
+    "ExaminerTimeout": ((int, float), False),
 }
 
 _LOCATION_KEYS: dict[str, tuple[type | tuple[type, ...], bool]] = {
@@ -403,6 +405,9 @@ def parse_config(text: str, source: str = "imagemanager.json") -> GatewayConfig:
     max_bytes = doc.get("MaxImageBytes", 64 << 30)
     if max_bytes <= 0:
         raise ShifterError(f"{source}: key MaxImageBytes must be positive")
+    examiner_timeout = float(doc.get("ExaminerTimeout", 600))
+    if examiner_timeout <= 0:
+        raise ShifterError(f"{source}: key ExaminerTimeout must be positive")
     return GatewayConfig(
         image_platform=(plat[0], plat[1], plat[2] if len(plat) == 3 else None),
         max_image_bytes=max_bytes,
@@ -419,7 +424,8 @@ def parse_config(text: str, source: str = "imagemanager.json") -> GatewayConfig:
         authentication=auth,
         import_users=import_users,
         converter_options=_parse_converter_options(doc.get("ConverterOptions", {}), source),
-        examiner=doc.get("examiner"),
+        examiner=doc.get("examiner") or None,
+        examiner_timeout=examiner_timeout,
         metrics=doc.get("Metrics", False),
         log_level=level,
         store=store,

@@ -1,6 +1,6 @@
 """The pull state machine: records in the store, jobs on worker threads, expiry and recovery.
 
-A pull moves INIT -> PENDING -> PULLING -> [EXAMINATION] -> CONVERSION -> TRANSFER -> READY
+A pull moves INIT -> PENDING -> PULLING -> CONVERSION -> [EXAMINATION] -> TRANSFER -> READY
 (or FAILURE); an import PENDING -> HASHING -> TRANSFER -> READY; an expiry
 READY -> EXPIRING -> EXPIRED. What differs from the original and why:
 
@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import importer, pipeline
+from gateway import examine, importer, pipeline
 from gateway.auth import Session
 from gateway.config import GatewayConfig, PlatformConfig
 from gateway.metrics import Metrics
@@ -246,7 +246,7 @@ class ImageManager:
         return os.path.join(self.config.expand_dir, f"job-{rid}")
 
     def _clean_scratch(self, live: set[str]) -> None:
-        """Remove ``job-<rid>`` scratch directories no live pull uses."""
+        """Remove ``job-<rid>`` scratch directories no live pull uses (unmounting an examiner's tree first)."""
         try:
             names = os.listdir(self.config.expand_dir)
         except OSError:
@@ -256,7 +256,12 @@ class ImageManager:
                 with self._running_lock:
                     if name[4:] in self._running:
                         continue
-                shutil.rmtree(os.path.join(self.config.expand_dir, name), ignore_errors=True)
+                path = os.path.join(self.config.expand_dir, name)
+                errors = examine.unmount_under(path)
+                if errors:  # never delete through a mount: leave the directory for the next start
+                    log.error("scratch %s kept: %s", path, "; ".join(errors))
+                    continue
+                shutil.rmtree(path, ignore_errors=True)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -579,12 +584,14 @@ class ImageManager:
             self.metrics.inc("shifter_gateway_pulls_total", outcome="unchanged")
             self.metrics.observe("shifter_gateway_pull_seconds", time.monotonic() - started)
             return
-        if self.config.examiner:
-            self._set(rid, "EXAMINATION", "the examiner runs after conversion")
         self._set(rid, "CONVERSION", "downloading and converting layers")
         built_at = time.monotonic()
         built = pipeline.build_image(spec, resolved, self._progress(rid))
         self.metrics.observe("shifter_gateway_conversion_seconds", time.monotonic() - built_at)
+        if self.config.examiner:
+            self._set(rid, "EXAMINATION", f"running the examiner {os.path.basename(self.config.examiner)}")
+            examine.examine(self.config.examiner, built.squashfs_path, image_id, spec.expand_dir,
+                            self.config.examiner_timeout)
         meta = built.meta.replace(user_acl=user_acl, group_acl=group_acl)
         self._set(rid, "TRANSFER", "publishing the image")
         pipeline.publish(built, image_id, meta, target)

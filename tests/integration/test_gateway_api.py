@@ -590,3 +590,132 @@ def test_mock_authentication_only_when_configured(env: Env) -> None:
         assert get(munge.encode(b"", env.munged.socket)) == 401  # mock mode does not take munge
     finally:
         gw.stop()
+
+
+# -- the examiner hook (a gateway of its own) ------------------------------------------------------------
+
+EXAMINER = """#!/bin/sh
+# a site's security scanner: records how it was called, refuses images with /etc/forbidden
+echo "$1 $2" >> {log}
+test -f "$1/bin/hello" || {{ echo "no /bin/hello in $1" >&2; exit 2; }}
+cat "$1/bin/hello" >> {log}
+sleep 0.3
+if test -e "$1/etc/forbidden"; then
+    echo "scanning..." >&2
+    echo "found a forbidden file: /etc/forbidden" >&2
+    exit 1
+fi
+"""
+
+
+def _mounted_under(path: Path) -> list[str]:
+    with open("/proc/self/mounts") as fh:
+        return [line.split()[1] for line in fh if line.split()[1].startswith(str(path))]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: squashfuse needs /dev/fuse (0600 here)")
+@pytest.mark.skipif(have("squashfuse", "mksquashfs") is not None, reason="needs squashfuse and mksquashfs")
+def test_examiner_sees_the_image_tree_and_its_refusal_fails_the_pull(env: Env) -> None:
+    import subprocess
+
+    from fixtures_registry import stop_pid
+
+    _push_small(env.registry, "test/scanned", "clean", payload=b"clean image\n")
+    bad = oci.tar_bytes([oci.directory("bin"), oci.file("bin/hello", b"bad image\n", 0o755),
+                         oci.file("etc/forbidden", b"x")])
+    oci.push_image(env.registry.url, "test/scanned", "bad", [oci.gzip_bytes(bad)], oci.image_config([bad]))
+    root = env.root / "examiner"
+    root.mkdir()
+    calls = root / "calls.log"
+    script = root / "site-scanner"
+    script.write_text(EXAMINER.format(log=calls))
+    script.chmod(0o755)
+    gw = GatewayProcess(root, gateway_config(root, env.registry, env.munged.socket, examiner=str(script)))
+    # a mount left by a gateway that crashed during an examination: start-up removes it
+    (root / "tree").mkdir()
+    (root / "tree" / "file").write_text("x")
+    subprocess.run(["mksquashfs", str(root / "tree"), str(root / "old.sqfs"), "-quiet", "-noappend"],
+                   check=True, capture_output=True)
+    stale = root / "expand" / "job-from-a-crashed-gateway" / "examine-old"
+    stale.mkdir(parents=True)
+    fuse = subprocess.Popen(["squashfuse", "-f", str(root / "old.sqfs"), str(stale)])
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.ismount(stale):
+            assert time.monotonic() < deadline and fuse.poll() is None, "squashfuse did not mount"
+            time.sleep(0.01)
+        gw.start()
+        assert _mounted_under(root) == [] and os.listdir(root / "expand") == []
+        fuse.wait(10)  # unmounted: the fuse daemon exits by itself
+
+        seen: set[str] = set()
+
+        def settled(rec: dict) -> bool:
+            seen.add(rec["status"])
+            return rec["status"] in ("READY", "FAILURE")
+
+        rec = _poll(gw, env, "test%2Fscanned%3Aclean", settled)
+        assert rec["status"] == "READY", rec
+        assert "EXAMINATION" in seen, seen
+        called, content = calls.read_text().splitlines()
+        tree, image_id = called.split(" ")
+        assert image_id == rec["id"] and content == "clean image"
+        assert tree.startswith(str(root / "expand") + "/")  # a temporary directory under ExpandDirectory
+        assert not os.path.exists(tree)
+        assert sorted(os.listdir(root / "images")) == [f"{rec['id']}.meta", f"{rec['id']}.squashfs"]
+
+        rec = _poll(gw, env, "test%2Fscanned%3Abad", lambda r: r["status"] in ("READY", "FAILURE"))
+        assert rec["status"] == "FAILURE", rec
+        assert "site-scanner" in rec["status_message"], rec
+        assert "found a forbidden file: /etc/forbidden" in rec["status_message"], rec
+        assert "scanning" not in rec["status_message"]  # the last stderr line only
+        assert len(calls.read_text().splitlines()) == 4  # the examiner ran on the bad image
+        assert sorted(os.listdir(root / "images")) == [f"{image_id}.meta", f"{image_id}.squashfs"]
+        assert _mounted_under(root) == []
+        assert os.listdir(root / "expand") == []
+        assert env.json("GET", "/api/lookup/testsys/docker/test%2Fscanned%3Abad/")[0] == 404
+    finally:
+        gw.stop()
+        if fuse.poll() is None:
+            subprocess.run(["umount", "-l", str(stale)], capture_output=True)
+            stop_pid(fuse.pid)
+
+
+def test_examiner_without_squashfuse_fails_instead_of_skipping_the_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.examine import examine
+    from shifter.errors import ShifterError
+
+    image = tmp_path / "image.squashfs"
+    image.write_bytes(b"not looked at")
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH without squashfuse
+    with pytest.raises(ShifterError, match="squashfuse is not installed"):
+        examine("/bin/true", str(image), "0" * 64, str(tmp_path), 10)
+    assert [p.name for p in tmp_path.iterdir()] == ["image.squashfs"]  # its mount point removed
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: squashfuse needs /dev/fuse (0600 here)")
+@pytest.mark.skipif(have("squashfuse", "mksquashfs") is not None, reason="needs squashfuse and mksquashfs")
+def test_examiner_that_hangs_is_killed_at_its_timeout_and_the_mount_removed(tmp_path: Path) -> None:
+    import subprocess
+
+    from gateway.examine import examine
+    from shifter.errors import ShifterError
+
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "file").write_text("x")
+    image = tmp_path / "image.squashfs"
+    subprocess.run(["mksquashfs", str(tmp_path / "tree"), str(image), "-quiet", "-noappend"],
+                   check=True, capture_output=True)
+    script = tmp_path / "hang"
+    # a background child keeps the tree busy: the whole session must be killed
+    script.write_text('#!/bin/sh\ncd "$1" && sleep 60 &\nexec sleep 60\n')
+    script.chmod(0o755)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    started = time.monotonic()
+    with pytest.raises(ShifterError, match="the examiner hang did not finish within 1 s"):
+        examine(str(script), str(image), "0" * 64, str(scratch), 1)
+    assert time.monotonic() - started < 10
+    assert _mounted_under(scratch) == [] and os.listdir(scratch) == []

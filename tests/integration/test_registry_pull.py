@@ -8,7 +8,8 @@ new blob (GETs counted in the registry's access log); htpasswd basic auth over T
 per-location CA file; token auth against a small real token service signing RS256 JWTs;
 retries on 503 and http_proxy through a fault-injecting forwarding proxy in front of the
 real registry; a tampered manifest; concurrent pulls sharing a base layer (one GET) and
-cache pruning; remote publish over ssh/scp to an sshd of our own (root only).
+cache pruning; remote publish over ssh/scp to an sshd of our own (root only), on loopback
+and inside a cluster node's network namespace (tests/fixtures_sshd.py).
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from fixtures_sshd import Sshd, sshd_missing
 
 from gateway import pipeline
 from gateway.pipeline import Location, PublishTarget, PullSpec
 from localcluster import oci
+from localcluster.testing import Cluster
 from shifter.errors import ShifterError
 from shifter.meta import read_meta
 
@@ -479,74 +482,93 @@ def test_retries_on_503_through_the_environment_proxy(registry: Registry, tmp_pa
 
 
 @pytest.fixture
-def sshd(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+def sshd(tmp_path: Path) -> Iterator[Sshd]:
     """An sshd of our own on a loopback port, accepting one key for root."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to run sshd")
-    if not os.path.exists("/usr/sbin/sshd"):
-        pytest.skip("openssh-server not installed")
-    keys = tmp_path / "ssh"
-    keys.mkdir()
-    for name in ("host", "client"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / name)], check=True)
-    shutil.copy(keys / "client.pub", keys / "authorized_keys")
-    port = free_port()
-    config = keys / "sshd_config"
-    config.write_text(f"Port {port}\nListenAddress 127.0.0.1\nHostKey {keys / 'host'}\n"
-                      f"PidFile {keys / 'sshd.pid'}\nAuthorizedKeysFile {keys / 'authorized_keys'}\n"
-                      "StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-                      "UsePAM no\nPermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n")
-    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
-    with open(keys / "sshd.log", "wb") as log:
-        proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
-                                stdout=subprocess.DEVNULL, stderr=log)
-    deadline = time.monotonic() + 10
-    while True:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop(proc)
-            raise RuntimeError(f"sshd did not start: {(keys / 'sshd.log').read_text()}")
-        time.sleep(0.05)
-    yield port, keys / "client"
-    stop(proc)
+    if sshd_missing():
+        pytest.skip(sshd_missing())
+    server = Sshd(tmp_path / "ssh").start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
-def test_remote_publish_over_ssh_is_atomic_and_removable(registry: Registry, sshd: tuple[int, Path],
-                                                        tmp_path: Path) -> None:
-    port, key = sshd
-    layer = oci.gzip_bytes(oci.tar_bytes([oci.file("remote", b"over ssh")]))
-    oci.push_image(registry.url, "demo/remote", "v1", [layer], oci.image_config([layer], cmd=["/x"]))
-    spec = spec_for(tmp_path, registry.url, "demo/remote", "v1")
+def _build_remote_image(registry: Registry, tmp_path: Path, tag: str) -> tuple[str, pipeline.BuiltImage]:
+    layer = oci.gzip_bytes(oci.tar_bytes([oci.file("remote", b"over ssh"), oci.file("big", os.urandom(1 << 20))]))
+    oci.push_image(registry.url, "demo/remote", tag, [layer], oci.image_config([layer], cmd=["/x"]))
+    spec = spec_for(tmp_path, registry.url, "demo/remote", tag)
     resolved = pipeline.resolve(spec)
-    built = pipeline.build_image(spec, resolved, lambda *_: None)
+    return resolved.image_id, pipeline.build_image(spec, resolved, lambda *_: None)
+
+
+def test_remote_publish_over_ssh_is_atomic_and_removable(registry: Registry, sshd: Sshd,
+                                                        tmp_path: Path) -> None:
+    image_id, built = _build_remote_image(registry, tmp_path, "v1")
     remote_dir = tmp_path / "remote images"  # a space: the remote shell must get it quoted
     remote_dir.mkdir()
-    common = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
-              "-o", "LogLevel=ERROR"]
-    target = PublishTarget(str(remote_dir), host="127.0.0.1", user="root", ssh_key=str(key),
-                           ssh_options=["-p", str(port), *common], scp_options=["-P", str(port), *common])
+    target = sshd.target(str(remote_dir))
     with pytest.raises(ShifterError, match="invalid remote imageDir"):
-        pipeline.publish(built, resolved.image_id, built.meta, target)
+        pipeline.publish(built, image_id, built.meta, target)
     remote_dir = tmp_path / "remote-images"
     remote_dir.mkdir()
     target.image_dir = str(remote_dir)
-    pipeline.publish(built, resolved.image_id, built.meta, target)
-    squashfs = remote_dir / f"{resolved.image_id}.squashfs"
+    pipeline.publish(built, image_id, built.meta, target)
+    squashfs = remote_dir / f"{image_id}.squashfs"
     assert oci.read_squashfs(squashfs)["remote"][1] == b"over ssh"
     assert squashfs.stat().st_mode & 0o777 == 0o644
-    assert read_meta(str(remote_dir / f"{resolved.image_id}.meta")).cmd == ["/x"]
-    assert sorted(p.name for p in remote_dir.iterdir()) == [f"{resolved.image_id}.meta", squashfs.name]
+    assert read_meta(str(remote_dir / f"{image_id}.meta")).cmd == ["/x"]
+    assert sorted(p.name for p in remote_dir.iterdir()) == [f"{image_id}.meta", squashfs.name]
     private = built.meta.replace(group_acl=[4242])
-    pipeline.publish(built, resolved.image_id, private, target)
+    pipeline.publish(built, image_id, private, target)
     assert squashfs.stat().st_mode & 0o777 == 0o600
-    pipeline.remove_published(resolved.image_id, target)
+    pipeline.remove_published(image_id, target)
     assert not list(remote_dir.iterdir())
     target.image_dir = str(tmp_path / "missing")
     with pytest.raises(ShifterError, match="transfer of .* failed: ssh"):
-        pipeline.publish(built, resolved.image_id, built.meta, target)
+        pipeline.publish(built, image_id, built.meta, target)
     os.unlink(built.squashfs_path)
+
+
+def test_remote_publish_to_an_sshd_on_a_cluster_node(cluster: Cluster, registry: Registry,
+                                                     tmp_path: Path) -> None:
+    """The issue's proof: a real sshd inside node n1's network namespace (its own address)."""
+    from localcluster.settings import Settings
+
+    if sshd_missing():
+        pytest.skip(sshd_missing())
+    node = cluster.nodes[0]
+    netns = f"/run/netns/{Settings.netns(node)}"
+    if not os.path.exists(netns):
+        pytest.fail(f"the cluster is up but {netns} does not exist")
+    image_id, built = _build_remote_image(registry, tmp_path, "node")
+    remote_dir = tmp_path / "node-images"
+    remote_dir.mkdir()
+    server = Sshd(tmp_path / "node-ssh", Settings.node_addr(node), netns=netns).start()
+    try:
+        # the sshd answering is the node's: its network namespace, not the host's
+        assert server.run("stat -L -c %i /proc/self/ns/net").strip() == str(os.stat(netns).st_ino)
+        meta = built.meta.replace(user_acl=[1234])
+        pipeline.publish(built, image_id, meta, server.target(str(remote_dir)))
+        squashfs, meta_file = remote_dir / f"{image_id}.squashfs", remote_dir / f"{image_id}.meta"
+        assert sorted(p.name for p in remote_dir.iterdir()) == [meta_file.name, squashfs.name]
+        assert squashfs.stat().st_size == os.stat(built.squashfs_path).st_size
+        assert _sha256(squashfs) == _sha256(Path(built.squashfs_path))
+        assert read_meta(str(meta_file)) == meta
+        assert squashfs.stat().st_mode & 0o777 == 0o600  # private: the .meta carries an ACL
+        assert meta_file.stat().st_ctime_ns > squashfs.stat().st_ctime_ns  # .meta renamed into place last
+        pipeline.remove_published(image_id, server.target(str(remote_dir)))
+        assert not list(remote_dir.iterdir())
+    finally:
+        server.stop()
+        os.unlink(built.squashfs_path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def test_concurrent_pulls_sharing_a_base_download_it_once_and_prune_keeps_referenced_blobs(

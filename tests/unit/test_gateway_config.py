@@ -216,3 +216,13 @@ def test_bad_json_and_unreadable_file(tmp_path: Path) -> None:
     path.write_text(cfg(Bogus=1))
     with pytest.raises(ShifterError, match=f"{path}: unknown key Bogus"):
         load_config(str(path))
+
+
+def test_examiner_and_its_timeout() -> None:
+    conf = parse_config(cfg(examiner="/usr/local/sbin/scan", ExaminerTimeout=30), "im.json")
+    assert conf.examiner == "/usr/local/sbin/scan" and conf.examiner_timeout == 30
+    assert parse_config(cfg(), "im.json").examiner is None
+    assert parse_config(cfg(examiner=""), "im.json").examiner is None  # the original's "not set"
+    assert parse_config(cfg(), "im.json").examiner_timeout == 600
+    assert "ExaminerTimeout" in error_of(cfg(ExaminerTimeout=0))
+    assert "ExaminerTimeout" in error_of(cfg(ExaminerTimeout="10"))
