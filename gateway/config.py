@@ -329,6 +329,13 @@ def _parse_converter_options(obj: dict[str, Any], source: str) -> dict[str, tupl
             result[fmt] = tuple(opts)
         else:
             raise ShifterError(f"{source}: key ConverterOptions.{fmt} must be a string or a list of strings")
+    if "squashfs" in result:  # refuse unknown compressor options now, not at the first pull
+        from gateway.convert import compressor_options
+
+        try:
+            compressor_options(list(result["squashfs"]))
+        except ShifterError as err:
+            raise ShifterError(f"{source}: {err}") from None
     return result
 
 

@@ -140,6 +140,7 @@ def test_unknown_nested_keys_are_named_with_their_path() -> None:
         ("ImportUsers", [1, 2], "ImportUsers must be a list of strings"),
         ("ConverterOptions", {"squashfs": 3}, "ConverterOptions.squashfs"),
         ("ConverterOptions", {"tgz": "-x"}, "ConverterOptions.tgz"),
+        ("ConverterOptions", {"squashfs": ["--bogus"]}, "unsupported option '--bogus'"),
         ("Listen", ["localhost"], "Listen has a bad address"),
         ("Listen", ["127.0.0.1:99999"], "Listen has a bad address"),
         ("Store", "postgres://x", "Store must be"),
