@@ -119,6 +119,15 @@ def _ensure_ready(client: GatewayClient, ref: ImageRef, timeout: float = 600.0) 
     return rec
 
 
+def _ready_client(
+    gateway_url: str, system: str, tag: str, munge_socket: str | None, timeout: float = 600.0
+) -> tuple[GatewayClient, ImageRef, dict[str, Any]]:
+    """A client of ``gateway_url`` and ``tag``'s READY record: what P4 and P5 start from."""
+    client = GatewayClient([gateway_url], system, munge_socket=munge_socket, timeout=60)
+    ref = parse_image_ref(tag)
+    return client, ref, _ensure_ready(client, ref, timeout)
+
+
 def measure_p5(
     gateway_url: str,
     system: str,
@@ -129,7 +138,7 @@ def measure_p5(
 ) -> dict[str, Any]:
     """Authenticated lookups per second with ``clients`` concurrent clients, and p99 latency (ms)."""
     sock = munge_socket if munge_socket is not None else munge.client_socket()
-    _ensure_ready(GatewayClient([gateway_url], system, munge_socket=sock, timeout=60), parse_image_ref(tag))
+    _ready_client(gateway_url, system, tag, sock)
     cmd = [
         sys.executable,
         os.path.abspath(__file__),
@@ -161,9 +170,7 @@ def measure_p4(
     munge_socket: str | None = None,
 ) -> dict[str, Any]:
     """Seconds from a re-pull request of an unchanged, published tag until it is READY again (median)."""
-    client = GatewayClient([gateway_url], system, munge_socket=munge_socket, timeout=60)
-    ref = parse_image_ref(tag)
-    rec = _ensure_ready(client, ref, timeout)
+    client, ref, rec = _ready_client(gateway_url, system, tag, munge_socket, timeout)
     path = client._image_path("pull", ref.type, ref.lookup_tag)
     times = []
     for _ in range(runs):

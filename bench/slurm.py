@@ -15,17 +15,24 @@ import tempfile
 import time
 from pathlib import Path
 
-# Runs inside the allocation as the test user: times N srun steps of each kind, interleaved.
-STEP_TIMER = r'''
+# The start of both timer scripts: run one command, output discarded, and return its seconds
+# (the script ends, naming the command, if it fails).
+_TIMED_RUN = r'''
 import json, subprocess, sys, time
-nodes, runs, shifter = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-extra = sys.argv[4:]
-def step(argv):
+def timed(argv, failed):
     t = time.perf_counter()
     p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if p.returncode:
-        sys.exit("step failed: %s: %s" % (" ".join(argv), p.stderr.strip()))
+        sys.exit("%s: %s: %s" % (failed, " ".join(argv), p.stderr.strip()))
     return time.perf_counter() - t
+'''
+
+# Runs inside the allocation as the test user: times N srun steps of each kind, interleaved.
+STEP_TIMER = _TIMED_RUN + r'''
+nodes, runs, shifter = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+extra = sys.argv[4:]
+def step(argv):
+    return timed(argv, "step failed")
 base, meas = [], []
 srun = ["srun", "-N%d" % nodes, "--ntasks-per-node=1"]
 step(srun + ["/bin/true"]); step(srun + [shifter] + extra + ["/bin/true"])
@@ -48,10 +55,11 @@ def _run_as(user: str, argv: list[str], env: dict[str, str], timeout: float = 90
     return proc.stdout
 
 
-def _timer_script() -> str:
+def _timer_script(text: str) -> str:
+    """``text`` as a world-readable script in /tmp, for the test user to run inside an allocation."""
     fd, path = tempfile.mkstemp(prefix="shifter-bench-", suffix=".py", dir="/tmp")
     with os.fdopen(fd, "w") as f:
-        f.write(STEP_TIMER)
+        f.write(text)
     os.chmod(path, 0o644)
     return path
 
@@ -59,7 +67,7 @@ def _timer_script() -> str:
 def steps_in_allocation(user: str, env: dict[str, str], python: str, image: str, nodes: int, runs: int,
                         shifter: str = "shifter", extra: list[str] | None = None) -> dict:
     """Median srun step time with and without `shifter` inside one --image allocation."""
-    script = _timer_script()
+    script = _timer_script(STEP_TIMER)
     try:
         out = _run_as(user, ["salloc", f"-N{nodes}", "--exclusive", f"--image={image}", "--quiet",
                              python, "-I", script, str(nodes), str(runs), shifter, *(extra or [])], env)
@@ -94,15 +102,10 @@ def measure_p8(user: str, env: dict[str, str], python: str, image: str, max_node
 
 # Runs as one task inside the allocation: the launcher on the reuse path and on the fresh path,
 # interleaved, timed from inside the task so that srun's own cost is not part of either.
-LAUNCH_TIMER = r'''
-import json, subprocess, sys, time
+LAUNCH_TIMER = _TIMED_RUN + r'''
 runs, other = int(sys.argv[1]), sys.argv[2]
 def launch(argv):
-    t = time.perf_counter()
-    p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if p.returncode:
-        sys.exit("failed: %s: %s" % (" ".join(argv), p.stderr.strip()))
-    return time.perf_counter() - t
+    return timed(argv, "failed")
 reuse_cmd, fresh_cmd = ["shifter", "/bin/true"], ["shifter", "--image=" + other, "/bin/true"]
 launch(reuse_cmd); launch(fresh_cmd)
 reuse, fresh = [], []
@@ -116,10 +119,7 @@ print(json.dumps({"reuse": reuse, "fresh": fresh}))
 def measure_p2f(user: str, env: dict[str, str], python: str, job_image: str, other_image: str,
                 runs: int = 10) -> dict:
     """Fresh path (another image than the job's) against the reuse path, timed inside one task."""
-    fd, script = tempfile.mkstemp(prefix="shifter-bench-", suffix=".py", dir="/tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(LAUNCH_TIMER)
-    os.chmod(script, 0o644)
+    script = _timer_script(LAUNCH_TIMER)
     fuse_mode = os.stat("/dev/fuse").st_mode & 0o777
     os.chmod("/dev/fuse", 0o666)  # the fresh path mounts with squashfuse as the user (see the admin guide)
     try:

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import examine, importer, pipeline
+from gateway import examine, importer, pipeline, registry
 from gateway.auth import Session
 from gateway.config import GatewayConfig, PlatformConfig
 from gateway.metrics import Metrics
@@ -460,10 +460,10 @@ class ImageManager:
         if slash and first in self.config.locations:
             loc_name, remainder = first, rest
         else:
-            registry, _repo, _ref = split_docker_tag(tag)
-            if registry is not None:
+            host, _repo, _ref = split_docker_tag(tag)
+            if host is not None:
                 raise ShifterError(
-                    f"registry {registry!r} is not a configured location (Locations in imagemanager.json)"
+                    f"registry {host!r} is not a configured location (Locations in imagemanager.json)"
                 )
             loc_name, remainder = self.config.default_location, tag
         loc = self.config.locations.get(loc_name)
@@ -515,9 +515,14 @@ class ImageManager:
                 with self._running_lock:
                     self._running.discard(rid)
 
-    def _run_pull(self, rid: str) -> None:
+    def _inflight_record(self, rid: str) -> Doc | None:
+        """The record a queued job works on; None once it is gone or settled (nothing left to do)."""
         rec = self.store.get(rid)
-        if rec is None or rec["status"] not in INFLIGHT:
+        return rec if rec is not None and rec["status"] in INFLIGHT else None
+
+    def _run_pull(self, rid: str) -> None:
+        rec = self._inflight_record(rid)
+        if rec is None:
             return
         started = time.monotonic()
         tokens = self._take_tokens(rec)
@@ -738,31 +743,15 @@ class ImageManager:
         if self.store.find(statuses=INFLIGHT):
             return 0
         keep = {
-            d[len("sha256:"):]
+            d
             for rec in self.store.find(statuses=("READY", "EXPIRING"))
             for d in rec.get("layers") or []
             if isinstance(d, str) and d.startswith("sha256:")
         }
-        blob_dir = os.path.join(self.config.cache_dir, "blobs", "sha256")
-        try:
-            names = os.listdir(blob_dir)
-        except OSError:
-            return 0
-        removed = 0
-        cutoff = time.time() - BLOB_GRACE_SECONDS
-        for name in names:
-            if name.lstrip(".").split(".", 1)[0] in keep:
-                continue
-            path = os.path.join(blob_dir, name)
-            try:
-                if os.lstat(path).st_mtime < cutoff:
-                    os.unlink(path)
-                    removed += 1
-            except OSError:
-                continue
+        removed = registry.prune_cache(self.config.cache_dir, keep, BLOB_GRACE_SECONDS)
         if removed:
-            log.info("pruned %d unreferenced blobs from %s", removed, blob_dir)
-        return removed
+            log.info("pruned %d unreferenced blobs from %s", len(removed), self.config.cache_dir)
+        return len(removed)
 
     # -- import -----------------------------------------------------------------------------------
 
@@ -809,8 +798,8 @@ class ImageManager:
         return rec
 
     def _run_import(self, rid: str) -> None:
-        rec = self.store.get(rid)
-        if rec is None or rec["status"] not in INFLIGHT:
+        rec = self._inflight_record(rid)
+        if rec is None:
             return
         started = time.monotonic()
         work_dir = self._job_dir(rid)

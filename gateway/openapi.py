@@ -70,26 +70,20 @@ def _ok(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-_SYSTEM = {
-    "name": "system",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string"},
-    "description": "A system named in Platforms of imagemanager.json.",
-}
-_ITYPE = {
-    "name": "itype",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string", "enum": ["docker", "custom"]},
-}
-_TAG = {
-    "name": "tag",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string"},
-    "description": "The image tag, URL-escaped (e.g. ubuntu%3A22.04); a trailing slash is accepted.",
-}
+def _path_param(name: str, schema: dict[str, Any], description: str | None = None) -> dict[str, Any]:
+    param: dict[str, Any] = {"name": name, "in": "path", "required": True, "schema": schema}
+    if description is not None:
+        param["description"] = description
+    return param
+
+
+_SYSTEM = _path_param("system", {"type": "string"}, "A system named in Platforms of imagemanager.json.")
+_ITYPE = _path_param("itype", {"type": "string", "enum": ["docker", "custom"]})
+_TAG = _path_param(
+    "tag",
+    {"type": "string"},
+    "The image tag, URL-escaped (e.g. ubuntu%3A22.04); a trailing slash is accepted.",
+)
 _AUTHED = {
     "401": _err("missing or bad munge credential"),
     "404": _err("unknown system or image"),

@@ -33,16 +33,41 @@ STATUSES = INFLIGHT | {"READY", "FAILURE", "EXPIRING", "EXPIRED"}
 Doc = dict[str, Any]
 
 
+def pulltag_key(system: str, itype: str, pulltag: str) -> str:
+    """The value of the unique ``inflight`` key for one pulltag (both stores index it)."""
+    return f"{system}\x1f{itype}\x1f{pulltag}"
+
+
 def inflight_key(doc: Doc) -> str | None:
     """The de-duplication key of an in-flight record, None once it is settled."""
     if doc.get("status") in INFLIGHT:
-        return f"{doc['system']}\x1f{doc['itype']}\x1f{doc['pulltag']}"
+        return pulltag_key(doc["system"], doc["itype"], doc["pulltag"])
     return None
 
 
 def new_id() -> str:
     """Unique and ordered by creation time (both stores sort on it)."""
     return f"{time.time_ns():016x}{uuid.uuid4().hex[:16]}"
+
+
+def _with_id(doc: Doc) -> Doc:
+    """A copy of ``doc`` that has an ``_id`` (a new one unless the caller chose it)."""
+    doc = dict(doc)
+    doc.setdefault("_id", new_id())
+    return doc
+
+
+def _claimable(doc: Doc) -> Doc:
+    """:func:`_with_id` for :meth:`Store.claim`, which only takes in-flight records."""
+    doc = _with_id(doc)
+    if doc.get("status") not in INFLIGHT:
+        raise ValueError("claim() needs an in-flight record")
+    return doc
+
+
+def _criteria(system: str | None, itype: str | None, pulltag: str | None) -> list[tuple[str, str]]:
+    """The (field, value) pairs :meth:`Store.find` filters on: the ones given."""
+    return [(k, v) for k, v in (("system", system), ("itype", itype), ("pulltag", pulltag)) if v is not None]
 
 
 class Store(ABC):
@@ -198,6 +223,9 @@ class SqliteStore(Store):
         doc["_id"] = row[0]
         return doc
 
+    def _fetch(self, conn: sqlite3.Connection, rid: str) -> Doc | None:
+        return self._load(conn.execute("SELECT rid, doc FROM images WHERE rid = ?", (rid,)).fetchone())
+
     def _write(self, conn: sqlite3.Connection, doc: Doc) -> None:
         body = {k: v for k, v in doc.items() if k != "_id"}
         conn.execute(
@@ -224,10 +252,7 @@ class SqliteStore(Store):
         )
 
     def claim(self, doc: Doc) -> tuple[Doc, bool]:
-        doc = dict(doc)
-        doc.setdefault("_id", new_id())
-        if doc.get("status") not in INFLIGHT:
-            raise ValueError("claim() needs an in-flight record")
+        doc = _claimable(doc)
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -245,22 +270,19 @@ class SqliteStore(Store):
         return doc, True
 
     def insert(self, doc: Doc) -> Doc:
-        doc = dict(doc)
-        doc.setdefault("_id", new_id())
+        doc = _with_id(doc)
         conn = self._conn()
         with _transaction(conn):
             self._write(conn, doc)
         return doc
 
     def get(self, rid: str) -> Doc | None:
-        return self._load(
-            self._conn().execute("SELECT rid, doc FROM images WHERE rid = ?", (rid,)).fetchone()
-        )
+        return self._fetch(self._conn(), rid)
 
     def update(self, rid: str, fields: Doc, only_if_status: Iterable[str] | None = None) -> bool:
         conn = self._conn()
         with _transaction(conn):
-            doc = self._load(conn.execute("SELECT rid, doc FROM images WHERE rid = ?", (rid,)).fetchone())
+            doc = self._fetch(conn, rid)
             if doc is None or (only_if_status is not None and doc["status"] not in set(only_if_status)):
                 return False
             doc.update(fields)
@@ -300,7 +322,7 @@ class SqliteStore(Store):
         return self._load(row)
 
     def find_inflight(self, system: str, itype: str, pulltag: str) -> Doc | None:
-        key = f"{system}\x1f{itype}\x1f{pulltag}"
+        key = pulltag_key(system, itype, pulltag)
         return self._load(
             self._conn().execute("SELECT rid, doc FROM images WHERE inflight = ?", (key,)).fetchone()
         )
@@ -312,11 +334,9 @@ class SqliteStore(Store):
         pulltag: str | None = None,
         statuses: Iterable[str] | None = None,
     ) -> list[Doc]:
-        where, args = [], []
-        for column, value in (("system", system), ("itype", itype), ("pulltag", pulltag)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
+        criteria = _criteria(system, itype, pulltag)
+        where = [f"{column} = ?" for column, _ in criteria]
+        args = [value for _, value in criteria]
         if statuses is not None:
             wanted = sorted(set(statuses))
             if not wanted:
@@ -333,7 +353,7 @@ class SqliteStore(Store):
     def add_tag(self, rid: str, tag: str) -> None:
         conn = self._conn()
         with _transaction(conn):
-            doc = self._load(conn.execute("SELECT rid, doc FROM images WHERE rid = ?", (rid,)).fetchone())
+            doc = self._fetch(conn, rid)
             if doc is None:
                 return
             old = conn.execute(
@@ -341,9 +361,7 @@ class SqliteStore(Store):
                 (doc["system"], doc["itype"], tag),
             ).fetchone()
             if old is not None and old[0] != rid:
-                other = self._load(
-                    conn.execute("SELECT rid, doc FROM images WHERE rid = ?", (old[0],)).fetchone()
-                )
+                other = self._fetch(conn, old[0])
                 if other is not None:
                     other["tag"] = [t for t in _tags(other) if t != tag]
                     self._write(conn, other)
@@ -480,10 +498,7 @@ class MongoStore(Store):
     def claim(self, doc: Doc) -> tuple[Doc, bool]:
         from pymongo.errors import DuplicateKeyError
 
-        doc = dict(doc)
-        doc.setdefault("_id", new_id())
-        if doc.get("status") not in INFLIGHT:
-            raise ValueError("claim() needs an in-flight record")
+        doc = _claimable(doc)
         for _ in range(10):
             try:
                 self.images.insert_one(self._in(doc))
@@ -495,8 +510,7 @@ class MongoStore(Store):
         raise ShifterError("store: could not claim an in-flight slot (contention)")
 
     def insert(self, doc: Doc) -> Doc:
-        doc = dict(doc)
-        doc.setdefault("_id", new_id())
+        doc = _with_id(doc)
         self.images.insert_one(self._in(doc))
         return doc
 
@@ -537,7 +551,7 @@ class MongoStore(Store):
         return self._out(self.images.find_one({"system": system, "id": image_id, "status": "READY"}))
 
     def find_inflight(self, system: str, itype: str, pulltag: str) -> Doc | None:
-        return self._out(self.images.find_one({"inflight": f"{system}\x1f{itype}\x1f{pulltag}"}))
+        return self._out(self.images.find_one({"inflight": pulltag_key(system, itype, pulltag)}))
 
     def find(
         self,
@@ -546,10 +560,7 @@ class MongoStore(Store):
         pulltag: str | None = None,
         statuses: Iterable[str] | None = None,
     ) -> list[Doc]:
-        query: Doc = {}
-        for key, value in (("system", system), ("itype", itype), ("pulltag", pulltag)):
-            if value is not None:
-                query[key] = value
+        query: Doc = dict(_criteria(system, itype, pulltag))
         if statuses is not None:
             query["status"] = {"$in": sorted(set(statuses))}
         return [self._out(d) for d in self.images.find(query).sort("_id", 1)]  # type: ignore[misc]

@@ -152,10 +152,6 @@ class Settings:
         return self.prefix / "lib" / "shifter" / "shifter_spank.so"
 
     @property
-    def spank_hook(self) -> Path:
-        return self.prefix / "libexec" / "shifter" / "spank-hook"
-
-    @property
     def venv_python(self) -> Path:
         return self.prefix / "venv" / "bin" / "python3"
 

@@ -46,6 +46,20 @@ def _int_option(flag: str, value: str) -> int:
     return int(value)
 
 
+def memory_cgroup_option(value: str) -> str:
+    """``--memory-cgroup`` (setupRoot and unsetupRoot): an absolute cgroup path, never a relative one."""
+    if not value.startswith("/"):
+        raise ShifterError(f"--memory-cgroup needs an absolute path, got {value!r}")
+    return value
+
+
+# option -> SetupRequest field, by how the value is taken
+_INT_OPTIONS = {"-U": "uid", "-G": "gid"}
+_STRING_OPTIONS = {"-u": "user", "-s": "pubkey", "-N": "node_spec", "-m": "modules",
+                   "--config": "config_path", "--job-id": "jobid"}
+_SWITCHES = {"-V": "verbose", "--defer-sshd": "defer_sshd"}
+
+
 def parse_args(argv: list[str], inherited_jobid: str | None) -> SetupRequest:
     from shifter.cmdline import getopt
 
@@ -58,32 +72,16 @@ def parse_args(argv: list[str], inherited_jobid: str | None) -> SetupRequest:
                                  "jobid": inherited_jobid, "memory_cgroup": None,
                                  "defer_sshd": False}
     for flag, value in opts:
-        if flag == "-U":
-            values["uid"] = _int_option(flag, value)
-        elif flag == "-G":
-            values["gid"] = _int_option(flag, value)
-        elif flag == "-u":
-            values["user"] = value
-        elif flag == "-s":
-            values["pubkey"] = value
-        elif flag == "-N":
-            values["node_spec"] = value
+        if flag in _INT_OPTIONS:
+            values[_INT_OPTIONS[flag]] = _int_option(flag, value)
+        elif flag in _STRING_OPTIONS:
+            values[_STRING_OPTIONS[flag]] = value
+        elif flag in _SWITCHES:
+            values[_SWITCHES[flag]] = True
         elif flag == "-v":
             values["volumes"].append(value)  # type: ignore[union-attr]
-        elif flag == "-m":
-            values["modules"] = value
-        elif flag == "-V":
-            values["verbose"] = True
-        elif flag == "--config":
-            values["config_path"] = value
-        elif flag == "--job-id":
-            values["jobid"] = value
-        elif flag == "--defer-sshd":
-            values["defer_sshd"] = True
         elif flag == "--memory-cgroup":
-            if not value.startswith("/"):
-                raise ShifterError(f"--memory-cgroup needs an absolute path, got {value!r}")
-            values["memory_cgroup"] = value
+            values["memory_cgroup"] = memory_cgroup_option(value)
     if len(positional) != 2:
         raise ShifterError(f"expected <type> <image>, got {len(positional)} argument(s); {USAGE}")
     for flag, key in (("-u", "user"), ("-U", "uid"), ("-G", "gid")):

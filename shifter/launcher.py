@@ -366,7 +366,7 @@ def launch(args: list[str], environ: dict[str, str]) -> None:
         request.identifier = _lookup(config, request)
     if jobid.isascii() and jobid.isdigit():
         from shifter.jobenv import JobEnv
-        from shifter.reuse import marker_text
+        from shifter.reuse import marker_matches, marker_text
 
         job = JobEnv(config, jobid)
         marker = _read_text(job.marker)
@@ -380,7 +380,7 @@ def launch(args: list[str], environ: dict[str, str]) -> None:
                 signature = volume_signature(parse_volume_map(request.volumes, site=False))
             expected = marker_text(request.identifier or request.tag, _user_name(), signature,
                                    [m.name for m in modules])
-            if marker == expected:
+            if marker_matches(marker, expected):
                 from shifter.meta import read_meta
 
                 enter_prepared(job, read_meta(job.meta), opts, environ, request, config, modules)

@@ -44,16 +44,13 @@ def run(argv: list[str], inherited_jobid: str | None) -> None:
     options = dict(opts)
     if os.geteuid() != 0:
         raise ShifterError("must run as root")
-    if "--config" in options:
-        config_path = options["--config"]
-    else:
-        from setuproot.args import default_config_path
+    from setuproot.args import default_config_path, memory_cgroup_option
 
-        config_path = default_config_path()
+    config_path = options["--config"] if "--config" in options else default_config_path()
     config = load_config(config_path)
     memory_cgroup = options.get("--memory-cgroup")
-    if memory_cgroup is not None and not memory_cgroup.startswith("/"):
-        raise ShifterError(f"--memory-cgroup needs an absolute path, got {memory_cgroup!r}")
+    if memory_cgroup is not None:
+        memory_cgroup = memory_cgroup_option(memory_cgroup)
     if "--all" in options:
         jobids = job_ids_on_node(config.udi_mount, config.loop_mount)
     else:

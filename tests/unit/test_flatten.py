@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.convert import compressor_options, squash_layers
-from gateway.flatten import Layer
+from gateway.convert import compressor_options
 from localcluster.oci import (
     directory,
     file,
@@ -24,20 +23,14 @@ from localcluster.oci import (
     zstd_bytes,
 )
 from shifter.errors import ShifterError
+from tests.layer_blobs import squash, write_layers
 
 LIMIT = 1 << 30
 
 
 def build(tmp_path: Path, *layers: bytes, options: list[str] | None = None, limit: int = LIMIT):
     """Write ``layers`` (bottom first) as blobs, squash them, return the image's entries."""
-    paths = []
-    for number, data in enumerate(layers, 1):
-        blob = tmp_path / f"layer{number}"
-        blob.write_bytes(data)
-        paths.append(Layer(str(blob), number))
-    output = tmp_path / "image.squashfs"
-    squash_layers(paths, str(output), options, limit)
-    return read_squashfs(output)
+    return read_squashfs(squash(tmp_path, write_layers(tmp_path, layers), options, limit))
 
 
 def test_later_layers_win_and_whiteouts_hide_lower_entries(tmp_path: Path) -> None:
@@ -186,11 +179,8 @@ def test_prefetching_lower_layers_gives_the_same_stream_and_cleans_up(tmp_path: 
 
     tars = [tar_bytes([file(f"l{n}/{i}", bytes([n]) * 5000) for i in range(200)] + [file("same", bytes([n]))])
             for n in range(4)]
-    blobs = []
-    for n, data in enumerate(tars, 1):
-        blob = tmp_path / f"layer{n}"
-        blob.write_bytes(gzip_bytes(data) if n % 2 else zstd_bytes(data))
-        blobs.append(Layer(str(blob), n))
+    blobs = write_layers(tmp_path, tuple(gzip_bytes(data) if n % 2 else zstd_bytes(data)
+                                         for n, data in enumerate(tars, 1)))
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     streams = []

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from gateway.convert import squash_layers
-from gateway.flatten import Layer
 from localcluster.oci import (
     device,
     directory,
@@ -25,6 +23,7 @@ from localcluster.oci import (
     zstd_bytes,
 )
 from shifter.errors import ShifterError
+from tests.layer_blobs import squash, write_layers
 
 
 @pytest.fixture
@@ -43,15 +42,11 @@ def _snapshot(root: Path) -> set[str]:
 def build(work: Path, *layers: bytes, limit: int = 1 << 30):
     """Squash ``layers``; assert nothing appeared outside ``work``; return the entries."""
     outside = work.parent.parent.parent
-    blobs = []
-    for number, data in enumerate(layers, 1):
-        blob = work / f"layer{number}"
-        blob.write_bytes(data)
-        blobs.append(Layer(str(blob), number))
+    blobs = write_layers(work, layers)
     before = _snapshot(outside)
     output = work / "image.squashfs"
     try:
-        squash_layers(blobs, str(output), None, limit)
+        squash(work, blobs, None, limit)
     finally:
         created = _snapshot(outside) - before
         assert created <= {"a/b/work/image.squashfs"}, f"files appeared outside the image: {created}"
