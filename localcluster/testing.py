@@ -184,6 +184,15 @@ class Cluster:
         path = self.outputs.get(job_id) or Path(self.job_fields(job_id).get("StdOut", ""))
         return path.read_text(errors="replace") if path.is_file() else ""
 
+    def run_batch(self, user: str, script_text: str, timeout: float = 240,
+                  **sbatch_opts: object) -> tuple[str, str]:
+        """Submit, wait for the job and its epilog: (job id, output). Fails unless it COMPLETED."""
+        job_id = self.submit_batch(user, script_text, **sbatch_opts)
+        state = self.wait_job(job_id, timeout=timeout)
+        output = self.job_output(job_id)
+        assert state == "COMPLETED", f"job {job_id} ended {state}:\n{output}"
+        return job_id, output
+
     # --- inside the nodes -----------------------------------------------------------
     def node_pids(self) -> dict[str, int]:
         """The slurmd pid of every node (its namespaces are the node's)."""

@@ -25,12 +25,7 @@ def demo_script(image: str, command: str = "srun shifter cat /etc/os-release") -
 
 
 def run_demo_job(cluster: Cluster) -> tuple[str, str]:
-    image = cluster.image("demo/busybox")
-    job_id = cluster.submit_batch(USER, demo_script(image))
-    state = cluster.wait_job(job_id, timeout=240)
-    output = cluster.job_output(job_id)
-    assert state == "COMPLETED", f"job {job_id} ended {state}:\n{output}"
-    return job_id, output
+    return cluster.run_batch(USER, demo_script(cluster.image("demo/busybox")))
 
 
 def test_demo_job_runs_in_the_image_on_both_nodes(cluster: Cluster) -> None:

@@ -39,11 +39,7 @@ def mpich_image(cluster: Cluster) -> str:
 
 
 def run_job(cluster: Cluster, script: str) -> str:
-    job_id = cluster.submit_batch(USER, script)
-    state = cluster.wait_job(job_id, timeout=300)
-    output = cluster.job_output(job_id)
-    assert state == "COMPLETED", f"job {job_id} ended {state}:\n{output}"
-    return output
+    return cluster.run_batch(USER, script, timeout=300)[1]
 
 
 def test_slurm_offers_the_pmi_plugin(cluster: Cluster) -> None:

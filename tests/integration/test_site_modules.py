@@ -28,11 +28,7 @@ MODULE_LIB_DIR = "/opt/udiImage/modules/mpich/lib64"
 
 
 def run_job(cluster: Cluster, script: str) -> str:
-    job_id = cluster.submit_batch(USER, script)
-    state = cluster.wait_job(job_id, timeout=300)
-    output = cluster.job_output(job_id)
-    assert state == "COMPLETED", f"job {job_id} ended {state}:\n{output}"
-    return output
+    return cluster.run_batch(USER, script, timeout=300)[1]
 
 
 def busybox_job(cluster: Cluster, module: str | None, command: str, nodes: int = 1) -> str:

@@ -37,15 +37,6 @@ def batch_script(body: str, *sbatch_lines: str, shebang: str = "#!/bin/bash") ->
     return "\n".join([shebang, *(f"#SBATCH {line}" for line in sbatch_lines), body, ""])
 
 
-def run_batch(cluster: Cluster, user: str, script: str, timeout: float = 240, **opts: object) -> tuple[str, str]:
-    """Submit, wait for the job and its epilog; (job id, output). Fails unless COMPLETED."""
-    job_id = cluster.submit_batch(user, script, **opts)
-    state = cluster.wait_job(job_id, timeout=timeout)
-    output = cluster.job_output(job_id)
-    assert state == "COMPLETED", f"job {job_id} ended {state}:\n{output}"
-    return job_id, output
-
-
 def site_dir(cluster: Cluster, name: str) -> tuple[Path, str]:
     """A fresh directory on the site file system: (host path, path inside containers)."""
     host, _, inside = cluster.config_value("siteFs").split(";")[0].partition(":")
@@ -90,7 +81,7 @@ def fuse_for_users() -> Iterator[None]:
 def test_1_every_task_of_a_two_node_job_runs_in_the_image(cluster: Cluster) -> None:
     image = cluster.image("demo/busybox")
     body = "srun shifter sh -c 'echo \"task $SLURM_PROCID on $(hostname): $(grep ^NAME= /etc/os-release)\"'"
-    job_id, output = run_batch(cluster, USER, batch_script(body, f"--image=docker:{image}", "--nodes=2",
+    job_id, output = cluster.run_batch(USER, batch_script(body, f"--image=docker:{image}", "--nodes=2",
                                                            "--ntasks-per-node=2"))
     tasks = re.findall(r"^task (\d+) on (\S+): (.*)$", output, re.MULTILINE)
     assert sorted(int(rank) for rank, _, _ in tasks) == [0, 1, 2, 3], output
@@ -114,7 +105,7 @@ def test_2_volumes_read_only_input_and_writable_output(cluster: Cluster) -> None
             chown_user(path, USER)
         body = ("srun shifter sh -c 'cat /input/data.txt; touch /input/new 2>&1 || echo input-not-writable; "
                 "echo \"written by task $SLURM_PROCID\" > /output/result-$SLURM_PROCID.txt && echo output-written'")
-        job_id, output = run_batch(cluster, USER, batch_script(
+        job_id, output = cluster.run_batch(USER, batch_script(
             body, f"--image=docker:{image}", f"--volume={inside}/input:/input:ro",
             f"--volume={inside}/output:/output", "--nodes=2", "--ntasks-per-node=1"))
         assert output.count("input for the job") == 2, output
@@ -148,7 +139,7 @@ def test_3_batch_script_with_shifter_as_interpreter_runs_inside_the_image(cluste
         f"if [ -e {spool} ]; then echo host-visible; else echo host-hidden; fi",
         "echo \"uid $(id -u) nnp $(grep ^NoNewPrivs /proc/self/status | tr -d '\\t ')\"",
     ])
-    job_id, output = run_batch(cluster, USER, batch_script(body, f"--image=docker:{image}", shebang=shebang))
+    job_id, output = cluster.run_batch(USER, batch_script(body, f"--image=docker:{image}", shebang=shebang))
     assert BUSYBOX_NAME in output, output
     assert "image variable: from-image" in output, output
     assert "host-hidden" in output and "host-visible" not in output, output
@@ -209,7 +200,7 @@ def test_5_step_with_another_image_leaves_the_job_image_alone(cluster: Cluster) 
         f"srun shifter sh -c '{probe.format(label='job-image-again')}'",
     ])
     with fuse_for_users():
-        job_id, output = run_batch(cluster, USER, batch_script(body, f"--image=docker:{job_image}", "--nodes=1"))
+        job_id, output = cluster.run_batch(USER, batch_script(body, f"--image=docker:{job_image}", "--nodes=1"))
     found = dict(re.findall(r"^([a-z-]+): (.*)$", output, re.MULTILINE))
     assert found.get("other-image", "").endswith("layer3 LAYERS=3"), output
     assert "no-layer3" not in found["other-image"], output
@@ -297,7 +288,7 @@ def test_10_gateway_down_fails_the_submission_naming_the_gateway(cluster: Cluste
     finally:
         cluster.start_gateway()
     assert "gateway" in line and cluster.config_value("imageGateway") in line, line
-    run_batch(cluster, USER, batch_script("srun shifter true", f"--image=docker:{image}"))
+    cluster.run_batch(USER, batch_script("srun shifter true", f"--image=docker:{image}"))
 
 
 # ------------------------------------------------------------------ 11. cancelled prologs, crashed nodes
@@ -318,7 +309,7 @@ def test_11_scancel_during_the_prolog_leaves_nothing_and_drains_nothing(cluster:
         assert cluster.job_leftovers(job_id) == [], job_id
     for node in cluster.nodes:
         assert node_is_up(cluster, node), cluster.node_state(node)
-    _, output = run_batch(cluster, USER, batch_script("srun shifter grep ^NAME= /etc/os-release",
+    _, output = cluster.run_batch(USER, batch_script("srun shifter grep ^NAME= /etc/os-release",
                                                       f"--image=docker:{image}", "--nodes=2"))
     assert output.count(BUSYBOX_NAME) == 2, output
 
@@ -338,7 +329,7 @@ def test_11_node_recovers_from_a_crash_that_left_a_job_environment(cluster: Clus
             raise
         # the node's mount table survived the crash: the dead job's environment is still there
         assert any(f"/{dead}/" in m.target for m in cluster.node_mounts("n1")), "no stale environment to clean"
-        _, output = run_batch(cluster, USER, batch_script("srun shifter grep ^NAME= /etc/os-release",
+        _, output = cluster.run_batch(USER, batch_script("srun shifter grep ^NAME= /etc/os-release",
                                                           f"--image=docker:{image}", "--nodelist=n1"))
         assert BUSYBOX_NAME in output, output
         # Slurm may list the dead job as running for minutes: its environment is removed only once
@@ -369,7 +360,7 @@ def test_11_prolog_removes_the_environment_of_a_job_that_no_longer_runs(cluster:
     try:
         assert ghost in cluster.node_job_dirs("n1")
         time.sleep(6)  # older than the prolog's grace period for environments being built
-        _, output = run_batch(cluster, USER, batch_script("srun shifter grep ^NAME= /etc/os-release",
+        _, output = cluster.run_batch(USER, batch_script("srun shifter grep ^NAME= /etc/os-release",
                                                           f"--image=docker:{image}", "--nodelist=n1"))
         assert BUSYBOX_NAME in output, output
         assert ghost not in cluster.node_job_dirs("n1")
