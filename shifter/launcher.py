@@ -178,8 +178,14 @@ def prepare_exec(opts: Options, environ: dict[str, str], request: Request, meta,
 
 def exec_in_root(argv: list[str], env: dict[str, str], cwd: str, opts: Options, meta, modules: list) -> None:
     """After the chroot: working directory, no capabilities, no_new_privs, userhooks, exec."""
+    import _signal  # built in: nothing to import from the container
+
     from shifter import linux
 
+    # the interpreter ignores SIGPIPE and SIGXFSZ, and an exec keeps ignored signals ignored:
+    # without this `yes | head` inside the container would end in "Broken pipe" errors
+    _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)
+    _signal.signal(_signal.SIGXFSZ, _signal.SIG_DFL)
     _change_directory(opts, meta, cwd)
     argv = _prefer_visible_script(argv)
     linux.drop_bounding_set()
@@ -398,9 +404,30 @@ def _lookup(config, request: Request) -> str:
     return client.lookup(ImageRef(request.image_type, request.tag))["id"]
 
 
+def initial_environment() -> dict[str, str]:
+    """The environment this process was started with, which os.environ is not.
+
+    When the locale is C the interpreter sets LC_CTYPE=C.UTF-8 at start-up (PEP 538, not
+    switchable off under -I); passed on, it would change the locale of the user's program.
+    The kernel keeps the original.  Like os.environ, the first of two equal names wins; an entry
+    without a name (which execve cannot be given from Python) is dropped, as bin/shifter does.
+    """
+    try:
+        with open("/proc/self/environ", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return {name: value for name, value in os.environ.items() if name}
+    env: dict[str, str] = {}
+    for entry in data.split(b"\0"):
+        name, sep, value = entry.partition(b"=")
+        if name and sep:
+            env.setdefault(os.fsdecode(name), os.fsdecode(value))
+    return env
+
+
 def main() -> None:
     try:
-        launch(sys.argv[1:], dict(os.environ))
+        launch(sys.argv[1:], initial_environment())
     except ShifterError as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         sys.exit(1)
