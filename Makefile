@@ -14,17 +14,23 @@ PYTHON  := $(VENV)/bin/python
 CLUSTER := $(PYTHON) -m localcluster --prefix $(PREFIX) --sysconfdir $(SYSCONFDIR) --state-dir $(STATE_DIR)
 PLUGIN_SRC := spank_plugin/shifter_spank.c
 PLUGIN     := build/shifter_spank.so
-# The hook path is compiled into the plugin: a different PREFIX must rebuild it.
-PREFIX_STAMP := build/.prefix$(subst /,_,$(PREFIX))
-CFLAGS_PLUGIN := -shared -fPIC -O2 -Wall -Werror -I/usr/include/slurm \
+LAUNCHER_SRC := shifter/fastlaunch.c
+LAUNCHER     := build/shifter
+# The installed paths are compiled into the plugin and the launcher: another PREFIX or SYSCONFDIR rebuilds them.
+PREFIX_STAMP := build/.prefix$(subst /,_,$(PREFIX))$(subst /,_,$(SYSCONFDIR))
+CFLAGS_HARDENED := -O2 -Wall -Wextra -Werror -D_FORTIFY_SOURCE=2 -fstack-protector-strong
+CFLAGS_PLUGIN := -shared -fPIC $(CFLAGS_HARDENED) -Wno-unused-parameter -I/usr/include/slurm \
                  -DSHIFTER_HOOK=\"$(PREFIX)/libexec/shifter/spank-hook\"
+CFLAGS_LAUNCHER := $(CFLAGS_HARDENED) -fPIE -pie -Wl,-z,relro,-z,now \
+                   -DSHIFTER_CONFIG_FILE=\"$(SYSCONFDIR)/udiRoot.conf\" \
+                   -DSHIFTER_PYTHON_LAUNCHER=\"$(PREFIX)/libexec/shifter/shifter\"
 
 export PREFIX SYSCONFDIR NODES STATE_DIR VENV
 
-.PHONY: all deps venv plugin install udiimage cluster-up cluster-down cluster-env cluster-status \
+.PHONY: all deps venv plugin launcher install udiimage cluster-up cluster-down cluster-env cluster-status \
         debian-image demo test bench lint clean
 
-all: plugin
+all: plugin launcher
 
 ## deps: the Debian packages of scripts/apt-packages.txt (quick no-op when installed)
 deps:
@@ -44,6 +50,12 @@ plugin: $(PLUGIN)
 $(PLUGIN): $(PLUGIN_SRC) Makefile $(PREFIX_STAMP)
 	gcc $(CFLAGS_PLUGIN) $(PLUGIN_SRC) -o $@
 
+## launcher: bin/shifter, the interpreter-free front of the Python launcher (shifter/launchplan.py)
+launcher: $(LAUNCHER)
+
+$(LAUNCHER): $(LAUNCHER_SRC) Makefile $(PREFIX_STAMP)
+	gcc $(CFLAGS_LAUNCHER) $(LAUNCHER_SRC) -o $@
+
 $(PREFIX_STAMP):
 	@mkdir -p build && rm -f build/.prefix_* && touch $@
 
@@ -51,8 +63,9 @@ $(PLUGIN_SRC):
 	@echo "make: $(PLUGIN_SRC) does not exist yet: nothing to build" >&2; exit 1
 
 ## install: the layout of docs/internals.md under PREFIX (venv, wrappers, plugin, buildinfo)
-install: $(if $(wildcard $(PLUGIN_SRC)),$(PLUGIN))
-	$(BASE_PYTHON) scripts/install.py --prefix $(PREFIX) --sysconfdir $(SYSCONFDIR) --plugin $(PLUGIN)
+install: $(if $(wildcard $(PLUGIN_SRC)),$(PLUGIN)) $(LAUNCHER)
+	$(BASE_PYTHON) scripts/install.py --prefix $(PREFIX) --sysconfdir $(SYSCONFDIR) --plugin $(PLUGIN) \
+	    --launcher $(LAUNCHER)
 
 ## udiimage: the in-container sshd (the host's OpenSSH made relocatable) for optUdiImage
 UDIIMAGE := $(PREFIX)/libexec/shifter/opt/udiImage

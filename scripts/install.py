@@ -9,6 +9,8 @@
 - The wrapper commands: the launcher, setupRoot, unsetupRoot and the SPANK hook start with
   ``python3 -IS`` (isolated, no site: nothing from the environment, no .pth files) and
   append the venv's site-packages themselves; shifterimg and the gateway use the site.
+- ``bin/shifter``: the interpreter-free launcher (shifter/fastlaunch.c), which execs the Python
+  launcher ``libexec/shifter/shifter`` for everything but the prepared environment's common case.
 - The SPANK plugin, when it has been built.
 - Everything under PREFIX root-owned and world-readable, because unprivileged users run
   the launcher while the repository itself may live in a 0700 home directory.
@@ -32,7 +34,7 @@ BASE_PYTHON = "/usr/bin/python3"
 
 # name -> (directory under PREFIX, module, function, isolated without site)
 WRAPPERS = {
-    "shifter": ("bin", "shifter.launcher", "main", True),
+    "shifter": ("libexec/shifter", "shifter.launcher", "main", True),
     "shifterimg": ("bin", "shifter.shifterimg", "main", False),
     "setupRoot": ("sbin", "setuproot.__main__", "main", True),
     "unsetupRoot": ("sbin", "unsetuproot.__main__", "main", True),
@@ -132,14 +134,12 @@ def write_wrappers(prefix: Path, purelib: Path) -> None:
         write(prefix / directory / name, header + body, 0o755)
 
 
-def install_plugin(prefix: Path, plugin: Path) -> None:
-    if plugin.exists():
-        target = prefix / "lib" / "shifter" / "shifter_spank.so"
-        target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        tmp = target.with_name(".shifter_spank.so.tmp")
-        shutil.copyfile(plugin, tmp)
-        tmp.chmod(0o755)
-        os.replace(tmp, target)  # a new inode: running slurmds keep the old mapping intact
+def install_binary(source: Path, target: Path) -> None:
+    target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
+    tmp.chmod(0o755)
+    os.replace(tmp, target)  # a new inode: running slurmds and tasks keep the old mapping intact
 
 
 def install_service_unit(prefix: Path, sysconfdir: Path) -> None:
@@ -184,6 +184,7 @@ def main() -> None:
     parser.add_argument("--prefix", default="/opt/shifter-slurm")
     parser.add_argument("--sysconfdir", default="")
     parser.add_argument("--plugin", default=str(REPO / "build" / "shifter_spank.so"))
+    parser.add_argument("--launcher", default=str(REPO / "build" / "shifter"))
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("install: run as root (the installed tree must be root-owned)")
@@ -196,7 +197,11 @@ def main() -> None:
     install_package(prefix, sysconfdir)
     purelib = site_packages(prefix)
     write_wrappers(prefix, purelib)
-    install_plugin(prefix, Path(args.plugin))
+    if not Path(args.launcher).exists():
+        sys.exit(f"install: {args.launcher} does not exist: build it with `make launcher`")
+    install_binary(Path(args.launcher), prefix / "bin" / "shifter")
+    if Path(args.plugin).exists():
+        install_binary(Path(args.plugin), prefix / "lib" / "shifter" / "shifter_spank.so")
     sysconfdir.mkdir(mode=0o755, parents=True, exist_ok=True)
     install_service_unit(prefix, sysconfdir)
     install_id(prefix)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from setuproot.args import SetupRequest, default_config_path
-from shifter import container, filecopy, linux, loopdev, teardown, userns
+from shifter import container, filecopy, launchplan, linux, loopdev, teardown, userns
 from shifter.config import UdiRootConfig, load_config
 from shifter.errors import NodeError, ShifterError
 from shifter.jobenv import JobEnv
@@ -114,7 +114,7 @@ def _mount_image(image_file: str, target: str) -> None:
 
 
 def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest, account: container.Account,
-                      identifier: str, image_file: str, modules: list) -> None:
+                      identifier: str, image_file: str, modules: list, plan: list[str] | None) -> None:
     """Everything of docs/internals.md "Per-job environment on a node", in order."""
     from shifter.volumemap import parse_volume_map, volume_signature
 
@@ -168,6 +168,8 @@ def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest,
     fd = os.open(job.marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     with os.fdopen(fd, "w") as fh:
         fh.write(marker)
+    if plan is not None:
+        launchplan.write_plan(job.plan, plan)
     if not config.mount_udi_root_writable:
         linux.mount(None, job.root, None, linux.MS_REMOUNT | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_RDONLY)
     os.chown(job.dir, account.uid, account.gid)  # now only the job's user may enter
@@ -177,22 +179,30 @@ def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest,
 def setup_job(request: SetupRequest) -> None:
     if os.geteuid() != 0:
         raise ShifterError("must run as root")
+    config_path = request.config_path or default_config_path()
+    try:  # before reading: a change after this makes the launch plan unused, never wrong
+        config_info: os.stat_result | None = os.stat(config_path)
+    except OSError:
+        config_info = None  # load_config says what is wrong
     try:
-        config = load_config(request.config_path or default_config_path())
+        config = load_config(config_path)
     except ShifterError as err:  # the site's config, not the user's request: the node is broken
         raise NodeError(str(err)) from None
     job = JobEnv(config, request.jobid)
     account = resolve_account(request)
     identifier, image_file = resolve_image(config, request)
-    if request.image_type != "local":
-        load_image_meta(identifier, image_file, account)
+    meta = None if request.image_type == "local" else load_image_meta(identifier, image_file, account)
     modules = select_modules(config, request.modules)
+    plan = None
+    if config_info and meta is not None and not any(module.userhook for module in modules):
+        plan = launchplan.plan_records(config_info, account.uid, identifier, ";".join(request.volumes),
+                                       request.modules or "", meta, modules, config)
     try:
         teardown.destroy(config, job, request.memory_cgroup)  # a stale environment of the same job (#249)
     except ShifterError as err:
         raise NodeError(f"cannot remove a stale environment of job {job.jobid}: {err}") from None
     try:
-        build_environment(config, job, request, account, identifier, image_file, modules)
+        build_environment(config, job, request, account, identifier, image_file, modules, plan)
     except BaseException as err:
         try:
             teardown.destroy(config, job, request.memory_cgroup)

@@ -39,25 +39,50 @@ def _user_entry(item: str, origin: str) -> tuple[str, str]:
     return pair
 
 
-def _apply_site(
-    env: dict[str, str], setting: list[str], append: list[str], prepend: list[str], unset: list[str]
-) -> None:
-    for item in setting:
-        pair = _split(item)
-        if pair:
-            env[pair[0]] = pair[1]
-    for item in append:
-        pair = _split(item)
-        if pair:
-            old = env.get(pair[0])
-            env[pair[0]] = f"{old}:{pair[1]}" if old else pair[1]
-    for item in prepend:
-        pair = _split(item)
-        if pair:
-            old = env.get(pair[0])
-            env[pair[0]] = f"{pair[1]}:{old}" if old else pair[1]
-    for name in unset:
-        env.pop(name, None)
+# One environment change: ("=", name, value) set, ("+", ...) append, ("^", ...) prepend, ("-", name, "") unset.
+# The site's and the image's changes are kept in this form so that setupRoot can hand them to the
+# interpreter-free launcher (shifter/launchplan.py), which replays them in the same order.
+Operation = tuple[str, str, str]
+
+
+def _site_operations(setting: list[str], append: list[str], prepend: list[str], unset: list[str]) -> list[Operation]:
+    ops: list[Operation] = []
+    for kind, items in (("=", setting), ("+", append), ("^", prepend)):
+        for item in items:
+            pair = _split(item)
+            if pair:
+                ops.append((kind, pair[0], pair[1]))
+    ops.extend(("-", name, "") for name in unset)
+    return ops
+
+
+def image_operations(image_env: list[str]) -> list[Operation]:
+    """The image's ENV: malformed entries are ignored, as in the original."""
+    return [("=", *pair) for pair in map(_split, image_env) if pair]
+
+
+def site_operations(modules: list[ModuleConfig], config: UdiRootConfig) -> list[Operation]:
+    """Each active module's siteEnv settings in order, then the global ones."""
+    ops: list[Operation] = []
+    for module in modules:
+        ops += _site_operations(module.site_env, module.site_env_append, module.site_env_prepend,
+                                module.site_env_unset)
+    return ops + _site_operations(config.site_env, config.site_env_append, config.site_env_prepend,
+                                  config.site_env_unset)
+
+
+def apply_operations(env: dict[str, str], ops: list[Operation]) -> None:
+    """Appending or prepending to a missing or empty variable just sets it."""
+    for kind, name, value in ops:
+        if kind == "-":
+            env.pop(name, None)
+            continue
+        old = env.get(name)
+        if kind == "+" and old:
+            value = f"{old}:{value}"
+        elif kind == "^" and old:
+            value = f"{value}:{old}"
+        env[name] = value
 
 
 def build_environment(
@@ -76,19 +101,12 @@ def build_environment(
         env["SHIFTER_IMAGEREQUEST"] = image_request
     if image_id:
         env["SHIFTER_IMAGE"] = image_id
-    for item in image_env:
-        pair = _split(item)
-        if pair:
-            env[pair[0]] = pair[1]
+    apply_operations(env, image_operations(image_env))
     for origin, items in (("--env-file", env_file), ("--env", cli_env)):
         for item in items:
             name, value = _user_entry(item, origin)
             env[name] = value
-    for module in modules:
-        _apply_site(
-            env, module.site_env, module.site_env_append, module.site_env_prepend, module.site_env_unset
-        )
-    _apply_site(env, config.site_env, config.site_env_append, config.site_env_prepend, config.site_env_unset)
+    apply_operations(env, site_operations(modules, config))
     return env
 
 

@@ -28,7 +28,7 @@ def check_jobid(text: str | None) -> str:
 class JobEnv:
     """The paths of one job's environment on this node."""
 
-    __slots__ = ("jobid", "dir", "root", "userns", "marker", "meta", "loop_mount", "error")
+    __slots__ = ("jobid", "dir", "root", "userns", "marker", "meta", "loop_mount", "error", "plan")
 
     def __init__(self, config: UdiRootConfig, jobid: str | None) -> None:
         self.jobid = check_jobid(jobid)
@@ -41,6 +41,8 @@ class JobEnv:
         # why the prolog could not build the environment (the user's request was at fault);
         # written by the prolog hook, read by the launcher, removed with the directory
         self.error = f"{self.dir}/setup.error"
+        # what the interpreter-free launcher needs to enter this environment (shifter/launchplan.py)
+        self.plan = f"{self.dir}/launch.plan"
 
     def __repr__(self) -> str:
         return f"JobEnv({self.dir!r})"

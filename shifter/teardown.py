@@ -115,6 +115,10 @@ def destroy(config: UdiRootConfig, job: JobEnv, memory_cgroup: str | None = None
     if not os.path.lexists(job.dir) and not os.path.lexists(job.loop_mount):
         remove_cache_files(config, job.jobid)  # nothing can be mounted below paths that do not exist
         return
+    try:  # first, so that no new task enters an environment being torn down without a check
+        os.unlink(job.plan)
+    except OSError:
+        pass
     kill_processes_rooted_in(job.root)
     try:
         mounts.unmount_tree(job.dir)

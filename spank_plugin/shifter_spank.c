@@ -581,7 +581,9 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
         return -1;
     }
     /* the container is the host's /, so the task's directory has the same path in it */
-    if (!have_cwd || chdir(cwd) != 0)
-        (void)chdir("/");
+    if ((!have_cwd || chdir(cwd) != 0) && chdir("/") != 0) {
+        slurm_error("shifter: --ccm: cannot change to /: %s", strerror(errno));
+        return -1;
+    }
     return 0;
 }

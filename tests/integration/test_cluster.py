@@ -175,7 +175,7 @@ def test_gateway_answers_on_the_test_network(cluster: Cluster) -> None:
 def test_installed_layout_is_isolated_and_world_readable(cluster: Cluster) -> None:
     """make install: -IS wrappers on the hot paths, buildinfo baked in, nothing private."""
     prefix = cluster.prefix
-    for wrapper in ("bin/shifter", "sbin/setupRoot", "sbin/unsetupRoot", "libexec/shifter/spank-hook"):
+    for wrapper in ("libexec/shifter/shifter", "sbin/setupRoot", "sbin/unsetupRoot", "libexec/shifter/spank-hook"):
         first_line = (prefix / wrapper).read_text().splitlines()[0]
         assert first_line == f"#!{prefix}/venv/bin/python3 -IS", (wrapper, first_line)
     site_packages = next((prefix / "venv/lib").glob("python3*/site-packages"))

@@ -142,11 +142,18 @@ class Site:
         for name, module in (("setupRoot", "setuproot"), ("unsetupRoot", "unsetuproot")):
             self._wrapper(name, "from shifter.cmdline import exit_fast\n"
                                 f"from {module}.__main__ import main\nexit_fast(main)\n")
-        self._wrapper("shifter", "from shifter.launcher import main\nmain()\n")
+        self._wrapper("shifter-python", "from shifter.launcher import main\nmain()\n")
+        self.build_launcher(os.path.join(self.bin, "shifter"), os.path.join(self.bin, "shifter-python"))
         self.write_config()
         subprocess.run([PYTHON, "-m", "compileall", "-q", os.path.join(REPO, "shifter"),
                         os.path.join(REPO, "setuproot"), os.path.join(REPO, "unsetuproot")],
                        check=True, stdout=subprocess.DEVNULL)
+
+    def build_launcher(self, target: str, python_launcher: str) -> None:
+        """bin/shifter as `make launcher` builds it, with this site's paths compiled in."""
+        subprocess.run(["gcc", "-O2", "-Wall", "-Werror", f'-DSHIFTER_CONFIG_FILE="{self.conf}"',
+                        f'-DSHIFTER_PYTHON_LAUNCHER="{python_launcher}"', os.path.join(REPO, "shifter/fastlaunch.c"),
+                        "-o", target], check=True)
 
     def _hostile_image(self) -> None:
         """An image that plants a reuse marker, replaces /etc with a symlink, and links /data -> /etc."""
@@ -200,10 +207,10 @@ class Site:
         env.update(extra)
         return env
 
-    def shifter(self, account: Account, *args: str, env: dict[str, str],
-                cwd: str = "/") -> subprocess.CompletedProcess:
-        """Run the launcher as the unprivileged ``account`` (real uid, gid and groups)."""
-        return _run([os.path.join(self.bin, "shifter"), *args], env=env, cwd=cwd, user=account.uid,
+    def shifter(self, account: Account, *args: str, env: dict[str, str], cwd: str = "/",
+                launcher: str = "shifter") -> subprocess.CompletedProcess:
+        """Run the launcher (bin/shifter, or another in bin/) as the unprivileged ``account``."""
+        return _run([os.path.join(self.bin, launcher), *args], env=env, cwd=cwd, user=account.uid,
                     group=account.gid, extra_groups=account.groups)
 
     # -- leftovers ------------------------------------------------------------------
