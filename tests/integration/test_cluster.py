@@ -178,6 +178,10 @@ def test_installed_layout_is_isolated_and_world_readable(cluster: Cluster) -> No
     for wrapper in ("libexec/shifter/shifter", "sbin/setupRoot", "sbin/unsetupRoot", "libexec/shifter/spank-hook"):
         first_line = (prefix / wrapper).read_text().splitlines()[0]
         assert first_line == f"#!{prefix}/venv/bin/python3 -IS", (wrapper, first_line)
+    launcher = (prefix / "bin/shifter").read_bytes()
+    assert launcher.startswith(b"\x7fELF"), "bin/shifter is the compiled front, not a script"
+    for compiled_in in (f"{prefix}/libexec/shifter/shifter", str(cluster.udiroot_conf)):
+        assert compiled_in.encode() + b"\0" in launcher, compiled_in
     site_packages = next((prefix / "venv/lib").glob("python3*/site-packages"))
     code = (f"import sys; sys.path.append({str(site_packages)!r}); "
             "from shifter import buildinfo; print(buildinfo.PREFIX, buildinfo.CONFIG_FILE)")
