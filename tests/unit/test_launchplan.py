@@ -2,18 +2,12 @@
 
 import os
 
-from shifter.config import parse_config
 from shifter.launchplan import VERSION, config_identity, plan_records, write_plan
 from shifter.meta import ImageMeta
 from shifter.modules import select_modules
+from tests.unit import test_environment
 
-CONFIG = """\
-udiMount=/var/udiMount
-loopMount=/var/udiLoopMount
-imagePath=/images
-udiRootPath=/opt/shifter
-etcPath=/etc/shifter/etc_files
-rootfsType=tmpfs
+SITE_ENV = """\
 siteEnv=SITE=1
 siteEnvAppend=PATH=/site/bin
 siteEnvUnset=SECRET
@@ -24,8 +18,8 @@ defaultModules=mpich
 
 def test_records_hold_the_request_and_the_changes_in_the_launchers_order(tmp_path):
     conf = tmp_path / "udiRoot.conf"
-    conf.write_text(CONFIG)
-    config = parse_config(CONFIG, source=str(conf))
+    conf.write_text(test_environment.BASE + SITE_ENV)
+    config = test_environment.config(SITE_ENV)
     meta = ImageMeta(env=["PATH=/usr/bin", "BROKEN", "EMPTY="], workdir="/work")
     info = os.stat(conf)
     records = plan_records(info, 1001, "a" * 64, "/scratch:/data:ro", "", meta,
