@@ -17,6 +17,7 @@
  *
  * It runs as the user and needs no privilege: joining the job's user namespace is allowed
  * only to the namespace's owner, the job's user, and gives nothing on the host.
+ * Memory is never freed: every path ends, within microseconds, in an exec or an exit.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -150,7 +151,7 @@ static char *udi_mount(const char *path, struct stat *info)
     }
     if (!found || !*found)
         return NULL;
-    return found;  /* points into text, which lives as long as the process */
+    return found;  /* points into text */
 }
 
 static int valid_jobid(const char *jobid)
