@@ -162,3 +162,41 @@ def test_plan_is_removed_with_the_environment(prepared, users):
     result = prepared.unsetup("--job-id", JOB)
     assert result.returncode == 0, result.stderr
     assert not os.path.lexists(plan)
+
+
+def _corrupt(plan: str, how: str, user) -> None:
+    with open(plan, "rb") as fh:
+        data = fh.read()
+    records = data.split(b"\0")[:-1]
+    if how == "symlink":
+        os.rename(plan, plan + ".real")
+        os.symlink(plan + ".real", plan)
+        return
+    if how == "owned by the user":
+        os.chown(plan, user.uid, user.gid)
+        return
+    data = {
+        "empty": b"",
+        "truncated": data[:-3],
+        "other version": data.replace(b"shifter-launch-plan/1", b"shifter-launch-plan/2"),
+        "no workdir": b"\0".join(r for r in records if not r.startswith(b"w")) + b"\0",
+        "operation without a value": data + b"=BROKEN\0",
+        "unset without a name": data + b"-\0",
+        "unknown operation": data + b"?X=1\0",
+        "empty record": data + b"\0",
+    }[how]
+    with open(plan, "wb") as fh:
+        fh.write(data)
+
+
+@pytest.mark.parametrize("how", ["symlink", "owned by the user", "empty", "truncated", "other version", "no workdir",
+                                 "operation without a value", "unset without a name", "unknown operation",
+                                 "empty record"])
+def test_a_damaged_plan_is_never_used(prepared, users, c_only, how):
+    plan = os.path.join(prepared.udi_mount, JOB, "launch.plan")
+    _corrupt(plan, how, users[0])
+    out = prepared.shifter(users[0], "true", env=_job_env(prepared), launcher=c_only)
+    assert out.returncode == 127, (out.stdout, out.stderr)
+    assert out.stderr.strip() == f"shifter: cannot run {NO_PYTHON}: No such file or directory"
+    out = prepared.shifter(users[0], "cat", "/etc/imagefile", env=_job_env(prepared))
+    assert (out.returncode, out.stdout) == (0, "from the image\n"), "the Python launcher still serves the job"
