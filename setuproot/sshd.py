@@ -6,7 +6,8 @@ chrooted into the job's root as the user with no capabilities and no_new_privs, 
 unsetupRoot finds it as a process rooted in the job's environment (and in the job's memory
 cgroup when one is configured) and kills it.  The udiImage (built by ``python -m shifter.packtool
 udiimage``) provides the binaries and the sshd_config template: every ``HostKey`` it lists is
-generated, and a ``PidFile`` under /opt/udiImage gets a directory the user can write.
+generated on the host, by the host's ssh-keygen (root runs nothing from the container), and a
+``PidFile`` under /opt/udiImage gets a directory the user can write.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from __future__ import annotations
 import os
 
 from shifter import jobcgroup, linux
-from shifter.errors import ShifterError
+from shifter.errors import NodeError, ShifterError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from shifter.container import Account
 
 UDI = "/opt/udiImage"
+HOST_SSH_KEYGEN = "/usr/bin/ssh-keygen"
 _KEY_TYPES = frozenset({"rsa", "ecdsa", "ed25519", "dsa"})
 _KEY_PREFIXES = ("ssh-", "ecdsa-", "sk-")
 
@@ -32,9 +34,12 @@ def check_pubkey(text: str) -> str:
     return key
 
 
-def _run_chrooted(root: str, argv: list[str], account: Account | None = None, cgroup: str | None = None,
-                  stderr_fd: int | None = None) -> int:
-    """fork, (join the cgroup,) chroot into the root, (drop to the user, no privileges,) exec; the status."""
+def _run_as_user_chrooted(root: str, argv: list[str], account: Account, cgroup: str | None = None,
+                          stderr_fd: int | None = None) -> int:
+    """fork, (join the cgroup,) chroot into the root, drop to the user with no privileges, exec; the status.
+
+    Never as root: the image's /etc/ld.so.preload and libraries would run with root's powers.
+    """
     pid = os.fork()
     if pid == 0:
         try:
@@ -47,12 +52,11 @@ def _run_chrooted(root: str, argv: list[str], account: Account | None = None, cg
             os.dup2(devnull, 1)
             if stderr_fd is not None:
                 os.dup2(stderr_fd, 2)
-            if account is not None:
-                linux.drop_bounding_set()
-                os.setgroups(list(account.groups))
-                os.setresgid(account.gid, account.gid, account.gid)
-                os.setresuid(account.uid, account.uid, account.uid)
-                linux.set_no_new_privs()
+            linux.drop_bounding_set()
+            os.setgroups(list(account.groups))
+            os.setresgid(account.gid, account.gid, account.gid)
+            os.setresuid(account.uid, account.uid, account.uid)
+            linux.set_no_new_privs()
             os.execv(argv[0], argv)
         finally:
             os._exit(127)
@@ -109,11 +113,96 @@ def ensure_login_shell(root: str, user: str) -> None:
     os.replace(tmp, path)
 
 
+def _open_dir_in_root(root: str, relpath: str) -> int:
+    """A descriptor of ``root/relpath``, a real directory: no component may be a symlink."""
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in relpath.strip("/").split("/"):
+            if name in ("", ".", ".."):
+                raise ShifterError(f"{relpath}: not a plain path")
+            next_fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = next_fd
+    except OSError as exc:
+        os.close(fd)
+        raise ShifterError(f"{relpath} in the container: {exc.strerror}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _host_keys(kinds: list[str]) -> dict[str, tuple[bytes, bytes]]:
+    """(private, public) host key of each kind, made by the host's ssh-keygen outside the container.
+
+    Root never runs anything the image chose: inside the job's root the loader would read the
+    image's /etc/ld.so.preload and OpenSSL the image's openssl.cnf.  The host's program writes
+    into a fresh directory only root can enter, and the keys are copied in through descriptors.
+    """
+    import shutil
+    import subprocess
+    import tempfile
+
+    if not os.path.isfile(HOST_SSH_KEYGEN):
+        raise NodeError(f"an sshd was requested but this node has no {HOST_SSH_KEYGEN}")
+    work = tempfile.mkdtemp(prefix="shifter-hostkeys-")
+    try:
+        keys = {}
+        for kind in kinds:
+            path = os.path.join(work, kind)
+            result = subprocess.run([HOST_SSH_KEYGEN, "-q", "-t", kind, "-N", "", "-C", "shifter job host key",
+                                     "-f", path], env={"PATH": "/usr/bin:/bin"}, cwd=work, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+            if result.returncode != 0:
+                detail = result.stderr.decode(errors="replace").strip().splitlines()
+                raise NodeError(f"ssh-keygen -t {kind} failed (status {result.returncode})"
+                                + (f": {detail[-1]}" if detail else ""))
+            with open(path, "rb") as private, open(path + ".pub", "rb") as public:
+                keys[kind] = (private.read(), public.read())
+        return keys
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _write_new(dir_fd: int, name: str, data: bytes, mode: int, owner: tuple[int, int]) -> None:
+    """Create ``name`` below ``dir_fd`` (never through anything already there) with ``data``."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    try:
+        os.fchown(fd, *owner)
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _install_host_keys(root: str, account: Account, key_paths: list[str]) -> None:
+    """Give the daemon the keys its sshd_config lists, readable by the user it runs as."""
+    wanted = []
+    for key in key_paths:
+        kind = os.path.basename(key).removeprefix("ssh_host_").removesuffix("_key")
+        if kind not in _KEY_TYPES or os.path.dirname(key) != UDI + "/etc":
+            raise ShifterError(f"sshd_config: cannot generate host key {key} (expected {UDI}/etc/ssh_host_<type>_key)")
+        wanted.append((kind, os.path.basename(key)))
+    keys = _host_keys(sorted({kind for kind, _ in wanted}))
+    etc_fd = _open_dir_in_root(root, UDI + "/etc")
+    try:
+        for kind, name in wanted:
+            private, public = keys[kind]
+            _write_new(etc_fd, name, private, 0o600, (account.uid, account.gid))
+            _write_new(etc_fd, name + ".pub", public, 0o644, (0, 0))
+    finally:
+        os.close(etc_fd)
+
+
 def prepare(root: str, account: Account, pubkey: str) -> None:
     """Keys, sshd_config, the authorised key and the ssh client in the container (before ro remount)."""
     udi = root + UDI
     ensure_login_shell(root, account.user)
-    for needed in ("sbin/sshd", "bin/ssh-keygen", "etc/sshd_config"):
+    for needed in ("sbin/sshd", "etc/sshd_config"):
         if not os.path.exists(os.path.join(udi, needed)):
             raise ShifterError(f"an sshd was requested but the udiImage has no {needed} "
                                "(build it with `python -m shifter.packtool udiimage <optUdiImage>`)")
@@ -121,15 +210,7 @@ def prepare(root: str, account: Account, pubkey: str) -> None:
     with open(config) as fh:
         lines = [f"AllowUsers {account.user}" if line.strip() == "AllowUsers ToBeReplaced" else line
                  for line in fh.read().splitlines()]
-    for key in _settings(lines, "HostKey"):
-        kind = os.path.basename(key).removeprefix("ssh_host_").removesuffix("_key")
-        if kind not in _KEY_TYPES or not key.startswith(UDI + "/"):
-            raise ShifterError(f"sshd_config: cannot generate host key {key} (expected {UDI}/etc/ssh_host_<type>_key)")
-        status = _run_chrooted(root, [f"{UDI}/bin/ssh-keygen", "-q", "-t", kind, "-f", key, "-N", ""])
-        if status != 0:
-            raise ShifterError(f"ssh-keygen -t {kind} failed in the container (status {status})")
-        os.chown(root + key, account.uid, account.gid)
-        os.chmod(root + key, 0o600)
+    _install_host_keys(root, account, _settings(lines, "HostKey"))
     for pid_file in _settings(lines, "PidFile"):
         if pid_file != "none" and pid_file.startswith(UDI + "/"):
             run_dir = root + os.path.dirname(pid_file)
@@ -224,8 +305,8 @@ def start(root: str, account: Account, cgroup: str | None, timeout: float = 5.0)
         raise PortInUse(f"port {port} is in use (another job's sshd on a shared node)")
     read_end, write_end = os.pipe()
     try:
-        status = _run_chrooted(root, [f"{UDI}/sbin/sshd", "-f", f"{UDI}/etc/sshd_config", "-e"], account, cgroup,
-                               write_end)
+        status = _run_as_user_chrooted(root, [f"{UDI}/sbin/sshd", "-f", f"{UDI}/etc/sshd_config", "-e"], account,
+                                       cgroup, write_end)
     finally:
         os.close(write_end)
     os.set_blocking(read_end, False)  # the daemon has let go of it by now; never wait for it
