@@ -13,12 +13,14 @@ ends, even if the epilog never runs.  Then the ``extern_setup=`` script runs, as
 the job's ids and ``SHIFTER_ROOT`` in its environment; a failure is logged.
 
 ``ccm-task``: prints the job's container root, which the shim chroots the task into.  It runs
-once per task, so it only checks that the environment is there and the job's own.
+once per task, so it only checks that the environment is there, the job's own and built for
+--ccm (by the prolog, as root: the task's ``SLURM_SPANK_SHIFTER_CCM`` alone never gets a chroot).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 
@@ -101,16 +103,77 @@ def run_extern_setup(script: str, job_id: str, account: Account, root: str) -> i
 
 
 def ccm_task(conf: PlugstackArgs, opts: dict[str, str]) -> str:
-    """The root a --ccm task is chrooted into: the job's environment on this node, complete and its own."""
+    """The root a --ccm task is chrooted into: the job's CCM environment on this node, complete and its own.
+
+    The shim asks because the task's environment says ``SLURM_SPANK_SHIFTER_CCM=1``, which any
+    task can set: whether the job really is a --ccm job is decided here, from what the prolog
+    (root) left in the job's root, never from the task.  The job's directory is the user's, so
+    everything in it is opened through its descriptor, without following symlinks, and trusted
+    only when root owns it.
+    """
     job_id, uid, _ = _ids(opts, "ccm-task")
     job = _job(conf, job_id)
     try:
-        info = os.lstat(job.dir)
+        dir_fd = os.open(job.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ShifterError(f"--ccm: job {job_id} has no container on this node") from None
-    if os.path.lexists(job.error):
-        with open(job.error, errors="replace") as fh:
-            raise ShifterError(f"--ccm: the container could not be built: {fh.readline().strip()}")
-    if info.st_uid != uid or not os.path.isfile(job.marker):
+    except OSError:
+        raise ShifterError(f"--ccm: the container of job {job_id} on this node is not ready") from None
+    try:
+        if os.fstat(dir_fd).st_uid != uid:
+            raise ShifterError(f"--ccm: the container of job {job_id} on this node is not ready")
+        reason = _read_root_owned(dir_fd, os.path.basename(job.error))
+        if reason is not None:
+            first = reason.decode(errors="replace").split("\n", 1)[0].strip()
+            raise ShifterError(f"--ccm: the container could not be built: {first}")
+        marker = _read_root_owned(dir_fd, os.path.relpath(job.marker, job.dir))
+    finally:
+        os.close(dir_fd)
+    if marker is None:
         raise ShifterError(f"--ccm: the container of job {job_id} on this node is not ready")
+    if _marker_identifier(marker) != CCM_ROOT:
+        raise ShifterError(f"--ccm: job {job_id} was not submitted with --ccm")
     return job.root
+
+
+CCM_ROOT = "/"  # a --ccm job's container is made from the host's root (the prolog's local:/)
+_MAX_READ = 65536
+
+
+def _read_root_owned(dir_fd: int, relpath: str) -> bytes | None:
+    """The start of ``relpath`` below ``dir_fd`` if it is a plain, root-owned file; None if absent.
+
+    Each component is opened without following symlinks; a file that is not root's own (a
+    symlink, a hard link, the user's file) is refused rather than read.
+    """
+    names = relpath.split("/")
+    fd = os.dup(dir_fd)
+    try:
+        for name in names[:-1]:
+            next_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = next_fd
+        file_fd = os.open(names[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        raise ShifterError(f"--ccm: {relpath} of the job is not a plain file") from None
+    finally:
+        os.close(fd)
+    try:
+        info = os.fstat(file_fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != 0 or info.st_nlink != 1:
+            raise ShifterError(f"--ccm: {relpath} of the job is not root's own file")
+        return os.read(file_fd, _MAX_READ)
+    finally:
+        os.close(file_fd)
+
+
+def _marker_identifier(marker: bytes) -> str | None:
+    import json
+
+    try:
+        value = json.loads(marker.decode())
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return value.get("identifier") if isinstance(value, dict) else None

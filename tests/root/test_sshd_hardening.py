@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from shifter.meta import ImageMeta, write_meta
-from tests.root.conftest import REPO
+from tests.root.conftest import IMAGE_ID, REPO
 
 PRELOAD_ID = "d" * 64
 MARKER = "PRELOAD-RAN-AS-ROOT"
@@ -93,3 +93,78 @@ def test_image_ld_so_preload_never_runs_as_root(clean_site, users, udi_image, pr
         assert (info.st_uid, info.st_mode & 0o777) == (user.uid, 0o600)
         with open(key) as fh:
             assert fh.readline().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+
+
+def _ccm_task(site, jobid: str, uid: int) -> str:
+    from spank_plugin.hooks import PlugstackArgs
+    from spank_plugin.stephooks import ccm_task
+
+    conf = PlugstackArgs(shifter_config=site.conf, enable_ccm=True)
+    return ccm_task(conf, {"job-id": jobid, "uid": str(uid), "gid": "0"})
+
+
+def test_ccm_task_of_a_job_not_submitted_with_ccm_gets_no_root(clean_site, users):
+    """A task that sets SLURM_SPANK_SHIFTER_CCM=1 itself makes the shim ask; the job's state says no."""
+    from shifter.errors import ShifterError
+
+    site, user = clean_site, users[0]
+    assert site.setup("321", user).returncode == 0
+    with pytest.raises(ShifterError, match="not submitted with --ccm"):
+        _ccm_task(site, "321", user.uid)
+
+
+def test_ccm_task_of_a_ccm_job_gets_its_root(clean_site, users):
+    site, user = clean_site, users[0]
+    site.write_config("allowLocalChroot=1\n")
+    result = site.setup("322", user, image="/", image_type="local")
+    assert result.returncode == 0, result.stderr
+    assert _ccm_task(site, "322", user.uid) == _root(site, "322")
+
+
+def test_ccm_task_never_reads_setup_error_through_a_symlink(clean_site, users):
+    """setup.error lives in the user's directory: a symlink to a root-only file is not read."""
+    from shifter.errors import ShifterError
+
+    site, user = clean_site, users[0]
+    canary = os.path.join(site.base, "canary-rootonly")
+    with open(canary, "w") as fh:
+        fh.write("SECRET-FIRST-LINE\n")
+    os.chmod(canary, 0o600)
+    job_dir = os.path.join(site.udi_mount, "323")
+    os.makedirs(job_dir, 0o700)
+    os.chown(job_dir, user.uid, user.gid)
+    pid = os.fork()
+    if pid == 0:  # the user plants the link in the directory they own
+        try:
+            os.setresgid(user.gid, user.gid, user.gid)
+            os.setresuid(user.uid, user.uid, user.uid)
+            os.symlink(canary, os.path.join(job_dir, "setup.error"))
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.path.islink(os.path.join(job_dir, "setup.error"))
+    with pytest.raises(ShifterError) as caught:
+        _ccm_task(site, "323", user.uid)
+    assert "SECRET" not in str(caught.value) and "not a plain file" in str(caught.value)
+    os.unlink(os.path.join(job_dir, "setup.error"))
+    with open(os.path.join(job_dir, "setup.error"), "w") as fh:  # the user's own file: not trusted either
+        fh.write("SECRET-USER-LINE\n")
+    os.chown(os.path.join(job_dir, "setup.error"), user.uid, user.gid)
+    with pytest.raises(ShifterError, match="not root's own file"):
+        _ccm_task(site, "323", user.uid)
+    os.unlink(os.path.join(job_dir, "setup.error"))
+    os.rmdir(job_dir)
+    os.unlink(canary)
+
+
+def test_ccm_task_reports_the_prolog_setup_error(clean_site, users):
+    from shifter.errors import ShifterError
+    from spank_plugin.hooks import JobRequest, PlugstackArgs, record_setup_error
+
+    site, user = clean_site, users[0]
+    req = JobRequest(job_id="324", uid=user.uid, gid=user.gid, user=user.name, image_type="id", image=IMAGE_ID,
+                     volumes=[], modules=None, ssh_pubkey=None, node_spec="")
+    record_setup_error(PlugstackArgs(shifter_config=site.conf), req, "image not found\nsecond line")
+    with pytest.raises(ShifterError, match="could not be built: image not found$"):
+        _ccm_task(site, "324", user.uid)
+    shutil.rmtree(os.path.join(site.udi_mount, "324"))
