@@ -163,7 +163,9 @@ def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest,
         from setuproot import sshd
 
         sshd.prepare(job.root, account, request.pubkey)
-        if not request.defer_sshd:  # else the extern step starts it (spank_plugin/hooks.py extern)
+        if request.defer_sshd:  # the extern step starts it (spank_plugin/hooks.py extern); a squatter fails now
+            sshd.refuse_squatter(job.root)
+        else:
             sshd.start_unless_port_taken(job.root, account, cgroup, job.jobid)
     fd = os.open(job.marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     with os.fdopen(fd, "w") as fh:

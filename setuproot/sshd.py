@@ -238,30 +238,34 @@ def prepare(root: str, account: Account, pubkey: str) -> None:
 
 
 class PortInUse(ShifterError):
-    """Port 1204 is taken on this node: another job sharing the node has its sshd there."""
+    """The sshd's port is held by something that is not a job's sshd: the request fails."""
+
+
+class AnotherJobsSshd(ShifterError):
+    """The sshd's port is held by the sshd of another job sharing the node."""
 
 
 def start_unless_port_taken(root: str, account: Account, cgroup: str | None, jobid: str) -> bool:
     """Start the job's sshd; when another job's sshd holds the port, say so and go on without one.
 
     Only one sshd can listen on port 1204 of a node, and jobs may share nodes: the job that
-    comes second must still run (the original failed silently here), it just has no sshd on
-    this node.  The line goes to slurmd's log through the hook.
+    comes second still runs, without an sshd on this node (its ssh clients, checking the job's
+    own host key, refuse the other job's daemon).  The line goes to slurmd's log through the
+    hook.  Anything else on the port (any user may bind a port above 1023) fails the request:
+    PortInUse.
 
     Checking the port, starting the daemon and waiting for it to listen happen under a lock
     on the node (flock of the udiMount directory; the root is ``<udiMount>/<jobid>/root``), so two
-    jobs starting at once cannot both see the port free (OpenSSH detaches before binding, so
-    the loser would fail unseen and the winner's listener would pass for its own).
+    jobs starting at once cannot both see the port free.
     """
     import fcntl
     import sys
 
-    udi_mount = os.path.dirname(os.path.dirname(root.rstrip("/")))
-    fd = os.open(udi_mount, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = os.open(_udi_mount(root), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         start(root, account, cgroup)
-    except PortInUse as err:
+    except AnotherJobsSshd as err:
         print(f"shifter: job {jobid}: no sshd on this node: {err}", file=sys.stderr)
         return False
     finally:
@@ -269,15 +273,60 @@ def start_unless_port_taken(root: str, account: Account, cgroup: str | None, job
     return True
 
 
-def _port(root: str) -> int:
-    """The sshd_config's Port (1204 in the udiImage's)."""
+def _udi_mount(root: str) -> str:
+    return os.path.dirname(os.path.dirname(root.rstrip("/")))
+
+
+def check_port(root: str) -> None:
+    """Fail (PortInUse) unless the job's sshd port is free or held by another job's sshd."""
+    port, _ = _port_and_pid_file(root)
+    inodes = listeners(port)
+    if not inodes:
+        return
+    holders = _sockets_held([int(name) for name in os.listdir("/proc") if name.isdigit()])
+    if all(inode in holders and _is_a_job_sshd(holders[inode], _udi_mount(root)) for inode in inodes):
+        raise AnotherJobsSshd(f"port {port} is in use (another job's sshd on a shared node)")
+    raise PortInUse(f"port {port} is taken on this node by a program that is not a job's sshd")
+
+
+def refuse_squatter(root: str) -> None:
+    """check_port for a daemon the extern step starts later: only a squatter fails the prolog."""
+    try:
+        check_port(root)
+    except AnotherJobsSshd:
+        pass  # the extern step says so when it finds the port still taken
+
+
+def _is_a_job_sshd(pid: int, udi_mount: str) -> bool:
+    """Is ``pid`` the udiImage's sshd chrooted into some job's root (``<udiMount>/<jobid>/root``)?"""
+    try:
+        root = os.readlink(f"/proc/{pid}/root")
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return False
+    parent, name = os.path.split(root)
+    return (name == "root" and os.path.dirname(parent) == udi_mount.rstrip("/")
+            and os.path.basename(parent).isdigit() and exe == root + UDI + "/sbin/sshd")
+
+
+def _port_and_pid_file(root: str) -> tuple[int, str | None]:
+    """The sshd_config's Port (1204 in the udiImage's) and its PidFile, as a host path."""
     with open(root + UDI + "/etc/sshd_config") as fh:
-        ports = _settings(fh.read().splitlines(), "Port")
-    return int(ports[0]) if ports and ports[0].isdigit() else 22
+        lines = fh.read().splitlines()
+    ports = _settings(lines, "Port")
+    pid_files = [p for p in _settings(lines, "PidFile") if p.startswith(UDI + "/")]
+    pid_file = root + pid_files[0] if pid_files else None
+    try:
+        if pid_file is not None and os.statvfs(os.path.dirname(pid_file)).f_flag & os.ST_RDONLY:
+            pid_file = None  # started by the extern step, in the read-only root: the daemon cannot write it
+    except OSError:
+        pid_file = None
+    return (int(ports[0]) if ports and ports[0].isdigit() else 22), pid_file
 
 
-def listening(port: int) -> bool:
-    """Whether a TCP socket listens on ``port`` in this network namespace (/proc/net/tcp{,6})."""
+def listeners(port: int) -> set[int]:
+    """Socket inodes listening on TCP ``port`` in this network namespace (/proc/net/tcp{,6})."""
+    found = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as fh:
@@ -286,23 +335,58 @@ def listening(port: int) -> bool:
             continue
         for row in rows:
             fields = row.split()
-            if len(fields) > 3 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                return True
-    return False
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                found.add(int(fields[9]))
+    return found
 
 
-def start(root: str, account: Account, cgroup: str | None, timeout: float = 5.0) -> None:
-    """Start the daemon as the user and wait until it listens.
+def listening(port: int) -> bool:
+    return bool(listeners(port))
 
-    OpenSSH detaches *before* it binds its port, so its exit status cannot tell that the port
-    is taken: that is checked first (PortInUse), and afterwards the port must start listening,
-    so that the job's first ``ssh`` never finds it closed.
+
+def _sockets_held(pids: list[int]) -> dict[int, int]:
+    """socket inode -> pid, for the sockets the given processes hold open."""
+    held = {}
+    for pid in pids:
+        try:
+            names = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for name in names:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{name}")
+            except OSError:
+                continue
+            if link.startswith("socket:[") and link.endswith("]"):
+                held[int(link[8:-1])] = pid
+    return held
+
+
+def _kill(pids: set[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+def start(root: str, account: Account, cgroup: str | None, timeout: float = 5.0, settle: float = 0.3) -> None:
+    """Start the daemon as the user and wait until every listener on its port is its own.
+
+    OpenSSH detaches *before* it binds, and an sshd that binds only some of its addresses (the
+    others taken) carries on: neither its exit status nor "something listens" tells whether the
+    port is the job's.  So the port must be free first (check_port), and afterwards each listening socket on
+    it must be held by a process chrooted into this job's root (socket inode from /proc/net/tcp*
+    against /proc/<pid>/fd); a foreign one fails the request and stops the daemon.  OpenSSH
+    writes its PidFile once every address is bound: only then is the check final (without a
+    PidFile, after ``settle`` seconds).
     """
     import time
 
-    port = _port(root)
-    if listening(port):
-        raise PortInUse(f"port {port} is in use (another job's sshd on a shared node)")
+    from shifter.teardown import processes_rooted_in
+
+    check_port(root)
+    port, pid_file = _port_and_pid_file(root)
     read_end, write_end = os.pipe()
     try:
         status = _run_as_user_chrooted(root, [f"{UDI}/sbin/sshd", "-f", f"{UDI}/etc/sshd_config", "-e"], account,
@@ -318,7 +402,22 @@ def start(root: str, account: Account, cgroup: str | None, timeout: float = 5.0)
     if status != 0:
         raise ShifterError(f"the job's sshd did not start (status {status})" + (f": {errors[-1]}" if errors else ""))
     deadline = time.monotonic() + timeout
-    while not listening(port):
-        if time.monotonic() > deadline:
+    settled_at = None
+    while True:
+        inodes = listeners(port)
+        ours = _sockets_held(processes_rooted_in(root))
+        foreign = inodes - ours.keys()
+        if foreign:
+            _kill({ours[inode] for inode in inodes & ours.keys()})
+            raise PortInUse(f"port {port} was taken on this node while the job's sshd started "
+                            "(another user's program listens there)")
+        now = time.monotonic()
+        if inodes and pid_file is not None and os.path.lexists(pid_file):
+            return
+        if inodes and settled_at is None and pid_file is None:
+            settled_at = now + settle  # its other addresses are bound right after the first
+        if settled_at is not None and now >= settled_at:
+            return
+        if now > deadline:
             raise ShifterError(f"the job's sshd is not listening on port {port} after {timeout:.0f} s")
         time.sleep(0.002)

@@ -164,7 +164,67 @@ def test_ccm_task_reports_the_prolog_setup_error(clean_site, users):
     site, user = clean_site, users[0]
     req = JobRequest(job_id="324", uid=user.uid, gid=user.gid, user=user.name, image_type="id", image=IMAGE_ID,
                      volumes=[], modules=None, ssh_pubkey=None, node_spec="")
+    os.makedirs(site.udi_mount, 0o755, exist_ok=True)  # setupRoot made it on this node before it failed
     record_setup_error(PlugstackArgs(shifter_config=site.conf), req, "image not found\nsecond line")
     with pytest.raises(ShifterError, match="could not be built: image not found$"):
         _ccm_task(site, "324", user.uid)
     shutil.rmtree(os.path.join(site.udi_mount, "324"))
+
+
+_SQUATTER = """
+import socket, sys, time
+family = socket.AF_INET6 if sys.argv[1] == "v6" else socket.AF_INET
+s = socket.socket(family, socket.SOCK_STREAM)
+if family == socket.AF_INET6:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 1204))
+s.listen(1)
+open(sys.argv[2], "w").close()
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("family", ["v4", "v6"])
+def test_sshd_port_taken_by_another_user_fails_the_request(clean_site, users, udi_image, family):
+    """Another user listening on 1204 (all of it, or only its IPv6 half) makes the job fail, not drain."""
+    _squat_and_setup(clean_site, users, udi_image, family)
+
+
+def _squat_and_setup(clean_site, users, udi_image, family: str, *extra: str) -> None:
+    import shlex
+
+    site, squatter = clean_site, users[1]
+    site.write_config(f"optUdiImage={udi_image}\n")
+    ready_dir = os.path.join(site.base, f"squatter-{family}")
+    os.makedirs(ready_dir, exist_ok=True)
+    os.chown(ready_dir, squatter.uid, squatter.gid)
+    ready = os.path.join(ready_dir, "ready")
+    errors = os.path.join(site.base, "setup-errors")
+    script_file = os.path.join(site.base, "squatter.py")
+    with open(script_file, "w") as fh:
+        fh.write(_SQUATTER)
+    os.chmod(script_file, 0o644)
+    setup = [os.path.join(site.bin, "setupRoot"), "--config", site.conf, "--job-id", "325", "-U",
+             str(users[0].uid), "-G", str(users[0].gid), "-u", users[0].name, "-s", _pubkey(site), *extra, "id", IMAGE_ID]
+    squat = ["setpriv", f"--reuid={squatter.uid}", f"--regid={squatter.gid}", "--clear-groups",
+             "/usr/bin/python3", script_file, family, ready]
+    script = ("ip link set lo up || exit 90\n"
+              f"{' '.join(map(shlex.quote, squat))} & squatter=$!\n"
+              f"for i in $(seq 200); do [ -e {ready} ] && break; sleep 0.05; done\n"
+              f"[ -e {ready} ] || exit 92\n"
+              f"{' '.join(map(shlex.quote, setup))} 2>{errors}; status=$?\n"
+              "kill $squatter; wait $squatter\n"
+              "exit $status\n")
+    out = subprocess.run(["unshare", "-n", "sh", "-c", script], capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    with open(errors) as fh:
+        stderr = fh.read()
+    assert out.returncode == 1, out.stderr + stderr
+    assert "port 1204 is taken" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not os.path.lexists(os.path.join(site.udi_mount, "325"))
+    shutil.rmtree(ready_dir)
+
+
+def test_deferred_sshd_port_taken_fails_the_prolog(clean_site, users, udi_image):
+    """With --defer-sshd (the extern step starts the daemon) a squatter is refused in the prolog."""
+    _squat_and_setup(clean_site, users, udi_image, "v4", "--defer-sshd")
