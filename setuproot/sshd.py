@@ -15,15 +15,15 @@ from __future__ import annotations
 import os
 
 from shifter import jobcgroup, linux
-from shifter.errors import NodeError, ShifterError
+from shifter.errors import ShifterError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from shifter.container import Account
 
 UDI = "/opt/udiImage"
-HOST_SSH_KEYGEN = "/usr/bin/ssh-keygen"
-_KEY_TYPES = frozenset({"rsa", "ecdsa", "ed25519", "dsa"})
+HOST_KEY = UDI + "/etc/ssh_host_ecdsa_key"
+KNOWN_HOSTS = UDI + "/etc/ssh_known_hosts"
 _KEY_PREFIXES = ("ssh-", "ecdsa-", "sk-")
 
 
@@ -132,38 +132,6 @@ def _open_dir_in_root(root: str, relpath: str) -> int:
     return fd
 
 
-def _host_keys(kinds: list[str]) -> dict[str, tuple[bytes, bytes]]:
-    """(private, public) host key of each kind, made by the host's ssh-keygen outside the container.
-
-    Root never runs anything the image chose: inside the job's root the loader would read the
-    image's /etc/ld.so.preload and OpenSSL the image's openssl.cnf.  The host's program writes
-    into a fresh directory only root can enter, and the keys are copied in through descriptors.
-    """
-    import shutil
-    import subprocess
-    import tempfile
-
-    if not os.path.isfile(HOST_SSH_KEYGEN):
-        raise NodeError(f"an sshd was requested but this node has no {HOST_SSH_KEYGEN}")
-    work = tempfile.mkdtemp(prefix="shifter-hostkeys-")
-    try:
-        keys = {}
-        for kind in kinds:
-            path = os.path.join(work, kind)
-            result = subprocess.run([HOST_SSH_KEYGEN, "-q", "-t", kind, "-N", "", "-C", "shifter job host key",
-                                     "-f", path], env={"PATH": "/usr/bin:/bin"}, cwd=work, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
-            if result.returncode != 0:
-                detail = result.stderr.decode(errors="replace").strip().splitlines()
-                raise NodeError(f"ssh-keygen -t {kind} failed (status {result.returncode})"
-                                + (f": {detail[-1]}" if detail else ""))
-            with open(path, "rb") as private, open(path + ".pub", "rb") as public:
-                keys[kind] = (private.read(), public.read())
-        return keys
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
 def _write_new(dir_fd: int, name: str, data: bytes, mode: int, owner: tuple[int, int]) -> None:
     """Create ``name`` below ``dir_fd`` (never through anything already there) with ``data``."""
     try:
@@ -179,23 +147,53 @@ def _write_new(dir_fd: int, name: str, data: bytes, mode: int, owner: tuple[int,
         os.close(fd)
 
 
-def _install_host_keys(root: str, account: Account, key_paths: list[str]) -> None:
-    """Give the daemon the keys its sshd_config lists, readable by the user it runs as."""
-    wanted = []
-    for key in key_paths:
-        kind = os.path.basename(key).removeprefix("ssh_host_").removesuffix("_key")
-        if kind not in _KEY_TYPES or os.path.dirname(key) != UDI + "/etc":
-            raise ShifterError(f"sshd_config: cannot generate host key {key} (expected {UDI}/etc/ssh_host_<type>_key)")
-        wanted.append((kind, os.path.basename(key)))
-    keys = _host_keys(sorted({kind for kind, _ in wanted}))
+def _install_host_key(root: str, account: Account) -> None:
+    """The job's host key for the daemon (readable by the user it runs as) and for every client.
+
+    The key is the job's on every node (setuproot/hostkey.py), so one known_hosts line, for
+    any host name, tells each node's clients that the sshd they reach is the job's.
+    """
+    from setuproot import hostkey
+
+    jobid = os.path.basename(os.path.dirname(root.rstrip("/")))  # the root is <udiMount>/<jobid>/root
+    private = hostkey.private_key_pem(jobid, account.uid)
+    known = f"* {hostkey.public_key_line(private)} shifter job {jobid}\n".encode()
     etc_fd = _open_dir_in_root(root, UDI + "/etc")
     try:
-        for kind, name in wanted:
-            private, public = keys[kind]
-            _write_new(etc_fd, name, private, 0o600, (account.uid, account.gid))
-            _write_new(etc_fd, name + ".pub", public, 0o644, (0, 0))
+        _write_new(etc_fd, os.path.basename(HOST_KEY), private, 0o600, (account.uid, account.gid))
+        _write_new(etc_fd, os.path.basename(KNOWN_HOSTS), known, 0o644, (0, 0))
     finally:
         os.close(etc_fd)
+    from shifter.packing import ssh_config_text
+
+    ssh_fd = _open_dir_in_root(root, "etc/ssh")
+    try:  # the image's own client files stay; the bound client reads /etc/ssh
+        for name, data in (("ssh_known_hosts", known), ("ssh_config", ssh_config_text().encode())):
+            if not _exists(ssh_fd, name):
+                _write_new(ssh_fd, name, data, 0o644, (0, 0))
+    finally:
+        os.close(ssh_fd)
+
+
+def _exists(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _with_one_host_key(lines: list[str]) -> list[str]:
+    """The sshd_config with the job's key as its only HostKey: a client trusts no other."""
+    out, placed = [], False
+    for line in lines:
+        if line.split(None, 1)[:1] and line.split(None, 1)[0].lower() == "hostkey":
+            if not placed:
+                out.append(f"HostKey {HOST_KEY}")
+                placed = True
+            continue
+        out.append(line)
+    return out if placed else [f"HostKey {HOST_KEY}", *out]
 
 
 def prepare(root: str, account: Account, pubkey: str) -> None:
@@ -210,7 +208,8 @@ def prepare(root: str, account: Account, pubkey: str) -> None:
     with open(config) as fh:
         lines = [f"AllowUsers {account.user}" if line.strip() == "AllowUsers ToBeReplaced" else line
                  for line in fh.read().splitlines()]
-    _install_host_keys(root, account, _settings(lines, "HostKey"))
+    lines = _with_one_host_key(lines)
+    _install_host_key(root, account)
     for pid_file in _settings(lines, "PidFile"):
         if pid_file != "none" and pid_file.startswith(UDI + "/"):
             run_dir = root + os.path.dirname(pid_file)
@@ -230,11 +229,6 @@ def prepare(root: str, account: Account, pubkey: str) -> None:
         target = os.path.join(root, client)
         if os.path.isfile(target) and not os.path.islink(target):
             linux.bind(os.path.join(udi, "bin/ssh"), target, readonly=True)
-    ssh_config = os.path.join(udi, "etc/ssh_config")
-    if os.path.exists(ssh_config) and not os.path.lexists(os.path.join(root, "etc/ssh/ssh_config")):
-        from shifter import filecopy
-
-        filecopy.copy_file(ssh_config, os.path.join(root, "etc/ssh/ssh_config"), mode=0o644, owner=(0, 0))
 
 
 class PortInUse(ShifterError):

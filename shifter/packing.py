@@ -59,9 +59,9 @@ OPENSSH_PROGRAMS: tuple[tuple[str, str], ...] = (
     ("/usr/lib/openssh/sftp-server", "libexec/sftp-server"),  # the sftp subsystem (scp uses it too)
 )
 OPENSSH_MODULI = "/etc/ssh/moduli"
-# No RSA host key: generating one takes 0.3-2 s on a busy node, in every job's prolog (ecdsa and
-# ed25519: 4 ms each), and every OpenSSH client of the last decade accepts ed25519.
-HOST_KEY_TYPES = ("ecdsa", "ed25519")
+# One host key, ECDSA P-256: setupRoot derives it from the job, identically on every node, so each
+# node's clients can check it strictly (setuproot/hostkey.py); other HostKey lines are dropped.
+HOST_KEY_TYPES = ("ecdsa",)
 
 _DEFAULT_LIBRARY_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64",
                          "/lib", "/usr/lib")
@@ -451,11 +451,16 @@ def sshd_config_text() -> str:
 
 
 def ssh_config_text() -> str:
-    """The client configuration setupRoot installs as the container's /etc/ssh/ssh_config."""
+    """The client configuration setupRoot installs as the container's /etc/ssh/ssh_config.
+
+    Only the job's host key (written by setupRoot, the same on every node) is trusted: a
+    program of another user on the sshd's port cannot pass for the job's sshd.
+    """
     return (
         "Host *\n"
-        "    StrictHostKeyChecking no\n"
+        "    StrictHostKeyChecking yes\n"
         "    UserKnownHostsFile /dev/null\n"
+        f"    GlobalKnownHostsFile {UDI_IMAGE_MOUNT}/etc/ssh_known_hosts\n"
         "    LogLevel ERROR\n"
         f"    Port {SSH_PORT}\n"
         "    IdentityFile ~/.udiRoot/id_rsa.key\n"

@@ -106,6 +106,9 @@ def _prepare_sshd(root: str, account, pubkey: str) -> None:
                                             "-N", ""]), env=_env())
         assert result.returncode == 0, result.stderr
         os.chown(root + key, account.pw_uid, account.pw_gid)
+    with open(root + "/opt/udiImage/etc/ssh_host_ecdsa_key.pub") as pub, \
+            open(os.path.join(etc, "ssh_known_hosts"), "w") as known:  # the packed client checks strictly
+        known.write("* " + pub.read())
     config = os.path.join(etc, "sshd_config")
     with open(config) as fh:
         text = fh.read()
@@ -206,7 +209,7 @@ def test_packed_sshd_as_the_user_accepts_the_users_key(udi_image, account, tmp_p
         result = _run([*host_ssh(key), f"{USER}@127.0.0.1", probe])
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == f"in-container /home/{USER}"
-        # the packed client with the packed ssh_config (~/.udiRoot/id_rsa.key, no host key checks)
+        # the packed client with the packed ssh_config (~/.udiRoot/id_rsa.key, the job's host key only)
         packed_ssh = ["/opt/udiImage/bin/ssh", "-F", "/opt/udiImage/etc/ssh_config", "-p", str(port),
                       "-o", "BatchMode=yes", f"{USER}@127.0.0.1", "echo", "packed-client"]
         result = _run(_in_root(root, account.pw_uid, account.pw_gid, packed_ssh), env=_env())

@@ -87,12 +87,11 @@ def test_image_ld_so_preload_never_runs_as_root(clean_site, users, udi_image, pr
         assert "libshifter-preload" in fh.read()  # the trap was really in place
     assert MARKER not in result.stderr + result.stdout
     assert not os.path.lexists(os.path.join(root, "preload-ran"))
-    for kind in ("ed25519",):
-        key = os.path.join(root, f"opt/udiImage/etc/ssh_host_{kind}_key")
-        info = os.lstat(key)
-        assert (info.st_uid, info.st_mode & 0o777) == (user.uid, 0o600)
-        with open(key) as fh:
-            assert fh.readline().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    key = os.path.join(root, "opt/udiImage/etc/ssh_host_ecdsa_key")
+    info = os.lstat(key)
+    assert (info.st_uid, info.st_mode & 0o777) == (user.uid, 0o600)
+    with open(key) as fh:
+        assert fh.readline() == "-----BEGIN EC PRIVATE KEY-----\n"
 
 
 def _ccm_task(site, jobid: str, uid: int) -> str:
@@ -205,7 +204,8 @@ def _squat_and_setup(clean_site, users, udi_image, family: str, *extra: str) -> 
         fh.write(_SQUATTER)
     os.chmod(script_file, 0o644)
     setup = [os.path.join(site.bin, "setupRoot"), "--config", site.conf, "--job-id", "325", "-U",
-             str(users[0].uid), "-G", str(users[0].gid), "-u", users[0].name, "-s", _pubkey(site), *extra, "id", IMAGE_ID]
+             str(users[0].uid), "-G", str(users[0].gid), "-u", users[0].name, "-s", _pubkey(site), *extra, "id",
+             IMAGE_ID]
     squat = ["setpriv", f"--reuid={squatter.uid}", f"--regid={squatter.gid}", "--clear-groups",
              "/usr/bin/python3", script_file, family, ready]
     script = ("ip link set lo up || exit 90\n"
@@ -228,3 +228,65 @@ def _squat_and_setup(clean_site, users, udi_image, family: str, *extra: str) -> 
 def test_deferred_sshd_port_taken_fails_the_prolog(clean_site, users, udi_image):
     """With --defer-sshd (the extern step starts the daemon) a squatter is refused in the prolog."""
     _squat_and_setup(clean_site, users, udi_image, "v4", "--defer-sshd")
+
+
+def _known_hosts(site, jobid: str) -> str:
+    with open(os.path.join(_root(site, jobid), "opt/udiImage/etc/ssh_known_hosts")) as fh:
+        return fh.read()
+
+
+def test_host_key_is_the_jobs_on_every_node_and_strictly_checked(clean_site, users, udi_image):
+    """The same job gets the same host key on each node; another job, or another user, does not."""
+    site, user, other = clean_site, users[0], users[1]
+    site.write_config(f"optUdiImage={udi_image}\n")
+    assert site.setup("326", user, "-s", _pubkey(site), "--defer-sshd").returncode == 0
+    first = _known_hosts(site, "326")
+    assert first.startswith("* ecdsa-sha2-nistp256 ") and first.count("\n") == 1
+    with open(os.path.join(_root(site, "326"), "etc/ssh/ssh_config")) as fh:
+        config = fh.read()
+    assert "StrictHostKeyChecking yes" in config and "GlobalKnownHostsFile /opt/udiImage/etc/ssh_known_hosts" in config
+    with open(os.path.join(_root(site, "326"), "opt/udiImage/etc/sshd_config")) as fh:
+        assert [line for line in fh.read().splitlines() if line.startswith("HostKey")] == [
+            "HostKey /opt/udiImage/etc/ssh_host_ecdsa_key"]
+    assert site.unsetup("--job-id", "326").returncode == 0
+    assert site.setup("326", user, "-s", _pubkey(site), "--defer-sshd").returncode == 0  # "another node"
+    assert _known_hosts(site, "326") == first
+    assert site.setup("327", user, "-s", _pubkey(site), "--defer-sshd").returncode == 0
+    assert site.setup("328", other, "-s", _pubkey(site), "--defer-sshd").returncode == 0
+    keys = {_known_hosts(site, job).split()[2] for job in ("326", "327", "328")}
+    assert len(keys) == 3
+
+
+def test_ssh_with_strict_checking_reaches_the_jobs_sshd(clean_site, users, udi_image):
+    """A client that trusts only the job's known_hosts line logs in; one with another job's line refuses."""
+    import shlex
+
+    site, user = clean_site, users[0]
+    site.write_config(f"optUdiImage={udi_image}\n")
+    key = os.path.join(site.base, "userkey-hardening")
+    _pubkey(site)
+    setup = [os.path.join(site.bin, "setupRoot"), "--config", site.conf, "--job-id", "329", "-U", str(user.uid),
+             "-G", str(user.gid), "-u", user.name, "-s", _pubkey(site), "id", IMAGE_ID]
+    wrong = os.path.join(site.base, "wrong_known_hosts")
+    with open(wrong, "w") as fh:  # a well-formed line for another key
+        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-N", "", "-f", wrong + ".key"], check=True)
+        with open(wrong + ".key.pub") as pub:
+            fh.write("* " + pub.read())
+    known = os.path.join(_root(site, "329"), "opt/udiImage/etc/ssh_known_hosts")
+
+    def ssh(known_hosts: str) -> str:
+        return " ".join(map(shlex.quote, [
+            "ssh", "-i", key, "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known_hosts}",
+            "-o", "GlobalKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-p", "1204", f"{user.name}@127.0.0.1",
+            "echo in-the-job"]))
+    script = ("ip link set lo up || exit 90\n"
+              f"{' '.join(map(shlex.quote, setup))} || exit 91\n"
+              f"timeout 20 {ssh(known)} || exit 92\n"
+              f"timeout 20 {ssh(wrong)} && exit 93\n"
+              "exit 0\n")
+    out = subprocess.run(["unshare", "-n", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("in-the-job") == 1
+    assert "host key" in out.stderr.lower() or "verification failed" in out.stderr.lower(), out.stderr
+    for name in ("wrong_known_hosts", "wrong_known_hosts.key", "wrong_known_hosts.key.pub"):
+        os.unlink(os.path.join(site.base, name))
