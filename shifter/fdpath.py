@@ -1,0 +1,193 @@
+"""Reaching paths that a user or an image controls through descriptors, never through strings.
+
+Root checks an object and then acts on it; between the two a user can swap a directory for a
+symlink (``renameat2(RENAME_EXCHANGE)``).  Everything here therefore resolves a path once, with
+the kernel's own confinement (``openat2`` with ``RESOLVE_IN_ROOT`` or ``RESOLVE_NO_SYMLINKS``),
+and hands back a descriptor: checks (``fstat``, :func:`real_path`) and actions (a mount on
+:func:`proc_path`, ``*at`` calls) then hit exactly the object that was resolved.
+
+Only if the kernel lacks ``openat2`` (ENOSYS, before 5.6) is a component-wise ``O_NOFOLLOW``
+walk used instead; it refuses every symlink and ``..``, which is stricter than ``RESOLVE_IN_ROOT``.
+"""
+
+from __future__ import annotations
+
+import _ctypes
+import errno
+import os
+import stat
+import sys
+
+from shifter import linux
+
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+
+_SYS_OPENAT2 = 437  # the same number on every architecture (unified syscall table)
+_syscall = linux._function("syscall", linux._ULong, linux._Int, linux._CharP, linux._CharP, linux._ULong)
+_have_openat2 = True
+_MAX_SWAPS = 100
+
+
+def _open_how(flags: int, mode: int, resolve: int) -> bytes:
+    """struct open_how: three u64 (flags, mode, resolve)."""
+    return b"".join(value.to_bytes(8, sys.byteorder) for value in (flags, mode, resolve))
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
+    """openat2(2); O_CLOEXEC is always added.  Raises OSError naming ``path``."""
+    global _have_openat2
+    flags |= os.O_CLOEXEC
+    if _have_openat2:
+        how = _open_how(flags, mode, resolve)
+        fd = _syscall(_SYS_OPENAT2, dirfd, os.fsencode(path), how, len(how))
+        if fd >= 0:
+            return fd
+        err = _ctypes.get_errno()
+        if err != errno.ENOSYS:
+            raise OSError(err, f"{path}: {os.strerror(err)}")
+        _have_openat2 = False
+    return _walk_nofollow(dirfd, path, flags, mode)
+
+
+def _walk_nofollow(dirfd: int, path: str, flags: int, mode: int) -> int:
+    """The fallback: one component at a time with O_NOFOLLOW; ``..`` and every symlink refused."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise OSError(errno.EXDEV, f"{path}: '..' is not resolved without openat2")
+    if not parts:
+        return os.open(".", flags, mode, dir_fd=dirfd)
+    current = dirfd
+    try:
+        for index, name in enumerate(parts):
+            last = index == len(parts) - 1
+            step = (flags | os.O_NOFOLLOW) if last else (os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                following = os.open(name, step, mode, dir_fd=current)
+            except OSError as exc:
+                raise OSError(exc.errno, f"{path}: {exc.strerror}") from None
+            if current != dirfd:
+                os.close(current)
+            current = following
+        if stat.S_ISLNK(os.fstat(current).st_mode):  # O_PATH|O_NOFOLLOW opens a final link itself
+            raise OSError(errno.ELOOP, f"{path}: {os.strerror(errno.ELOOP)}")
+        result, current = current, dirfd
+        return result
+    finally:
+        if current != dirfd:
+            os.close(current)
+
+
+def open_in_root(root_fd: int, path: str, flags: int, mode: int = 0) -> int:
+    """Open ``path`` as a process chrooted at ``root_fd`` would: absolute links and ``..``
+    stay inside, /proc magic links are refused."""
+    return openat2(root_fd, path, flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS, mode)
+
+
+def open_no_symlinks(dirfd: int, path: str, flags: int, mode: int = 0) -> int:
+    """Open ``path`` below ``dirfd`` refusing any symlink on the way (and ``..`` above it)."""
+    return openat2(dirfd, path, flags, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS, mode)
+
+
+def open_dir(path: str) -> int:
+    """An O_PATH descriptor of a directory the site configured (trusted path, no final symlink)."""
+    return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def proc_path(fd: int) -> str:
+    """The path that names exactly ``fd``'s object: a mount source or target that cannot move."""
+    return f"/proc/self/fd/{fd}"
+
+
+def real_path(fd: int) -> str:
+    """Where ``fd``'s object is now, in this mount namespace (for allow-lists and messages)."""
+    return os.readlink(proc_path(fd))
+
+
+def relative_to(root_fd: int, fd: int) -> str:
+    """``fd``'s path as seen inside the root ``root_fd`` ("/" for the root itself)."""
+    base, real = real_path(root_fd).rstrip("/"), real_path(fd)
+    if real in (base, base + "/"):
+        return "/"
+    if not real.startswith(base + "/"):
+        raise OSError(errno.EXDEV, f"{real} is outside {base}")
+    return real[len(base):]
+
+
+def make_dirs_in_root(root_fd: int, path: str, mode: int = 0o755, *, device: int | None = None) -> int:
+    """Open directory ``path`` inside the root, creating missing components one at a time.
+
+    Each missing component is made with ``mkdirat`` on an in-root descriptor of its parent and
+    then opened in-root again, so a swapped component can redirect neither the creation nor the
+    result out of the root.  With ``device``, a component is created only where its parent is on
+    that filesystem (the container's tmpfs: creating inside a bound host directory would write on
+    the host).  Returns an O_PATH descriptor of the directory.
+    """
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    for count in range(len(parts)):
+        try:
+            os.close(open_in_root(root_fd, "/".join(parts[:count + 1]), os.O_PATH))
+            continue
+        except FileNotFoundError:
+            pass
+        parent = open_in_root(root_fd, "/".join(parts[:count]) or "/", os.O_PATH | os.O_DIRECTORY)
+        try:
+            if parts[count] == "..":
+                break
+            if device is not None and os.fstat(parent).st_dev != device:
+                raise OSError(errno.EXDEV, f"cannot create {path}: its parent is not on the container tmpfs")
+            try:
+                os.mkdir(parts[count], mode, dir_fd=parent)
+            except FileExistsError:
+                pass
+        finally:
+            os.close(parent)
+    return open_in_root(root_fd, path, os.O_PATH | os.O_DIRECTORY)
+
+
+def remove_tree(parent_fd: int, name: str) -> None:
+    """``rm -rf`` of entry ``name`` of ``parent_fd``: never follows a link, never crosses a mount.
+
+    Every step is an ``*at`` call on a descriptor: a directory swapped for a symlink is
+    unlinked as a link, and a directory on another filesystem (a mount, or a swap that points
+    elsewhere) stops the removal with EXDEV instead of emptying it.
+    """
+    _remove_entry(parent_fd, name, os.fstat(parent_fd).st_dev)
+
+
+def _remove_entry(parent_fd: int, name: str, device: int) -> None:
+    for _attempt in range(_MAX_SWAPS):
+        try:
+            os.unlink(name, dir_fd=parent_fd)
+            return
+        except FileNotFoundError:
+            return
+        except IsADirectoryError:
+            pass
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                continue  # swapped for a non-directory since the unlink: unlink that
+            raise
+        try:
+            if os.fstat(fd).st_dev != device:
+                raise OSError(errno.EXDEV, f"refusing to remove {real_path(fd)}: another filesystem")
+            for child in os.listdir(fd):
+                _remove_entry(fd, child, device)
+        finally:
+            os.close(fd)
+        try:
+            os.rmdir(name, dir_fd=parent_fd)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.ENOTDIR):
+                raise
+    raise OSError(errno.EAGAIN, f"{name} keeps changing while it is removed")
