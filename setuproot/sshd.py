@@ -13,6 +13,7 @@ generated on the host, by the host's ssh-keygen (root runs nothing from the cont
 from __future__ import annotations
 
 import os
+import stat
 
 from shifter import jobcgroup, linux
 from shifter.errors import ShifterError
@@ -225,10 +226,59 @@ def prepare(root: str, account: Account, pubkey: str) -> None:
     with os.fdopen(fd, "w") as fh:
         fh.write(check_pubkey(pubkey) + "\n")
     os.chown(keys, account.uid, 0)
-    for client in ("usr/bin/ssh", "bin/ssh"):
-        target = os.path.join(root, client)
-        if os.path.isfile(target) and not os.path.islink(target):
-            linux.bind(os.path.join(udi, "bin/ssh"), target, readonly=True)
+    _bind_ssh_client(root)
+
+
+def _bind_ssh_client(root: str) -> None:
+    """Put the udiImage's ssh over the image's own client (it knows the job's port and key).
+
+    The image decides what ``/usr/bin`` and ``/bin`` are, and an absolute symlink there
+    (``/bin -> /usr/bin``) would, resolved on the host, put the bind over the *host's* file.  So
+    each client is resolved inside the root (openat2 RESOLVE_IN_ROOT, the final name not
+    followed), must be a regular file there, and the bind goes onto that descriptor; the new
+    mount is found again the same way and checked to be the udiImage's file before it is made
+    read-only.
+    """
+    from shifter import fdpath
+
+    root_fd = fdpath.open_dir(root)
+    try:
+        try:
+            source_fd = fdpath.open_no_symlinks(root_fd, UDI.lstrip("/") + "/bin/ssh", os.O_PATH)
+        except FileNotFoundError:
+            return  # a udiImage without a client: the image's own stays
+        try:
+            source = os.fstat(source_fd)
+            for client in ("usr/bin/ssh", "bin/ssh"):
+                _bind_one_client(root_fd, client, source_fd, source)
+        finally:
+            os.close(source_fd)
+    finally:
+        os.close(root_fd)
+
+
+def _bind_one_client(root_fd: int, client: str, source_fd: int, source: os.stat_result) -> None:
+    from shifter import fdpath
+
+    try:
+        target_fd = fdpath.open_in_root(root_fd, client, os.O_PATH | os.O_NOFOLLOW)
+    except OSError:
+        return  # the image has no such client
+    try:
+        info = os.fstat(target_fd)
+        if not stat.S_ISREG(info.st_mode) or (info.st_dev, info.st_ino) == (source.st_dev, source.st_ino):
+            return  # a symlink (the other name reaches the file) or already bound
+        linux.mount(fdpath.proc_path(source_fd), fdpath.proc_path(target_fd), None, linux.MS_BIND)
+    finally:
+        os.close(target_fd)
+    bound_fd = fdpath.open_in_root(root_fd, client, os.O_PATH | os.O_NOFOLLOW)
+    try:
+        bound = os.fstat(bound_fd)
+        if (bound.st_dev, bound.st_ino) != (source.st_dev, source.st_ino):
+            raise ShifterError(f"the container's /{client} changed while the ssh client was bound over it")
+        linux.restrict(fdpath.proc_path(bound_fd), readonly=True)
+    finally:
+        os.close(bound_fd)
 
 
 class PortInUse(ShifterError):

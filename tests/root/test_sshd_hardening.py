@@ -290,3 +290,48 @@ def test_ssh_with_strict_checking_reaches_the_jobs_sshd(clean_site, users, udi_i
     assert "host key" in out.stderr.lower() or "verification failed" in out.stderr.lower(), out.stderr
     for name in ("wrong_known_hosts", "wrong_known_hosts.key", "wrong_known_hosts.key.pub"):
         os.unlink(os.path.join(site.base, name))
+
+
+CLIENT_ID = "e" * 64
+
+
+@pytest.fixture(scope="session")
+def client_image(site):
+    """An image with its own /usr/bin/ssh, and /bin an absolute symlink to a host directory holding
+    a file named ssh (a canary standing in for a host binary such as /usr/bin/ssh)."""
+    canary_dir = os.path.join(site.base, "host-canary-bin")
+    os.makedirs(canary_dir, exist_ok=True)
+    with open(os.path.join(canary_dir, "ssh"), "w") as fh:
+        fh.write("HOST CANARY\n")
+    tree = os.path.join(site.base, "tree-client")
+    for sub in ("usr/bin", "etc", "var", "opt", "home"):
+        os.makedirs(os.path.join(tree, sub))
+    with open(os.path.join(tree, "usr/bin/ssh"), "w") as fh:
+        fh.write("the image's own client\n")
+    os.symlink(canary_dir, os.path.join(tree, "bin"))
+    subprocess.run(["mksquashfs", tree, os.path.join(site.images, f"{CLIENT_ID}.squashfs"), "-noappend",
+                    "-quiet", "-all-root"], check=True, stdout=subprocess.DEVNULL)
+    shutil.rmtree(tree)
+    write_meta(os.path.join(site.images, f"{CLIENT_ID}.meta"), ImageMeta(format="squashfs", env=["PATH=/bin"]))
+    return canary_dir
+
+
+def test_ssh_client_bind_never_lands_on_a_host_file(clean_site, users, udi_image, client_image):
+    """The image's /bin -> <host dir>: the client bind stays inside the root; the image's own is replaced."""
+    site, user = clean_site, users[0]
+    site.write_config(f"optUdiImage={udi_image}\n")
+    canary = os.path.join(client_image, "ssh")
+    result = site.setup("330", user, "-s", _pubkey(site), "--defer-sshd", image=CLIENT_ID)
+    assert result.returncode == 0, result.stderr
+    root = _root(site, "330")
+    assert os.readlink(os.path.join(root, "bin")) == client_image  # the trap was in place
+    with open(canary) as fh:
+        assert fh.read() == "HOST CANARY\n"
+    assert not any(point == canary for point in site.mounts())
+    with open(os.path.join(root, "usr/bin/ssh"), "rb") as bound, open(os.path.join(udi_image, "bin/ssh"), "rb") as ours:
+        assert bound.read(4096) == ours.read(4096)  # the udiImage's client over the image's own
+    with pytest.raises(OSError):
+        open(os.path.join(root, "usr/bin/ssh"), "ab").close()  # read-only
+    assert site.unsetup("--job-id", "330").returncode == 0
+    with open(canary) as fh:
+        assert fh.read() == "HOST CANARY\n"
