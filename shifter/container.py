@@ -58,6 +58,25 @@ class RootSpec(Record):
     privileged: bool  # False: built by the user in a user namespace (the launcher's fresh path)
 
 
+def _check_root_only(path: str, what: str) -> None:
+    """``path`` and every directory above it (as written and as resolved) are root's alone."""
+    from shifter.errors import NodeError
+
+    if not path.startswith("/"):
+        raise NodeError(f"{what} {path}: not an absolute path")
+    for candidate in dict.fromkeys((os.path.normpath(path), os.path.realpath(path))):
+        parts = candidate.split("/")[1:]
+        for depth in range(len(parts) + 1):
+            prefix = "/" + "/".join(parts[:depth])
+            try:
+                info = os.lstat(prefix)
+            except OSError as exc:
+                raise NodeError(f"{what} {path}: {prefix}: {exc.strerror}") from None
+            shared = info.st_mode & 0o022 and not (stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX)
+            if info.st_uid != 0 or (shared and not stat.S_ISLNK(info.st_mode)):
+                raise NodeError(f"{what} {path}: {prefix} may be changed by someone other than root")
+
+
 def _propagation(config: UdiRootConfig, mount: VolumeMount | None = None) -> int:
     if mount is not None and mount.slave:
         return linux.MS_SLAVE
@@ -67,8 +86,14 @@ def _propagation(config: UdiRootConfig, mount: VolumeMount | None = None) -> int
 
 
 def run_hook(script: str, cwd: str, what: str) -> None:
-    """Run a site or module root hook with /bin/sh, as the original did; non-zero aborts the setup."""
+    """Run a site or module root hook with /bin/sh, as the original did; non-zero aborts the setup.
+
+    It runs on the host (the host's /bin/sh, never chrooted), and only a script that no one but
+    root can change: root never runs what a user could have written.
+    """
     import subprocess
+
+    _check_root_only(script, what)
 
     result = subprocess.run(["/bin/sh", script], cwd=cwd, env={"PATH": _HOOK_PATH},
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -195,3 +195,25 @@ def test_local_image_type_when_allowed(clean_site, users):
     env = site.job_env("306", SHIFTER_IMAGETYPE="local", SHIFTER_IMAGE=tree, SHIFTER_IMAGEREQUEST=f"local:{tree}")
     out = site.shifter(user, "/bin/cat", "/etc/os-release", env=env)
     assert out.returncode == 0 and out.stdout == "NAME=LocalTree\n", out.stderr
+
+
+def test_root_hook_that_a_user_can_change_is_never_run(module_site, users):
+    """A roothook the user owns (or in a directory the user may write) is refused, not run as root."""
+    site, user = module_site, users[0]
+    user_dir = os.path.join(site.base, "user-hooks")
+    os.makedirs(user_dir, exist_ok=True)
+    hook = os.path.join(user_dir, "hook.sh")
+    marker = os.path.join(site.base, "user-hook-ran")
+    with open(hook, "w") as fh:
+        fh.write(f"#!/bin/sh\ntouch {marker}\n")
+    for owner, dir_mode in (((user.uid, user.gid), 0o755), ((0, 0), 0o777)):
+        os.chown(hook, *owner)
+        os.chmod(user_dir, dir_mode)
+        site.write_config(f"module_evil_roothook={hook}\n")
+        result = site.setup("331", user, "-m", "evil")
+        assert result.returncode == 2 and "may be changed by someone other than root" in result.stderr, result.stderr
+        assert not os.path.exists(marker)
+        assert site.mounts() == []
+    os.chmod(user_dir, 0o755)
+    os.unlink(hook)
+    os.rmdir(user_dir)
