@@ -24,6 +24,11 @@ def _is_v2(path: str) -> bool:
     return os.path.exists(os.path.join(path, "cgroup.controllers"))
 
 
+def is_unified(path: str) -> bool:
+    """Is ``path`` on the cgroup v2 (unified) hierarchy, where a process is in one cgroup only?"""
+    return _is_v2(path)
+
+
 def create(base: str, uid: int, jobid: str) -> str:
     """Create the job's cgroup (and its parents under ``base``); return its path."""
     if not os.path.isdir(base):

@@ -72,15 +72,29 @@ def extern(conf: PlugstackArgs, opts: dict[str, str]) -> int:
         return 0  # no container for this job on this node (no --image, or its setup failed)
     if conf.extern_cgroup and conf.enable_sshd and os.path.isfile(os.path.join(job.root, _AUTHORIZED_KEYS)):
         from setuproot import sshd
-        from shifter import jobcgroup
 
-        cgroup = jobcgroup.job_cgroup(conf.memory_cgroup, uid, job_id) if conf.memory_cgroup else None
+        cgroup = sshd_cgroup(conf.memory_cgroup, uid, job_id)
         if cgroup is not None and not os.path.isdir(cgroup):
             cgroup = None  # setupRoot made it; if it is gone, the epilog is already running
         sshd.start_unless_port_taken(job.root, _account(uid, gid), cgroup, job_id)
     if conf.extern_setup:
         return run_extern_setup(conf.extern_setup, job_id, _account(uid, gid), job.root)
     return 0
+
+
+def sshd_cgroup(memory_cgroup: str | None, uid: int, job_id: str) -> str | None:
+    """The cgroup the extern step moves the daemon into, or None to leave it in the step's own.
+
+    On cgroup v1 the memory cgroup is a hierarchy of its own: joining it leaves the daemon in
+    Slurm's cgroups of the other hierarchies.  On the unified v2 hierarchy a process is in one
+    cgroup only, and a shifter cgroup would take the daemon, and all started through it, out of
+    Slurm's job cgroup (its limits, accounting and kill at job end): it stays in the step's.
+    """
+    from shifter import jobcgroup
+
+    if not memory_cgroup or jobcgroup.is_unified(memory_cgroup):
+        return None
+    return jobcgroup.job_cgroup(memory_cgroup, uid, job_id)
 
 
 def run_extern_setup(script: str, job_id: str, account: Account, root: str) -> int:

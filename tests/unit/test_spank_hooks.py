@@ -83,3 +83,17 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_extern_sshd_stays_in_the_step_cgroup_on_a_fake_cgroup_v2_tree(tmp_path) -> None:
+    """A directory with cgroup.controllers stands in for a v2 hierarchy (this machine has v1 only)."""
+    from spank_plugin.stephooks import sshd_cgroup
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cgroup.controllers").write_text("cpu memory pids\n")
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    assert sshd_cgroup(str(v2), 1000, "7") is None
+    assert sshd_cgroup(str(v1), 1000, "7") == f"{v1}/shifter/uid_1000/job_7"
+    assert sshd_cgroup(None, 1000, "7") is None
