@@ -63,23 +63,28 @@ def _account(uid: int, gid: int) -> Account:
 
 
 def extern(conf: PlugstackArgs, opts: dict[str, str]) -> int:
-    """Start the deferred sshd in the extern step, then run ``extern_setup``; 1 if that failed."""
+    """Start the deferred sshd in the extern step, then run ``extern_setup``; 1 if either failed."""
     job_id, uid, gid = _ids(opts, "extern")
     if uid == 0:
         return 0  # root's jobs never get a container (setupRoot refuses them)
     job = _job(conf, job_id)
     if not os.path.isfile(job.marker):
         return 0  # no container for this job on this node (no --image, or its setup failed)
+    failed = 0
     if conf.extern_cgroup and conf.enable_sshd and os.path.isfile(os.path.join(job.root, _AUTHORIZED_KEYS)):
         from setuproot import sshd
 
         cgroup = sshd_cgroup(conf.memory_cgroup, uid, job_id)
         if cgroup is not None and not os.path.isdir(cgroup):
             cgroup = None  # setupRoot made it; if it is gone, the epilog is already running
-        sshd.start_unless_port_taken(job.root, _account(uid, gid), cgroup, job_id)
+        try:
+            sshd.start_unless_port_taken(job.root, _account(uid, gid), cgroup, job_id)
+        except ShifterError as err:  # e.g. a squatter took the port after the prolog checked it
+            print(f"shifter: job {job_id}: the job's sshd did not start: {err}", file=sys.stderr)
+            failed = 1
     if conf.extern_setup:
-        return run_extern_setup(conf.extern_setup, job_id, _account(uid, gid), job.root)
-    return 0
+        return run_extern_setup(conf.extern_setup, job_id, _account(uid, gid), job.root) or failed
+    return failed
 
 
 def sshd_cgroup(memory_cgroup: str | None, uid: int, job_id: str) -> str | None:
