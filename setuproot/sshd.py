@@ -116,21 +116,15 @@ def ensure_login_shell(root: str, user: str) -> None:
 
 def _open_dir_in_root(root: str, relpath: str) -> int:
     """A descriptor of ``root/relpath``, a real directory: no component may be a symlink."""
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    from shifter import fdpath
+
+    root_fd = fdpath.open_dir(root)
     try:
-        for name in relpath.strip("/").split("/"):
-            if name in ("", ".", ".."):
-                raise ShifterError(f"{relpath}: not a plain path")
-            next_fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            os.close(fd)
-            fd = next_fd
+        return fdpath.open_no_symlinks(root_fd, relpath.lstrip("/"), os.O_PATH | os.O_DIRECTORY)
     except OSError as exc:
-        os.close(fd)
         raise ShifterError(f"{relpath} in the container: {exc.strerror}") from None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    finally:
+        os.close(root_fd)
 
 
 def _write_new(dir_fd: int, name: str, data: bytes, mode: int, owner: tuple[int, int]) -> None:

@@ -165,20 +165,14 @@ def _read_root_owned(dir_fd: int, relpath: str) -> bytes | None:
     Each component is opened without following symlinks; a file that is not root's own (a
     symlink, a hard link, the user's file) is refused rather than read.
     """
-    names = relpath.split("/")
-    fd = os.dup(dir_fd)
+    from shifter import fdpath
+
     try:
-        for name in names[:-1]:
-            next_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            os.close(fd)
-            fd = next_fd
-        file_fd = os.open(names[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
+        file_fd = fdpath.open_no_symlinks(dir_fd, relpath, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
     except FileNotFoundError:
         return None
     except OSError:
         raise ShifterError(f"--ccm: {relpath} of the job is not a plain file") from None
-    finally:
-        os.close(fd)
     try:
         info = os.fstat(file_fd)
         if not stat.S_ISREG(info.st_mode) or info.st_uid != 0 or info.st_nlink != 1:
