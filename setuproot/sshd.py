@@ -378,10 +378,6 @@ def listeners(port: int) -> set[int]:
     return found
 
 
-def listening(port: int) -> bool:
-    return bool(listeners(port))
-
-
 def _sockets_held(pids: list[int]) -> dict[int, int]:
     """socket inode -> pid, for the sockets the given processes hold open."""
     held = {}
