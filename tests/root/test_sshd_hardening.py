@@ -335,3 +335,37 @@ def test_ssh_client_bind_never_lands_on_a_host_file(clean_site, users, udi_image
     assert site.unsetup("--job-id", "330").returncode == 0
     with open(canary) as fh:
         assert fh.read() == "HOST CANARY\n"
+
+
+def test_ccm_task_reads_no_root_only_file_while_the_user_swaps_setup_error(clean_site, users):
+    """The user exchanges setup.error (root's) with a symlink to a root-only file, in a loop."""
+    from shifter.errors import ShifterError
+    from spank_plugin.hooks import JobRequest, PlugstackArgs, record_setup_error
+    from tests.race import swapping
+
+    site, user = clean_site, users[0]
+    canary = os.path.join(site.base, "canary-race")
+    with open(canary, "w") as fh:
+        fh.write("SECRET-RACE-LINE\n")
+    os.chmod(canary, 0o600)
+    os.makedirs(site.udi_mount, 0o755, exist_ok=True)
+    req = JobRequest(job_id="332", uid=user.uid, gid=user.gid, user=user.name, image_type="id", image=IMAGE_ID,
+                     volumes=[], modules=None, ssh_pubkey=None, node_spec="")
+    record_setup_error(PlugstackArgs(shifter_config=site.conf), req, "the real reason")
+    job_dir = os.path.join(site.udi_mount, "332")
+    decoy = os.path.join(job_dir, "decoy")
+    os.symlink(canary, decoy)
+    os.lchown(decoy, user.uid, user.gid)
+    seen = set()
+    with swapping(os.path.join(job_dir, "setup.error"), decoy, uid=user.uid, gid=user.gid,
+                  max_seconds=10) as swapper:
+        for _ in range(2000):
+            try:
+                _ccm_task(site, "332", user.uid)
+            except ShifterError as err:
+                seen.add(str(err))
+    assert swapper.swaps > 100, "the race did not run"
+    assert not any("SECRET" in message for message in seen), seen
+    assert any("the real reason" in message for message in seen), seen
+    shutil.rmtree(job_dir)
+    os.unlink(canary)
