@@ -132,9 +132,9 @@ def _parse_acl(key: str, value: str) -> list[int]:
         item = part.strip()
         if not item.isdigit() or not item.isascii():
             raise ShifterError(f"{key}: {item!r} is not a numeric id (in {value!r})")
+        if len(item) > 10 or int(item) >= 2**32 - 1:  # uid_t; and never int() of thousands of digits
+            raise ShifterError(f"{key}: id {item[:20]} is out of range")
         number = int(item)
-        if number >= 2**32 - 1:
-            raise ShifterError(f"{key}: id {number} is out of range")
         ids.append(number)
     return ids
 
