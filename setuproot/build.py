@@ -135,6 +135,48 @@ def _ensure_base(path: str, mode: int) -> None:
         os.chmod(path, mode)
 
 
+def _propagation_fields(path: str) -> list[str] | None:
+    """The optional fields (``shared:N``, ``master:N``...) of the topmost mount on ``path``, or None."""
+    from shifter.mounts import unescape
+
+    found = None
+    with open("/proc/self/mountinfo", encoding="latin-1") as fh:
+        for line in fh:
+            fields = line.split()
+            if len(fields) > 5 and unescape(fields[4]) == path:
+                found = fields[6:fields.index("-")]
+    return found
+
+
+def _isolate_base(path: str) -> None:
+    """Make ``path`` a private mount of its own before anything is mounted beneath it.
+
+    Under a shared parent (systemd's default) every job mount would be copied into the peers
+    (PrivateTmp services' namespaces): those copies keep loop devices busy forever and outlive
+    the job.  A private bind of the directory onto itself stops that, once per boot.  Concurrent
+    prologs serialise on a lock of the directory.  Should mounts of jobs already sit below an
+    unbound ``path`` (an upgrade with jobs running), binding over them would hide them from their
+    teardown, so this waits for a prolog that finds none.
+    """
+    import fcntl
+
+    from shifter.mounts import mounts_under
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        fields = _propagation_fields(path)
+        if fields is None:
+            if mounts_under(path):
+                return
+            linux.mount(path, path, None, linux.MS_BIND)
+            linux.mount(None, path, None, linux.MS_PRIVATE)
+        elif any(field.startswith(("shared:", "master:")) for field in fields):
+            linux.mount(None, path, None, linux.MS_PRIVATE)
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _mount_image(image_file: str, target: str) -> None:
     try:
         device, dev_fd = loopdev.attach(image_file + ".squashfs")
@@ -170,6 +212,8 @@ def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest,
     with node_step("udiMount and loopMount"):
         _ensure_base(config.udi_mount, 0o755)
         _ensure_base(config.loop_mount, 0o700)
+        _isolate_base(config.udi_mount)
+        _isolate_base(config.loop_mount)
         # root's until the end, so the user cannot swap paths under the mounts being made; 0711 lets the
         # user volumes be resolved with the user's own permissions meanwhile
         _make_dir(job.dir, 0o711)
