@@ -162,6 +162,7 @@ def _isolate_base(path: str) -> None:
 
     from shifter.mounts import mounts_under
 
+    path = os.path.realpath(path)  # as mountinfo names it: a trailing / or a link would bind again each time
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

@@ -55,3 +55,24 @@ def test_job_mounts_stay_out_of_peer_namespaces_on_a_shared_root(clean_site, use
     for base in (site.udi_mount, site.loop_mount):
         assert f"BASE {base} []" in result.stdout, result.stdout  # a private mount of its own
     assert site.wait_no_loops() == [], "a copy in another namespace keeps the loop device busy"
+
+
+
+def _fields(path: str) -> list[str]:
+    with open("/proc/self/mountinfo") as fh:
+        found = [line.split() for line in fh if line.split()[4] == path]
+    return found[-1][6:found[-1].index("-")]
+
+
+def test_a_shared_udimount_is_made_private_whatever_its_spelling(clean_site, users):
+    site, user = clean_site, users[0]
+    assert site.setup("402", user).returncode == 0  # udiMount is a mount of its own from now on
+    assert site.unsetup("--job-id", "402").returncode == 0
+    subprocess.run(["mount", "--make-shared", site.udi_mount], check=True)
+    assert any(field.startswith("shared:") for field in _fields(site.udi_mount))
+    site.write_config(f"udiMount={site.udi_mount}/\n")  # the later key wins: a trailing /
+    assert site.setup("403", user).returncode == 0
+    assert _fields(site.udi_mount) == []  # private again
+    from shifter.mounts import mount_points
+
+    assert mount_points().count(site.udi_mount) == 1  # bound once, never stacked
