@@ -29,7 +29,7 @@ from gateway.registry import (
     select_platform,
 )
 from shifter.errors import ShifterError
-from shifter.meta import ImageMeta
+from shifter.meta import ImageMeta, format_meta
 
 __all__ = ["Location", "PullSpec", "ResolvedImage", "BuiltImage", "PublishTarget",
            "resolve", "build_image", "publish", "remove_published", "image_meta"]
@@ -171,10 +171,12 @@ def image_meta(config: dict) -> ImageMeta:
     workdir = inner.get("WorkingDir") or None
     if workdir is not None and not isinstance(workdir, str):
         raise ShifterError("image config: WorkingDir is not a string")
-    for value in [*env, workdir or "", *(argv("Entrypoint") or []), *(argv("Cmd") or [])]:
-        if "\n" in value or "\r" in value:
-            raise ShifterError("image config: a value contains a line break")
-    return ImageMeta(entrypoint=argv("Entrypoint"), cmd=argv("Cmd"), workdir=workdir, env=list(env))
+    meta = ImageMeta(entrypoint=argv("Entrypoint"), cmd=argv("Cmd"), workdir=workdir, env=list(env))
+    try:  # the .meta writer's checks, before any layer is downloaded
+        format_meta(meta)
+    except ShifterError as err:
+        raise ShifterError(f"image config: {err}") from None
+    return meta
 
 
 class _Progress:

@@ -13,6 +13,9 @@ less.  They need two things only the cluster can arrange:
   the ``shifter`` cgroup directory itself (cleanup.py removes it at ``down``).
 - the ``extern_setup=`` script: it appends one line per job and node to
   ``<state>/log/extern-setup.log``, which the tests read.
+- a node whose mounts are shared, as systemd makes them: n2's mount namespace is made
+  ``rshared`` and a peer namespace (a stand-in for a PrivateTmp service) runs beside its slurmd,
+  its pid in ``<state>/peer-n2.pid``; n1 stays private.
 """
 
 from __future__ import annotations
@@ -30,6 +33,13 @@ _EXTERN_SETUP = """#!/bin/sh
 echo "job=$SLURM_JOB_ID uid=$SLURM_JOB_UID user=$SLURM_JOB_USER node=$(hostname) root=$SHIFTER_ROOT" \\
     >> {log}
 """
+
+
+SHARED_ROOT_NODE = "n2"
+
+
+def peer_pidfile(settings: Settings, node: str) -> Path:
+    return settings.state_dir / f"peer-{node}.pid"
 
 
 def udi_image(settings: Settings) -> Path:

@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-cgroup", metavar="DIR",
                         help="create this memory cgroup and bind it over /sys/fs/cgroup/memory "
                              "(the node's own; localcluster/features.py)")
+    parser.add_argument("--shared-root", metavar="PIDFILE",
+                        help="make every mount shared, as systemd does, and start a peer mount namespace "
+                             "(like a PrivateTmp service's) whose pid goes to PIDFILE")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- program and arguments to exec")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -45,6 +48,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_cgroup:
         os.makedirs(args.memory_cgroup, exist_ok=True)
         _mount(["--bind", args.memory_cgroup, "/sys/fs/cgroup/memory"])
+    if args.shared_root:
+        _mount(["--make-rshared", "/"])
+        peer = subprocess.Popen(["unshare", "--mount", "--propagation", "unchanged", "--", "sleep", "infinity"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        with open(args.shared_root, "w") as fh:
+            fh.write(f"{peer.pid}\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
     os.execvpe(command[0], command, env)
 

@@ -129,6 +129,8 @@ def start_node(settings: Settings, pids: PidRegistry, node: str,
         memory_cgroup = features.node_memory_cgroup(settings, node)  # see localcluster/features.py
         if memory_cgroup is not None:
             nodeinit += ["--memory-cgroup", str(memory_cgroup)]
+        if node == features.SHARED_ROOT_NODE:
+            nodeinit += ["--shared-root", str(features.peer_pidfile(settings, node))]
         argv = ["nsenter", net, "--", "unshare", "--mount", "--uts", "--ipc", "--propagation", "private", "--",
                 *nodeinit,
                 "--tmpfs", f"{settings.udi_mount}=0755", "--tmpfs", f"{settings.loop_mount}=0700",

@@ -6,9 +6,10 @@ SLURM_JOB_ID).  Every failure undoes what was done and prints one line on stderr
 
 Exit status (the prolog hook acts on it, see docs/admin-guide.md "Failure policy"):
 0 built; 1 the request cannot be served (image missing or private, a volume the user cannot
-read, an unknown module...): the job fails, the node stays up; 2 the node is at fault (no loop
-device, a mount or the udiRoot.conf failing, an unexpected crash): the prolog fails and Slurm
-drains the node.
+read, an unknown module, hostile image metadata, an unexpected error while working from the
+request...): the job fails, the node stays up; 2 the node is at fault, as named by a NodeError
+(no loop device, udiMount or the udiRoot.conf failing, a cleanup that left something behind):
+the prolog fails and Slurm drains the node.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import os
 import sys
 
 from setuproot.args import parse_args
-from setuproot.build import setup_job
+from setuproot.build import describe, setup_job
 from shifter.cmdline import exit_fast
-from shifter.errors import NODE_FAILED, REQUEST_FAILED, NodeError, ShifterError
+from shifter.errors import NODE_FAILED, REQUEST_FAILED, NodeError
 
 PROG = "setupRoot"
 
@@ -34,15 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     except NodeError as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         return NODE_FAILED
-    except ShifterError as err:
-        print(f"{PROG}: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - one line, never a traceback; only a NodeError drains
+        print(f"{PROG}: {describe(err)}", file=sys.stderr)
         return REQUEST_FAILED
-    except OSError as err:
-        print(f"{PROG}: {err.strerror or err}" + (f": {err.filename}" if err.filename else ""), file=sys.stderr)
-        return NODE_FAILED
-    except Exception as err:  # noqa: BLE001 - a bug must still end in one line, not a traceback
-        print(f"{PROG}: internal error: {type(err).__name__}: {err}", file=sys.stderr)
-        return NODE_FAILED
     return 0
 
 

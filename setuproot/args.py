@@ -7,7 +7,7 @@ from shifter.record import Record
 
 DEFAULT_CONFIG = "/etc/shifter/udiRoot.conf"
 USAGE = ("usage: setupRoot -U uid -G gid -u user [-s pubkey] [-N nodespec] [-v volmap]... [-m modules] [-V] "
-         "[--config PATH] [--job-id ID] [--memory-cgroup PATH] [--defer-sshd] <type> <image>")
+         "[--config PATH] [--job-id ID] [--memory-cgroup PATH] [--defer-sshd] [--] <type> <image>")
 
 
 class SetupRequest(Record):

@@ -1,18 +1,56 @@
-"""The prolog's work: check the request, then build the job's environment or undo everything."""
+"""The prolog's work: check the request, then build the job's environment or undo everything.
+
+Failures are classified where they happen (docs/admin-guide.md "Failure policy"): what the
+request, the user or the image brought is a RequestError, raised by the checks that run
+before anything is made; a NodeError names a resource of the node itself (the config,
+udiMount, loopMount, loop devices, the job's tmpfs, the namespace pin, the cgroup).  Anything
+else, an unexpected error included, is taken as the request's: a user never drains a node.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 from setuproot.args import SetupRequest, default_config_path
 from shifter import container, filecopy, launchplan, linux, loopdev, teardown, userns
 from shifter.config import UdiRootConfig, load_config
-from shifter.errors import NodeError, ShifterError
+from shifter.errors import NodeError, RequestError, ShifterError
 from shifter.jobenv import JobEnv
 from shifter.meta import ImageMeta, read_meta
 from shifter.reuse import marker_text
 
 _MAX_GROUPS = 512
+
+
+def describe(err: BaseException) -> str:
+    """One line for any exception: what setupRoot prints and the prolog records."""
+    if isinstance(err, ShifterError):
+        return str(err)
+    if isinstance(err, OSError):
+        return f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
+    return f"internal error: {type(err).__name__}: {err}"
+
+
+@contextlib.contextmanager
+def request_checks() -> Iterator[None]:
+    """Whatever fails while the request's own data is checked is the request's failure."""
+    try:
+        yield
+    except (RequestError, NodeError):
+        raise
+    except Exception as err:  # noqa: BLE001 - user data must not reach the drain path by surprise
+        raise RequestError(describe(err)) from None
+
+
+@contextlib.contextmanager
+def node_step(what: str) -> Iterator[None]:
+    """An operation on the node's own resources: its OSError means the node is at fault."""
+    try:
+        yield
+    except OSError as err:
+        raise NodeError(f"{what}: {describe(err)}") from None
 
 
 def resolve_account(request: SetupRequest) -> container.Account:
@@ -97,6 +135,49 @@ def _ensure_base(path: str, mode: int) -> None:
         os.chmod(path, mode)
 
 
+def _propagation_fields(path: str) -> list[str] | None:
+    """The optional fields (``shared:N``, ``master:N``...) of the topmost mount on ``path``, or None."""
+    from shifter.mounts import unescape
+
+    found = None
+    with open("/proc/self/mountinfo", encoding="latin-1") as fh:
+        for line in fh:
+            fields = line.split()
+            if len(fields) > 5 and unescape(fields[4]) == path:
+                found = fields[6:fields.index("-")]
+    return found
+
+
+def _isolate_base(path: str) -> None:
+    """Make ``path`` a private mount of its own before anything is mounted beneath it.
+
+    Under a shared parent (systemd's default) every job mount would be copied into the peers
+    (PrivateTmp services' namespaces): those copies keep loop devices busy forever and outlive
+    the job.  A private bind of the directory onto itself stops that, once per boot.  Concurrent
+    prologs serialise on a lock of the directory.  Should mounts of jobs already sit below an
+    unbound ``path`` (an upgrade with jobs running), binding over them would hide them from their
+    teardown, so this waits for a prolog that finds none.
+    """
+    import fcntl
+
+    from shifter.mounts import mounts_under
+
+    path = os.path.realpath(path)  # as mountinfo names it: a trailing / or a link would bind again each time
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        fields = _propagation_fields(path)
+        if fields is None:
+            if mounts_under(path):
+                return
+            linux.mount(path, path, None, linux.MS_BIND)
+            linux.mount(None, path, None, linux.MS_PRIVATE)
+        elif any(field.startswith(("shared:", "master:")) for field in fields):
+            linux.mount(None, path, None, linux.MS_PRIVATE)
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _mount_image(image_file: str, target: str) -> None:
     try:
         device, dev_fd = loopdev.attach(image_file + ".squashfs")
@@ -116,30 +197,39 @@ def _mount_image(image_file: str, target: str) -> None:
 def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest, account: container.Account,
                       identifier: str, image_file: str, modules: list, plan: list[str] | None) -> None:
     """Everything of docs/internals.md "Per-job environment on a node", in order."""
-    from shifter.volumemap import parse_volume_map, volume_signature
+    from shifter.volumemap import check_per_node_caches, parse_volume_map, volume_signature
 
-    user_volumes = parse_volume_map(";".join(request.volumes), site=False)
-    hostsfile = None
-    if request.node_spec:
-        from shifter.hostsfile import hostsfile_text, parse_node_spec
+    with request_checks():
+        user_volumes = parse_volume_map(";".join(request.volumes), site=False)
+        check_per_node_caches(user_volumes, config.per_node_cache_size_limit, config.per_node_cache_max_count,
+                              config.per_node_cache_allowed_fs_type)
+        hostsfile = None
+        if request.node_spec:
+            from shifter.hostsfile import hostsfile_text, parse_node_spec
 
-        hostsfile = hostsfile_text(parse_node_spec(request.node_spec))
-    marker = marker_text(identifier, account.user, volume_signature(user_volumes), [m.name for m in modules])
+            hostsfile = hostsfile_text(parse_node_spec(request.node_spec))
+        marker = marker_text(identifier, account.user, volume_signature(user_volumes), [m.name for m in modules])
 
-    _ensure_base(config.udi_mount, 0o755)
-    _ensure_base(config.loop_mount, 0o700)
-    # root's until the end, so the user cannot swap paths under the mounts being made; 0711 lets the
-    # user volumes be resolved with the user's own permissions meanwhile
-    _make_dir(job.dir, 0o711)
-    _make_dir(job.root, 0o755)
+    with node_step("udiMount and loopMount"):
+        _ensure_base(config.udi_mount, 0o755)
+        _ensure_base(config.loop_mount, 0o700)
+        _isolate_base(config.udi_mount)
+        _isolate_base(config.loop_mount)
+        # root's until the end, so the user cannot swap paths under the mounts being made; 0711 lets the
+        # user volumes be resolved with the user's own permissions meanwhile
+        _make_dir(job.dir, 0o711)
+        _make_dir(job.root, 0o755)
+        if request.image_type != "local":
+            _make_dir(job.loop_mount, 0o700)
     if request.image_type == "local":
         image_dir = os.path.realpath(image_file)
     else:
-        _make_dir(job.loop_mount, 0o700)
         _mount_image(image_file, job.loop_mount)
         image_dir = job.loop_mount
-    linux.mount(config.rootfs_type, job.root, config.rootfs_type, linux.MS_NOSUID | linux.MS_NODEV, "mode=0755")
-    linux.mount(None, job.root, None, linux.MS_PRIVATE)
+    with node_step(f"the job's {config.rootfs_type}"):
+        linux.mount(config.rootfs_type, job.root, config.rootfs_type, linux.MS_NOSUID | linux.MS_NODEV,
+                    "mode=0755")
+        linux.mount(None, job.root, None, linux.MS_PRIVATE)
     spec = container.RootSpec(root=job.root, image_dir=image_dir, account=account, modules=modules,
                               user_volumes=user_volumes, hostsfile=hostsfile, cache_tag=f"job{job.jobid}")
     container.build_root(config, spec)
@@ -150,7 +240,8 @@ def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest,
 
         write_meta(job.meta, ImageMeta(format="VFS"))
         os.chmod(job.meta, 0o644)
-    userns.pin_user_namespace(account, job.userns)
+    with node_step("the job's user namespace"):
+        userns.pin_user_namespace(account, job.userns)
     cgroup = None
     if request.memory_cgroup:
         from shifter import jobcgroup
@@ -167,15 +258,17 @@ def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest,
             sshd.refuse_squatter(job.root)
         else:
             sshd.start_unless_port_taken(job.root, account, cgroup, job.jobid)
-    fd = os.open(job.marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(marker)
-    if plan is not None:
-        launchplan.write_plan(job.plan, plan)
-    if not config.mount_udi_root_writable:
-        linux.mount(None, job.root, None, linux.MS_REMOUNT | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_RDONLY)
-    os.chown(job.dir, account.uid, account.gid)  # now only the job's user may enter
-    os.chmod(job.dir, 0o700)
+    with node_step("the job's directory"):
+        fd = os.open(job.marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(marker)
+        if plan is not None:
+            launchplan.write_plan(job.plan, plan)
+        if not config.mount_udi_root_writable:
+            linux.mount(None, job.root, None,
+                        linux.MS_REMOUNT | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_RDONLY)
+        os.chown(job.dir, account.uid, account.gid)  # now only the job's user may enter
+        os.chmod(job.dir, 0o700)
 
 
 def setup_job(request: SetupRequest) -> None:
@@ -190,15 +283,16 @@ def setup_job(request: SetupRequest) -> None:
         config = load_config(config_path)
     except ShifterError as err:  # the site's config, not the user's request: the node is broken
         raise NodeError(str(err)) from None
-    job = JobEnv(config, request.jobid)
-    account = resolve_account(request)
-    identifier, image_file = resolve_image(config, request)
-    meta = None if request.image_type == "local" else load_image_meta(identifier, image_file, account)
-    modules = select_modules(config, request.modules)
-    plan = None
-    if config_info and meta is not None and not any(module.userhook for module in modules):
-        plan = launchplan.plan_records(config_info, account.uid, identifier, ";".join(request.volumes),
-                                       request.modules or "", meta, modules, config)
+    with request_checks():
+        job = JobEnv(config, request.jobid)
+        account = resolve_account(request)
+        identifier, image_file = resolve_image(config, request)
+        meta = None if request.image_type == "local" else load_image_meta(identifier, image_file, account)
+        modules = select_modules(config, request.modules)
+        plan = None
+        if config_info and meta is not None and not any(module.userhook for module in modules):
+            plan = launchplan.plan_records(config_info, account.uid, identifier, ";".join(request.volumes),
+                                           request.modules or "", meta, modules, config)
     try:
         teardown.destroy(config, job, request.memory_cgroup)  # a stale environment of the same job (#249)
     except ShifterError as err:
@@ -208,8 +302,8 @@ def setup_job(request: SetupRequest) -> None:
     except BaseException as err:
         try:
             teardown.destroy(config, job, request.memory_cgroup)
-        except ShifterError as undo_err:
-            raise NodeError(f"{err}; cleanup also failed: {undo_err}") from None
-        if isinstance(err, OSError) and not isinstance(err, ShifterError):
-            raise NodeError(f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")) from None
-        raise
+        except ShifterError as undo_err:  # something stays on the node: only an admin can clear it
+            raise NodeError(f"{describe(err)}; cleanup also failed: {undo_err}") from None
+        if isinstance(err, (ShifterError, KeyboardInterrupt, SystemExit)):
+            raise
+        raise RequestError(describe(err)) from None  # unexpected, while building from the request

@@ -73,12 +73,18 @@ class ModuleConfig(Record):
     enabled: bool
 
 
+# a user's perNodeCache is a sparse file on the node's perNodeCachePath: bounded unless the site says more
+DEFAULT_PER_NODE_CACHE_SIZE_LIMIT = 100 * 1024**3
+DEFAULT_PER_NODE_CACHE_MAX_COUNT = 4
+
+
 class UdiRootConfig(Record):
     """The parsed udiRoot.conf, attributes in snake_case."""
 
     __slots__ = (
         "udi_mount", "loop_mount", "image_path", "udi_root_path", "etc_path", "rootfs_type",
         "per_node_cache_path", "per_node_cache_size_limit", "per_node_cache_allowed_fs_type",
+        "per_node_cache_max_count",
         "users_to_import", "site_pre_mount_hook", "site_post_mount_hook", "opt_udi_image",
         "allow_local_chroot", "allow_libc_pwd_calls", "populate_etc_dynamically",
         "mount_propagation_style", "mount_udi_root_writable", "max_group_count", "gateway_timeout",
@@ -88,7 +94,8 @@ class UdiRootConfig(Record):
         "source",
     )
     _defaults = {
-        "per_node_cache_path": None, "per_node_cache_size_limit": None, "per_node_cache_allowed_fs_type": [],
+        "per_node_cache_path": None, "per_node_cache_size_limit": DEFAULT_PER_NODE_CACHE_SIZE_LIMIT,
+        "per_node_cache_allowed_fs_type": ["xfs"], "per_node_cache_max_count": DEFAULT_PER_NODE_CACHE_MAX_COUNT,
         "users_to_import": [], "site_pre_mount_hook": None, "site_post_mount_hook": None,
         "opt_udi_image": None, "allow_local_chroot": False, "allow_libc_pwd_calls": False,
         "populate_etc_dynamically": False, "mount_propagation_style": "private",
@@ -106,8 +113,9 @@ class UdiRootConfig(Record):
     etc_path: str
     rootfs_type: str
     per_node_cache_path: str | None
-    per_node_cache_size_limit: int | None
+    per_node_cache_size_limit: int
     per_node_cache_allowed_fs_type: list[str]
+    per_node_cache_max_count: int  # per job
     users_to_import: list[str]
     site_pre_mount_hook: str | None
     site_post_mount_hook: str | None
@@ -233,6 +241,7 @@ _KEYS: dict[str, tuple[str, Callable[[str], object], bool]] = {
     "perNodeCachePath": ("per_node_cache_path", _path, False),
     "perNodeCacheSizeLimit": ("per_node_cache_size_limit", parse_bytes, False),
     "perNodeCacheAllowedFsType": ("per_node_cache_allowed_fs_type", _words, False),
+    "perNodeCacheMaxCount": ("per_node_cache_max_count", _nonneg_int, False),
     "usersToImport": ("users_to_import", _words, False),
     "sitePreMountHook": ("site_pre_mount_hook", _path, False),
     "sitePostMountHook": ("site_post_mount_hook", _path, False),

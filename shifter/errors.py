@@ -20,3 +20,11 @@ class NodeError(ShifterError):
     setupRoot exits 2 on it, and the prolog then fails so that Slurm drains the node; a plain
     ShifterError (exit 1) is the user's request and only fails the job.
     """
+
+
+class RequestError(ShifterError):
+    """The job's request (image, volumes, modules, the image's own metadata) cannot be served.
+
+    Raised where a request is validated, before anything is made on the node: setupRoot exits 1
+    on it and the node stays in service, whatever the user or the image author put there.
+    """

@@ -17,8 +17,14 @@ so the original C runtime reads our files and we read the original gateway's
 (including Python 2's ``[u'...']`` lists).  Differences, deliberately: a value
 ending in ``\\`` is taken literally (the C reader joined it with the next line,
 corrupting ENV values), a bad ACL is a ShifterError instead of ``abort()``, an
-unknown FORMAT is refused when read, and the writer refuses values holding a
-newline (they would forge extra keys).
+unknown FORMAT is refused when read.
+
+Lines end with ``\n`` and nothing else, on both sides: a reader that also split on
+``\x1c``, ``\x85`` or ``\u2028`` (as ``str.splitlines`` does) would let an image's ENV value
+forge a ``USERACL:`` line.  So the writer and the reader refuse, naming the key, any value
+holding NUL, a control character other than tab or a Unicode line or paragraph separator,
+and the reader refuses a file over MAX_META_BYTES or an ENV entry the kernel could not pass
+to a process.
 """
 
 from __future__ import annotations
@@ -30,6 +36,11 @@ from shifter.record import Record
 
 FORMATS = ("squashfs", "xfs", "ext4", "cramfs", "VFS")
 MAX_ACL_IDS = 1000
+MAX_META_BYTES = 8 * 1024 * 1024
+MAX_ENV_BYTES = 128 * 1024  # MAX_ARG_STRLEN: execve refuses a longer environment string
+_LINE_END = "\n"
+_ALLOWED_CONTROL = "\t"
+_LINE_SEPARATORS = frozenset("\u2028\u2029")
 
 
 class ImageMeta(Record):
@@ -121,22 +132,40 @@ def _parse_acl(key: str, value: str) -> list[int]:
         item = part.strip()
         if not item.isdigit() or not item.isascii():
             raise ShifterError(f"{key}: {item!r} is not a numeric id (in {value!r})")
+        if len(item) > 10 or int(item) >= 2**32 - 1:  # uid_t; and never int() of thousands of digits
+            raise ShifterError(f"{key}: id {item[:20]} is out of range")
         number = int(item)
-        if number >= 2**32 - 1:
-            raise ShifterError(f"{key}: id {number} is out of range")
         ids.append(number)
     return ids
 
 
+def forbidden_character(value: str) -> str | None:
+    """The first character that may not stand in a .meta line, or None."""
+    if value.isprintable():  # the common case, at C speed
+        return None
+    for char in value:
+        code = ord(char)
+        if (code < 0x20 and char not in _ALLOWED_CONTROL) or 0x7F <= code <= 0x9F or char in _LINE_SEPARATORS:
+            return char
+    return None
+
+
+def check_value(key: str, value: str) -> str:
+    """``value`` unchanged, or a ShifterError naming the key and the character."""
+    char = forbidden_character(value)
+    if char is not None:
+        raise ShifterError(f"{key} value {value[:60]!r} contains the control character {char!r}")
+    return value
+
+
 def parse_meta(text: str) -> ImageMeta:
-    """Parse .meta text as written by either gateway."""
+    """Parse .meta text as written by either gateway; a line ends only at ``\\n``."""
     fields: dict[str, object] = {}
     env: list[str] = []
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
+    for number, line in enumerate(text.split(_LINE_END), start=1):
         key, sep, value = line.partition(":")
-        if not sep:
+        check_value(key.strip() if sep else f"line {number}", line)
+        if line.startswith("#") or not sep:
             continue
         key, value = key.strip(), value.strip()
         if key == "FORMAT":
@@ -154,6 +183,9 @@ def parse_meta(text: str) -> ImageMeta:
         elif key == "GROUPACL":
             fields["group_acl"] = _parse_acl(key, value)
         elif key == "ENV":
+            if len(value.encode("utf-8", "surrogateescape")) >= MAX_ENV_BYTES:
+                raise ShifterError(f"ENV entry {value[:40]!r}... is longer than a process can receive "
+                                   f"({MAX_ENV_BYTES} bytes)")
             if value:
                 env.append(value)
         elif key == "USER":
@@ -165,11 +197,13 @@ def read_meta(path: str) -> ImageMeta:
     """Read and parse a .meta file; errors name the file."""
     try:
         with open(path, "rb") as handle:
-            data = handle.read()
+            data = handle.read(MAX_META_BYTES + 1)
     except FileNotFoundError:
         raise ShifterError(f"image metadata {path} not found") from None
     except OSError as err:
         raise ShifterError(f"cannot read image metadata {path}: {err.strerror}") from None
+    if len(data) > MAX_META_BYTES:
+        raise ShifterError(f"image metadata {path} is larger than {MAX_META_BYTES} bytes")
     try:
         return parse_meta(data.decode("utf-8"))
     except UnicodeDecodeError as err:
@@ -179,9 +213,7 @@ def read_meta(path: str) -> ImageMeta:
 
 
 def _line(key: str, value: str) -> str:
-    if "\n" in value or "\r" in value:
-        raise ShifterError(f"{key} value {value!r} contains a line break")
-    return f"{key}: {value}\n"
+    return f"{key}: {check_value(key, value)}{_LINE_END}"
 
 
 def format_meta(meta: ImageMeta) -> str:

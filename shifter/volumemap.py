@@ -18,7 +18,9 @@ Users and the site are held to different rules (reference section 2.6):
 Differences from the original, deliberately: where it silently dropped
 characters outside ``[A-Za-z0-9_.+-/]`` from paths we refuse the entry and show
 it; unknown ``perNodeCache`` keys and empty flags are errors instead of being
-ignored.  The canonical form and the signature are byte-identical.
+ignored; no volume may target the container's root ``/`` (its unmount would take the
+whole container), paths are bounded (PATH_MAX, NAME_MAX) and a user request holds at
+most MAX_USER_VOLUMES entries.  The canonical form and the signature are byte-identical.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ from shifter.errors import ShifterError
 from shifter.record import Record
 
 MIB = 1024 * 1024
+PATH_MAX = 4095  # bytes, without the terminating NUL
+NAME_MAX = 255
+MAX_USER_VOLUMES = 128
+_MAX_SIZE_DIGITS = 30  # far beyond any disk, still exact integer arithmetic
 
 _PATH_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.+-/")
 _BYTE_SCALE = "bkmgtpe"
@@ -100,13 +106,17 @@ def parse_bytes(text: str) -> int:
     number, suffix = raw[:end], raw[end:].lower()
     if not number.isascii() or number.count(".") > 1 or not number.strip("."):
         raise ShifterError(f"invalid byte size {text!r}")
+    if len(number) > _MAX_SIZE_DIGITS:
+        raise ShifterError(f"invalid byte size {text[:40]!r}: too many digits")
     if suffix in ("", "b"):
         scale = 0
     elif suffix[0] in _BYTE_SCALE and suffix[1:] in ("", "b", "ib"):
         scale = _BYTE_SCALE.index(suffix[0])
     else:
         raise ShifterError(f"invalid byte size {text!r}: unknown unit {raw[end:]!r} (use b k m g t p e)")
-    result = int(float(number) * 1024**scale)
+    whole, _, fraction = number.partition(".")
+    factor = 1024**scale
+    result = int(whole or "0") * factor + (int(fraction) * factor // 10 ** len(fraction) if fraction else 0)
     if result <= 0:
         raise ShifterError(f"invalid byte size {text!r}: must be positive")
     return result
@@ -150,6 +160,8 @@ def _check_path(path: str, what: str, entry: str) -> None:
         raise ShifterError(f"volume {entry!r}: {what} path {path!r} must be absolute")
     if ".." in path:
         raise ShifterError(f"volume {entry!r}: {what} path {path!r} may not contain '..'")
+    if len(path.encode()) > PATH_MAX or any(len(part.encode()) > NAME_MAX for part in path.split("/")):
+        raise ShifterError(f"volume {entry[:80]!r}...: {what} path is longer than PATH_MAX or NAME_MAX")
 
 
 def user_target_allowed(target: str) -> bool:
@@ -184,6 +196,8 @@ def _parse_entry(entry: str, site: bool) -> VolumeMount:
         raise ShifterError(f"volume {entry!r}: empty target path")
     _check_path(source, "source", entry)
     _check_path(target, "target", entry)
+    if all(part in ("", ".") for part in target.split("/")):
+        raise ShifterError(f"volume {entry!r}: the container's root / cannot be a volume target")
 
     seen: dict[str, PerNodeCache | None] = {}
     for flag in tokens[2:]:
@@ -229,8 +243,27 @@ def parse_volume_map(text: str, site: bool) -> list[VolumeMount]:
     for segment in text.split(";"):
         entry = segment.strip()
         if entry:
+            if not site and len(mounts) == MAX_USER_VOLUMES:
+                raise ShifterError(f"more than {MAX_USER_VOLUMES} volumes requested")
             mounts.append(_parse_entry(entry, site))
     return mounts
+
+
+def check_per_node_caches(mounts: list[VolumeMount], size_limit: int, max_count: int,
+                          allowed_fs_types: list[str]) -> None:
+    """A request's perNodeCache volumes against the site's limits (udiRoot.conf perNodeCache*)."""
+    caches = [m for m in mounts if m.per_node_cache is not None]
+    if len(caches) > max_count:
+        raise ShifterError(f"{len(caches)} perNodeCache volumes requested, more than perNodeCacheMaxCount "
+                           f"{max_count}")
+    for mount in caches:
+        cache = mount.per_node_cache
+        if cache.fstype not in allowed_fs_types:
+            raise ShifterError(f"volume {mount.target}: perNodeCache fs {cache.fstype} is not allowed "
+                               f"(perNodeCacheAllowedFsType: {' '.join(allowed_fs_types) or 'none'})")
+        if cache.size > size_limit:
+            raise ShifterError(f"volume {mount.target}: perNodeCache size {cache.size} exceeds "
+                               f"perNodeCacheSizeLimit {size_limit}")
 
 
 def volume_signature(mounts: list[VolumeMount]) -> str:

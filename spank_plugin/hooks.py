@@ -228,6 +228,17 @@ def job_request(opts: dict[str, str], env: dict[str, str], conf: PlugstackArgs) 
     )
 
 
+def _check_image(image_type: str, image: str) -> None:
+    """The user's submission environment set these: only a valid reference reaches setupRoot's argv."""
+    from shifter.imageref import IMAGE_TYPES, parse_image_ref
+
+    if image_type not in IMAGE_TYPES:
+        raise ShifterError(f"prolog: unknown image type {image_type!r}")
+    if not image:
+        raise ShifterError("prolog: the job names no image")
+    parse_image_ref(f"{image_type}:{image}")
+
+
 def _cpus_per_node(env: dict[str, str], count: int, expand) -> list[int]:
     text = env.get("SLURM_JOB_CPUS_PER_NODE")
     cpus = expand(text) if text else []
@@ -256,6 +267,7 @@ def _primary_gid(uid: int) -> int:
 
 def setuproot_argv(conf: PlugstackArgs, req: JobRequest) -> list[str]:
     """The original's setupRoot argv contract, plus --config, --job-id, --memory-cgroup, --defer-sshd."""
+    _check_image(req.image_type, req.image)
     argv = [os.path.join(buildinfo.PREFIX, "sbin", "setupRoot"), "--config", conf.shifter_config,
             "--job-id", req.job_id, "-U", str(req.uid), "-G", str(req.gid), "-u", req.user]
     if conf.memory_cgroup:
@@ -269,7 +281,7 @@ def setuproot_argv(conf: PlugstackArgs, req: JobRequest) -> list[str]:
         argv += ["-v", volume]
     if req.modules:
         argv += ["-m", req.modules]
-    return argv + [req.image_type, req.image]
+    return argv + ["--", req.image_type, req.image]  # "--": an image named "--config=..." stays an image
 
 
 def prolog(conf: PlugstackArgs, opts: dict[str, str]) -> int:
@@ -283,7 +295,12 @@ def prolog(conf: PlugstackArgs, opts: dict[str, str]) -> int:
 
     req = job_request(opts, dict(os.environ), conf)
     remove_stale_environments(conf, req.job_id)
-    status, reason = _timed("prolog", req.job_id, setuproot_argv(conf, req))
+    try:
+        argv = setuproot_argv(conf, req)
+    except ShifterError as err:  # the user's submission environment named no valid image
+        status, reason = REQUEST_FAILED, str(err)
+    else:
+        status, reason = _timed("prolog", req.job_id, argv)
     if status == REQUEST_FAILED:
         record_setup_error(conf, req, reason)
         print(f"shifter: job {req.job_id} cannot run in its container: {reason}", file=sys.stderr)

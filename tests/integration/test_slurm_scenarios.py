@@ -373,7 +373,7 @@ def test_11_prolog_removes_the_environment_of_a_job_that_no_longer_runs(cluster:
 # ------------------------------------------------------------------ failure policy
 
 
-@pytest.mark.parametrize("case", ["unreadable-volume", "image-gone"])
+@pytest.mark.parametrize("case", ["unreadable-volume", "image-gone", "cache-too-big"])
 def test_request_failure_at_prolog_fails_the_job_not_the_node(cluster: Cluster, case: str) -> None:
     image = cluster.image("demo/busybox")
     base, inside = site_dir(cluster, "policy")
@@ -382,6 +382,8 @@ def test_request_failure_at_prolog_fails_the_job_not_the_node(cluster: Cluster, 
         options = {
             "unreadable-volume": [f"--image=docker:{image}", f"--volume={inside}:/data"],
             "image-gone": ["--image=id:" + "0" * 64],  # an id whose image is not (or no longer) there
+            # this drained the node (EFBIG): the size is valid syntax, but over perNodeCacheSizeLimit
+            "cache-too-big": [f"--image=docker:{image}", "--volume=/x:/data:perNodeCache=size=1e"],
         }[case]
         job_id = cluster.submit_batch(USER, batch_script("srun shifter true", *options, "--nodelist=n1"))
         state = cluster.wait_job(job_id, timeout=120)
@@ -389,7 +391,8 @@ def test_request_failure_at_prolog_fails_the_job_not_the_node(cluster: Cluster, 
         assert state == "FAILED", f"{state}:\n{output}"
         lines = [line for line in output.splitlines() if line.startswith("shifter:")]
         assert lines and lines[0].startswith("shifter: the job's container could not be set up on n1: "), output
-        assert (inside if case == "unreadable-volume" else "0" * 64) in lines[0], output
+        expected = {"unreadable-volume": inside, "image-gone": "0" * 64, "cache-too-big": "perNodeCacheSizeLimit"}
+        assert expected[case] in lines[0], output
         assert "Traceback" not in output
         assert node_is_up(cluster, "n1"), cluster.node_state("n1")
         assert cluster.job_leftovers(job_id) == []

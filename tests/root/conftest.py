@@ -218,7 +218,8 @@ class Site:
     def mounts(self) -> list[str]:
         from shifter.mounts import mounts_under
 
-        return mounts_under(self.base)
+        # udiMount and loopMount stay private binds of themselves (setuproot/build.py _isolate_base)
+        return [point for point in mounts_under(self.base) if point not in (self.udi_mount, self.loop_mount)]
 
     def loop_devices(self) -> list[str]:
         """Loop devices whose backing file is one of this site's files."""

@@ -79,7 +79,8 @@ def test_defaults():
     assert config.allow_local_chroot is False
     assert config.populate_etc_dynamically is False
     assert config.mount_udi_root_writable is False
-    assert config.per_node_cache_size_limit is None
+    assert config.per_node_cache_size_limit == 100 * 1024**3
+    assert config.per_node_cache_max_count == 4 and config.per_node_cache_allowed_fs_type == ["xfs"]
     assert config.site_fs == [] and config.site_env == [] and config.modules == {}
     assert config.default_modules == []
     assert config.modprobe_path is None  # accepted, not required

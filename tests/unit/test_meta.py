@@ -194,3 +194,65 @@ def test_read_meta_errors_name_the_file(tmp_path):
     acl.write_text("USERACL: x\n")
     with pytest.raises(ShifterError, match=f"image metadata {acl}: USERACL"):
         read_meta(str(acl))
+
+
+# --- one line separator: "\n" ------------------------------------------------------------------
+
+# every character str.splitlines() breaks on besides "\n", and other controls
+_SPLITLINES_BREAKS = ["\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+
+
+@pytest.mark.parametrize("separator", [*_SPLITLINES_BREAKS, "\0", "\x1b", "\x7f", "\x9b"])
+def test_reader_refuses_a_forged_line_and_names_the_key(separator):
+    text = f"FORMAT: squashfs\nENV: A=1{separator}USERACL: 4242\n"
+    with pytest.raises(ShifterError, match=r"^ENV value .* contains the control character"):
+        parse_meta(text)
+
+
+@pytest.mark.parametrize("separator", [*_SPLITLINES_BREAKS, "\0", "\x1b"])
+def test_writer_refuses_every_character_the_reader_refuses(separator):
+    for meta, key in ((ImageMeta(env=[f"A=1{separator}USERACL: 4242"]), "ENV"),
+                      (ImageMeta(workdir=f"/w{separator}"), "WORKDIR"), (ImageMeta(user=f"u{separator}x"), "USER")):
+        with pytest.raises(ShifterError, match=f"^{key} value"):
+            format_meta(meta)
+
+
+def test_tab_and_unicode_text_stay_allowed():
+    meta = ImageMeta(env=["A=a\tb", "B=ünï ✓", "C=\u00a0nbsp"], workdir="/wörk", cmd=["\x1c"])
+    again = parse_meta(format_meta(meta))
+    assert again.env == meta.env and again.workdir == "/wörk"
+    assert again.cmd == ["\x1c"]  # inside a list it is written escaped, never as a raw separator
+    assert again.user_acl == [] and "\x1c" not in format_meta(meta)
+
+
+def test_reader_refuses_control_characters_outside_known_keys():
+    for text in ("# comment\x1c\nFORMAT: squashfs\n", "NOCOLON\x00\n", "X-UNKNOWN: a\x85b\n"):
+        with pytest.raises(ShifterError, match="control character"):
+            parse_meta(text)
+
+
+def test_reader_refuses_an_env_entry_no_process_can_receive_and_an_oversized_file(tmp_path):
+    with pytest.raises(ShifterError, match="longer than a process can receive"):
+        parse_meta("ENV: A=" + "x" * (128 * 1024) + "\n")
+    assert parse_meta("ENV: A=" + "x" * 1000 + "\n").env == ["A=" + "x" * 1000]
+    big = tmp_path / "big.meta"
+    big.write_bytes(b"# " + b"x" * (8 * 1024 * 1024) + b"\n")
+    with pytest.raises(ShifterError, match="larger than"):
+        read_meta(str(big))
+
+
+def test_gateway_refuses_a_hostile_image_config_before_download_and_publishes_nothing(tmp_path):
+    from gateway.pipeline import image_meta
+    from gateway.publish import PublishTarget, publish_files
+
+    hostile = {"config": {"Env": ["PATH=/bin", "A=1\x1cUSERACL: 4242"]}}
+    with pytest.raises(ShifterError, match=r"^image config: ENV value .* control character '\\x1c'"):
+        image_meta(hostile)
+    assert image_meta({"config": {"Env": ["A=1\tb"], "WorkingDir": "/w"}}).env == ["A=1\tb"]
+    squashfs = tmp_path / "built.squashfs"
+    squashfs.write_bytes(b"hsqs")
+    images = tmp_path / "images"
+    images.mkdir()
+    with pytest.raises(ShifterError, match="^WORKDIR value"):
+        publish_files(str(squashfs), "a" * 64, ImageMeta(workdir="/w\u2028ENV: X=1"), PublishTarget(str(images)))
+    assert list(images.iterdir()) == []

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from setuproot.args import parse_args
 from setuproot.sshd import ensure_login_shell
+from shifter.errors import ShifterError
 from spank_plugin.hooks import job_request, parse_plugstack_args, setuproot_argv
 
 PROLOG_ENV = {"SLURM_JOB_ID": "42", "SLURM_JOB_UID": "1002", "SLURM_JOB_GID": "1003", "SLURM_JOB_USER": "alice",
@@ -49,7 +52,25 @@ def test_ccm_job_gets_the_local_root_image() -> None:
     env = {k: v for k, v in PROLOG_ENV.items() if not k.startswith("SPANK_SHIFTER_IMAGE")}
     env["SPANK_SHIFTER_CCM"] = "1"
     assert argv_for(["enable_ccm=1"], env)[-2:] == ["local", "/"]
-    assert argv_for([], env)[-2:] != ["local", "/"]  # enable_ccm=0: never the host's root
+    with pytest.raises(ShifterError, match="names no image"):  # enable_ccm=0: never the host's root
+        argv_for([], env)
+
+
+def test_an_image_that_looks_like_an_option_stays_a_positional_argument() -> None:
+    argv = argv_for([], PROLOG_ENV)
+    assert argv[-3:] == ["--", "id", "a" * 64]
+    request = parse_args(argv[1:], None)
+    assert (request.image_type, request.image, request.config_path) == ("id", "a" * 64, "/etc/shifter/udiRoot.conf")
+    for image_type, image in (("id", "--config=/tmp/x"), ("--config=/tmp/x", "a" * 64), ("id", "-V"),
+                              ("docker", "x\ny"), ("id", "")):
+        env = {**PROLOG_ENV, "SPANK_SHIFTER_IMAGETYPE": image_type, "SPANK_SHIFTER_IMAGE": image}
+        with pytest.raises(ShifterError):
+            argv_for([], env)
+
+
+def test_setuproot_never_reads_an_option_after_the_double_dash() -> None:
+    request = parse_args(["-U", "5", "-G", "5", "-u", "alice", "--", "id", "--config=/tmp/x"], None)
+    assert request.image == "--config=/tmp/x" and request.config_path is None
 
 
 def _root_with(tmp_path: Path, passwd: str, files: list[str]) -> Path:

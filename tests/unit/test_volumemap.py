@@ -233,3 +233,41 @@ def test_records_are_immutable_and_comparable():
     assert mount.replace(read_only=True) == VolumeMount("/a", "/b", read_only=True)
     assert hash(mount) == hash(VolumeMount("/a", "/b"))
     assert repr(mount).startswith("VolumeMount(source='/a'")
+
+
+def test_the_container_root_is_never_a_volume_target():
+    for target in ("/", "//", "/.", "/./"):
+        for site in (False, True):
+            with pytest.raises(ShifterError, match="root / cannot be a volume target"):
+                parse_volume_map(f"/src:{target}", site=site)
+
+
+def test_sizes_are_exact_and_bounded():
+    assert parse_bytes("1.5k") == 1536 and parse_bytes("0.5e") == 2**59
+    for text in ("9" * 31, "9" * 400 + "k"):
+        with pytest.raises(ShifterError, match="too many digits"):
+            parse_bytes(text)
+    assert parse_bytes("9" * 30) == int("9" * 30)
+
+
+def test_path_lengths_and_volume_count_are_bounded():
+    with pytest.raises(ShifterError, match="PATH_MAX"):
+        parse_volume_map("/src:" + "/d" * 2100, site=False)
+    with pytest.raises(ShifterError, match="NAME_MAX"):
+        parse_volume_map("/src:/" + "n" * 256, site=False)
+    assert len(parse_volume_map(";".join(f"/s:/t{i}" for i in range(128)), site=False)) == 128
+    with pytest.raises(ShifterError, match="more than 128 volumes"):
+        parse_volume_map(";".join(f"/s:/t{i}" for i in range(129)), site=False)
+
+
+def test_per_node_cache_policy():
+    from shifter.volumemap import check_per_node_caches
+
+    mounts = parse_volume_map("/x:/a:perNodeCache=size=1G;/x:/b:perNodeCache=size=2G;/s:/c", site=False)
+    check_per_node_caches(mounts, 2 * 1024**3, 2, ["xfs"])
+    with pytest.raises(ShifterError, match="exceeds perNodeCacheSizeLimit"):
+        check_per_node_caches(mounts, 1024**3, 2, ["xfs"])
+    with pytest.raises(ShifterError, match="2 perNodeCache volumes requested, more than perNodeCacheMaxCount 1"):
+        check_per_node_caches(mounts, 2 * 1024**3, 1, ["xfs"])
+    with pytest.raises(ShifterError, match=r"fs xfs is not allowed \(perNodeCacheAllowedFsType: ext4\)"):
+        check_per_node_caches(mounts, 2 * 1024**3, 2, ["ext4"])
