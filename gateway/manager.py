@@ -688,7 +688,7 @@ class ImageManager:
         if existing is not None and self._published(platform, image_id, fmt):
             shutil.rmtree(spec.expand_dir, ignore_errors=True)
             self._set(rid, "TRANSFER", "adding the tag to the published image")
-            self._attach(rec, platform, image_id, self._pull_access(rec, resolved), extra, None)
+            self._attach(rec, platform, image_id, self._pull_access(rec, spec, resolved), extra, None)
             self.metrics.inc("shifter_gateway_pulls_total", outcome="unchanged")
             self.metrics.observe("shifter_gateway_pull_seconds", time.monotonic() - started)
             return
@@ -701,7 +701,7 @@ class ImageManager:
             examine.examine(self.config.examiner, built.squashfs_path, image_id, spec.expand_dir,
                             self.config.examiner_timeout)
         # privacy only now: the download may have learnt that blobs needed the credentials
-        access = self._pull_access(rec, resolved)
+        access = self._pull_access(rec, spec, resolved)
         self._set(rid, "TRANSFER", "publishing the image")
 
         def publish_built(image: Access) -> None:
@@ -714,12 +714,24 @@ class ImageManager:
         self.metrics.inc("shifter_gateway_pulls_total", outcome="ready")
         self.metrics.observe("shifter_gateway_pull_seconds", time.monotonic() - started)
 
-    @staticmethod
-    def _pull_access(rec: Doc, resolved: pipeline.ResolvedImage) -> Access:
-        """Private to the requesters only if the registry required credentials for this tag."""
+    def _pull_access(self, rec: Doc, spec: pipeline.PullSpec, resolved: pipeline.ResolvedImage) -> Access:
+        """Private to the requesters only if the registry required credentials for this tag.
+
+        Layers taken from the blob cache were not asked for: where a private image uses one
+        of them, the registry is asked for each layer before this tag may be public.
+        """
+        if not resolved.private and self._layers_private_elsewhere(rec["system"], resolved.layers):
+            resolved.private = pipeline.layers_need_credentials(spec, resolved)
         if not resolved.private:
             return Access(False)
         return Access.of(True, rec.get("userACL"), rec.get("groupACL"))
+
+    def _layers_private_elsewhere(self, system: str, layers: list[dict]) -> bool:
+        digests = {d.get("digest") for d in layers if isinstance(d, dict)}
+        return any(
+            digests & set(r.get("layers") or []) and effective(r).private
+            for r in self.store.find(system=system, statuses=("READY",))
+        )
 
     @contextlib.contextmanager
     def _image_lock(self, system: str, image_id: str) -> Any:

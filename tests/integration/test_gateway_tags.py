@@ -370,6 +370,11 @@ def test_privacy_learnt_from_the_blobs_makes_the_image_private(site: Site) -> No
     assert meta.user_acl == [RT1[0]]
     assert _mode(site.images / f"{rec['id']}.squashfs") == 0o600
     assert site.lookup("docker", tag, site.cred(RT2))[0] == 404
+    # the layers are cached now: another user without the login still gets nothing
+    other = site.pull(tag, site.cred(RT2))
+    assert other["status"] == "FAILURE" and "needs credentials" in other["status_message"], other
+    assert site.lookup("docker", tag, site.cred(RT2))[0] == 404
+    assert read_meta(str(site.images / f"{rec['id']}.meta")).user_acl == [RT1[0]]
 
 
 def test_modes_and_meta_follow_the_image_when_a_public_tag_joins(site: Site) -> None:
