@@ -1058,7 +1058,7 @@ class ImageManager:
             if now - self._last_reclaim >= RECLAIM_SECONDS:
                 self._last_reclaim = now
                 try:
-                    self.reclaim()
+                    self._clean_scratch(self.reclaim())  # a dead owner's scratch goes with its record
                 except Exception:
                     log.exception("could not check the owners of records in flight")
 
