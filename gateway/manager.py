@@ -779,12 +779,11 @@ class ImageManager:
                 "tag_access": [e for e in holder.get("tag_access") or [] if e.get("tag") != tag]
                 + [{"tag": tag, **tag_access.as_fields()}],
             })
-            if existing is None or not self._published(platform, image_id, rec.get("format") or "squashfs"):
+            fresh = existing is None or not self._published(platform, image_id, rec.get("format") or "squashfs")
+            if fresh:
                 if publish_files is None:
                     raise ShifterError(f"image {image_id} is not published and was not built")
                 publish_files(image_after)
-            elif image_after != image_before:
-                self._rewrite_acl(platform, image_id, image_after)
             if existing is None:
                 self.store.update(rec["_id"], {
                     "status": "READY", "status_message": "", "id": image_id, "last_pull": time.time(),
@@ -793,13 +792,16 @@ class ImageManager:
                 target = rec["_id"]
             else:
                 target = existing["_id"]
-                self.store.update(target, {"last_pull": time.time(), **image_after.as_fields()})
+            # the tag first: a refused tag never widens the image's .meta or record
             if not self.store.add_tag(target, tag, owner, tag_access.as_fields()):
                 if existing is None:  # published for nothing: nothing else uses these files
                     self.store.update(rec["_id"], {"status": "FAILURE", "tag": []})
                     pipeline.remove_published(image_id, self.target(platform))
                 raise ShifterError(f"{itype}:{tag} belongs to another user")
             if existing is not None:
+                if image_after != image_before and not fresh:
+                    self._rewrite_acl(platform, image_id, image_after)
+                self.store.update(target, {"last_pull": time.time(), **image_after.as_fields()})
                 self.store.delete(rec["_id"])
         if before is not None and before.get("id") != image_id:
             self._refresh_access(platform, before["_id"])  # the tag left that image
