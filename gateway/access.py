@@ -73,8 +73,8 @@ def combine(old: Access | None, new: Access) -> Access:
 
 def effective(rec: Doc) -> Access:
     """The image id's own access, from every tag that names it (what ``.meta`` and file modes show)."""
-    tags = [t for t in rec.get("tag") or [] if isinstance(t, str)] if not isinstance(rec.get("tag"), str) \
-        else [rec["tag"]]
+    tags = rec.get("tag")
+    tags = [tags] if isinstance(tags, str) else [t for t in tags or [] if isinstance(t, str)]
     if not tags:
         return Access.of(rec.get("private"), rec.get("userACL"), rec.get("groupACL"))
     users: set[int] = set()
