@@ -283,9 +283,19 @@ class ImageManager:
         """Partial files of dead writers: published-image partials of this host's dead gateways,
         and the blob cache's partial downloads unless another live gateway is pulling now."""
         for platform in self.config.platforms.values():
-            if platform.accesstype == "local" and platform.image_dir:
-                for name in publish.remove_leftovers(platform.image_dir, _process_alive):
-                    log.warning("removed %s left in %s by a dead gateway", name, platform.image_dir)
+            target = self.target(platform)
+            try:
+                if target.remote:
+                    removed = publish.remove_remote_leftovers(target, _process_alive)
+                elif target.image_dir:
+                    removed = publish.remove_leftovers(target.image_dir, _process_alive)
+                else:
+                    removed = []
+            except ShifterError as err:  # an unreachable system must not stop the gateway
+                log.warning("partial files in %s not checked: %s", target.image_dir, err)
+                continue
+            for name in removed:
+                log.warning("removed %s left in %s by a dead gateway", name, target.image_dir)
         blobs = os.path.join(self.config.cache_dir, "blobs", "sha256")
         try:
             names = os.listdir(blobs)

@@ -2,7 +2,8 @@
 
 Each file is written to ``<imageDir>/.<name>.partial-h<host>p<pid>-XXXXXX``, synced and
 renamed, so a reader never sees half an image, and a restarted gateway knows which
-partial files a dead process of its host left (:func:`remove_leftovers`); the ``.meta``
+partial files a dead process of its host left (:func:`remove_leftovers`, and
+:func:`remove_remote_leftovers` over ssh); the ``.meta``
 goes last because the runtime treats ``<id>.meta`` as "the image is there". An existing
 ``<id>.<format>`` is never replaced (an id names one content). Public images are 0644,
 private ones (the .meta carries ACLs) 0600: only the root runtime reads them, and
@@ -276,6 +277,24 @@ def remove_leftovers(image_dir: str, alive: Callable[[int], bool]) -> list[str]:
             continue
         removed.append(name)
     return removed
+
+
+def remove_remote_leftovers(target: PublishTarget, alive: Callable[[int], bool]) -> list[str]:
+    """:func:`remove_leftovers` for a remote imageDir: only this host's dead writers' files
+    (the pid in the name is the gateway's, on this host, so it is checked here)."""
+    _check_remote_dir(target)
+    base = target.image_dir.rstrip("/") or "/"
+    listing = _ssh(target, _quoted(["find", base, "-maxdepth", "1", "-type", "f", "-name",
+                                    f".*.partial-h{host_key()}p*"]), "listing of partial files")
+    dead = []
+    for line in listing.splitlines():
+        name = line.rsplit("/", 1)[-1]
+        match = _PARTIAL_RE.fullmatch(name)
+        if match is not None and _REMOTE_PATH_RE.fullmatch(f"{base}/{name}") and not alive(int(match.group(3))):
+            dead.append(name)
+    if dead:
+        _ssh(target, _quoted(["rm", "-f", "--", *(f"{base}/{n}" for n in dead)]), "removal of partial files")
+    return dead
 
 
 def remove_files(image_id: str, target: PublishTarget) -> None:
