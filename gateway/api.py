@@ -197,7 +197,7 @@ class Gateway:
 
     async def queue(self, request: Request) -> JSONResponse:
         session = self.session(request)
-        return JSONResponse({"list": self.manager.queue_list(session.system)})
+        return JSONResponse({"list": self.manager.queue_list(session)})
 
     async def prometheus(self, request: Request) -> Response:
         return Response(self.manager.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -1,26 +1,46 @@
 """``doimport``: publish a squashfs file an import user already has, after checking it.
 
 The original moved trust to the importer (no checks, the user's file copied as-is, id
-from ``fasthash``). Here the file is first *copied* into the job's scratch directory
-(never moved; the copy is what gets checked and published, so the user cannot swap
-the file between check and publish), then refused with the reason if it is not a
-squashfs or holds device nodes, extended attributes or setuid/setgid files.
-The id stays the original's ``fasthash`` so ids of imported images match across gateways.
+from ``fasthash``). Here the file is opened *by the requesting user* (a helper process
+running with their uid and groups opens it with ``O_NOFOLLOW`` and hands the descriptor
+back over a socket pair), so every directory on the way is checked by the kernel as for
+them, and the gateway reads only through that descriptor: nothing is reopened by path.
+The copy (bounded by MaxImageBytes before and while copying) is what gets checked and
+published, so the user cannot swap the file between check and publish; it is refused
+with the reason if it is not a squashfs or holds device nodes, extended attributes or
+setuid/setgid files. The id is the sha256 of the whole copy: two files share an id only
+if they are the same bytes. The original's ``fasthash`` stays as an alias in the record.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
-import shutil
+import socket
 import stat
 import subprocess
+import sys
 
 from shifter.errors import ShifterError
 
 SQUASHFS_MAGIC = b"hsqs"
 _CHUNK = 1 << 20
 _STRIDE = 512 << 20
+_HELPER_TIMEOUT = 30
+
+# Runs as the requesting user with nothing but the standard library (-I -S): opens the
+# path without following a final symlink and sends the descriptor, or the errno, back.
+_OPEN_AS_USER = """
+import os, socket, sys
+sock = socket.socket(fileno=int(sys.argv[1]))
+try:
+    fd = os.open(sys.argv[2], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+except OSError as err:
+    sock.sendall(b"E%d" % err.errno)
+else:
+    socket.send_fds(sock, [b"F"], [fd])
+"""
 
 
 def fasthash(path: str) -> str:
@@ -36,37 +56,87 @@ def fasthash(path: str) -> str:
     return digest.hexdigest()
 
 
-def check_readable_by(path: str, uid: int, gids: set[int]) -> os.stat_result:
-    """The requester must be able to read the file themselves (the gateway reads it as root)."""
+def _reason(path: str, code: int) -> str:
+    if code == errno.ELOOP:
+        return f"cannot import {path}: it is a symbolic link"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"cannot import {path}: the requesting user cannot read it"
+    return f"cannot import {path}: {os.strerror(code)}"
+
+
+def open_as_user(path: str, uid: int, gid: int, groups: set[int]) -> int:
+    """A read descriptor for ``path`` opened by ``uid`` with its groups; the caller closes it."""
+    if uid < 0 or gid < 0:
+        raise ShifterError(f"cannot import {path}: the requester's identity is unknown")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        st = os.stat(path)
-    except OSError as err:
-        raise ShifterError(f"cannot import {path}: {err.strerror}") from None
+        try:
+            helper = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _OPEN_AS_USER, str(theirs.fileno()), path],
+                user=uid, group=gid, extra_groups=sorted(g for g in groups if g >= 0),
+                pass_fds=(theirs.fileno(),), cwd="/", env={}, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        except OSError as err:
+            raise ShifterError(f"cannot import {path}: cannot start the helper: {err.strerror}") from None
+        theirs.close()
+        ours.settimeout(_HELPER_TIMEOUT)
+        try:
+            message, fds, _flags, _addr = socket.recv_fds(ours, 64, 1)
+        except OSError as err:
+            helper.kill()
+            raise ShifterError(f"cannot import {path}: the helper did not answer ({err})") from None
+        finally:
+            try:
+                helper.wait(_HELPER_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                helper.kill()
+                helper.wait()
+    finally:
+        ours.close()
+        theirs.close()
+    if message == b"F" and len(fds) == 1:
+        return fds[0]
+    for fd in fds:
+        os.close(fd)
+    if message.startswith(b"E") and message[1:].isdigit():
+        raise ShifterError(_reason(path, int(message[1:])))
+    raise ShifterError(f"cannot import {path}: the helper failed")
+
+
+def copy_for_import(fd: int, path: str, work_dir: str, max_bytes: int) -> tuple[str, str]:
+    """Copy from the user's descriptor into scratch space, at most ``max_bytes``.
+
+    Returns the copy's path and the sha256 of its content (the image id).
+    """
+    st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise ShifterError(f"cannot import {path}: not a regular file")
-    allowed = (
-        (st.st_uid == uid and st.st_mode & stat.S_IRUSR)
-        or (st.st_gid in gids and st.st_mode & stat.S_IRGRP)
-        or st.st_mode & stat.S_IROTH
-    )
-    if not allowed:
-        raise ShifterError(f"cannot import {path}: the requesting user cannot read it")
-    return st
-
-
-def copy_for_import(path: str, work_dir: str) -> str:
-    """Copy (never move) the user's file into scratch space; returns the copy's path."""
+    if st.st_size > max_bytes:
+        raise ShifterError(
+            f"cannot import {path}: {st.st_size} bytes is more than MaxImageBytes ({max_bytes})"
+        )
     os.makedirs(work_dir, exist_ok=True)
     copy = os.path.join(work_dir, "import.squashfs")
+    digest = hashlib.sha256()
+    copied = 0
     try:
-        with open(path, "rb") as src, open(copy, "wb") as dst:
-            shutil.copyfileobj(src, dst, 4 << 20)
-            dst.flush()
-            os.fsync(dst.fileno())
+        out = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            while chunk := os.read(fd, 4 << 20):
+                copied += len(chunk)
+                if copied > max_bytes:  # the file grew while it was copied
+                    raise ShifterError(f"cannot import {path}: more than MaxImageBytes ({max_bytes}) bytes")
+                digest.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(out, view):]
+            os.fsync(out)
+        finally:
+            os.close(out)
     except OSError as err:
         raise ShifterError(f"cannot copy {path}: {err.strerror}") from None
-    os.chmod(copy, 0o644)
-    return copy
+    return copy, digest.hexdigest()
 
 
 def check_squashfs(path: str, shown: str) -> None:

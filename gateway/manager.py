@@ -10,8 +10,15 @@ READY -> EXPIRING -> EXPIRED. What differs from the original and why:
   request). If that image is already published, the pull only re-tags it (and rewrites
   the ACLs in ``.meta`` if they changed): an unchanged tag is re-pulled in milliseconds.
 * Every in-flight record names its owner (host, pid, process start time) and carries a
-  heartbeat, so a record left by a dead gateway is recognised: at start-up it is
-  re-queued once (FAILURE after a second interruption), its scratch files removed.
+  heartbeat and a lease (``lease_until``), so a record left by a dead gateway (a zombie
+  counts as dead) is recognised, at start-up and by the housekeeper every half minute:
+  it is re-queued once (FAILURE after a second interruption), its scratch files removed.
+  Taking a record over is a compare-and-set on its owner, so of two gateways starting
+  together only one adopts it.
+* Access belongs to tags (gateway.access): a docker tag only ever comes from a registry,
+  a custom tag belongs to the user who imported it, and no pull or import moves a tag
+  another owner holds. Work on one image id (publish, merge, expire) holds that id's
+  lock, so one id has one READY record and its files go only when nothing uses them.
 * Lookups do not write to the store: expiration refreshes are batched every few seconds.
 * Images never looked up expire too (the original kept them forever).
 """
@@ -19,6 +26,9 @@ READY -> EXPIRING -> EXPIRED. What differs from the original and why:
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
+import json
 import logging
 import os
 import queue
@@ -29,14 +39,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import examine, importer, pipeline, registry
+from gateway import examine, importer, pipeline, publish, registry
+from gateway.access import REGISTRY_OWNER, Access, combine, effective, for_tag, import_owner, owner_of
 from gateway.auth import Session
 from gateway.config import GatewayConfig, PlatformConfig
 from gateway.metrics import Metrics
 from gateway.store import INFLIGHT, Doc, Store, new_id
 from shifter.errors import ShifterError
 from shifter.imageref import split_docker_tag
-from shifter.meta import ImageMeta, read_meta, write_meta
+from shifter.meta import ImageMeta, read_meta
 
 log = logging.getLogger("gateway.manager")
 
@@ -44,6 +55,13 @@ RECENT_SECONDS = 10.0  # an import of the same file this recent is answered with
 FAILURE_HOLD_SECONDS = 3.0  # a FAILURE stays visible to polling clients (every 0.5 s), then a retry starts
 HEARTBEAT_SECONDS = 10.0
 STALE_HEARTBEAT_SECONDS = 90.0
+LEASE_SECONDS = STALE_HEARTBEAT_SECONDS  # renewed with every heartbeat
+RECLAIM_SECONDS = 30.0  # the housekeeper looks for records of dead owners this often
+MAX_ENV_ENTRIES = 4096
+MAX_ENV_BYTES = 256 << 10
+MAX_ENTRY_BYTES = 64 << 10
+MAX_LABELS = 256
+MAX_LABEL_BYTES = 64 << 10
 FLUSH_SECONDS = 5.0
 BLOB_GRACE_SECONDS = 3600.0  # cached blobs this recent are never pruned
 MAX_ATTEMPTS = 2  # runs of one pull record (a crash during the first run re-queues it once)
@@ -65,13 +83,27 @@ class BadRequest(Exception):
 
 
 def _proc_start_time(pid: int) -> str | None:
-    """Field 22 of /proc/<pid>/stat: tells a live process from a reused pid."""
+    """Field 22 of /proc/<pid>/stat: tells a live process from a reused pid (None: no such process)."""
+    fields = _proc_stat(pid)
+    return fields[19].decode() if fields else None
+
+
+def _proc_stat(pid: int) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             stat = fh.read()
     except OSError:
         return None
-    return stat.rsplit(b")", 1)[-1].split()[19].decode()
+    return stat.rsplit(b")", 1)[-1].split()
+
+
+def _process_alive(pid: int, start: str | None = None) -> bool:
+    """A zombie or dead task is not alive, whatever its parent does with it."""
+    fields = _proc_stat(pid)
+    if not fields or fields[0] in (b"Z", b"X", b"x"):
+        return False
+    return start is None or fields[19].decode() == start
 
 
 @dataclass(frozen=True)
@@ -83,6 +115,27 @@ class Owner:
     def as_doc(self) -> dict[str, Any]:
         return {"host": self.host, "pid": self.pid, "start": self.start}
 
+
+def _requested_by(rec: Doc, session: Session) -> bool:
+    return session.admin or (rec.get("requester") or {}).get("uid") == session.uid
+
+
+def _private_view(rec: Doc, session: Session) -> Doc:
+    """What a caller sees of a record: tags they may read; others' status messages withheld."""
+    view = dict(rec)
+    if not session.admin:
+        tags = view.get("tag")
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        view["tag"] = [t for t in tags if session.may_read(*_fields(for_tag(rec, t)))]
+        if rec.get("status") != "READY" and not _requested_by(rec, session):
+            view["status_message"] = ""
+            view["userACL"], view["groupACL"] = [], []
+    view.pop("tag_access", None)
+    return view
+
+
+def _fields(access: Access) -> tuple[bool, list[int], list[int]]:
+    return access.private, list(access.user_acl), list(access.group_acl)
 
 def check_tag(itype: str, tag: str) -> str:
     """Validate a request's type and tag; returns the tag as stored (docker: ``:latest`` added)."""
@@ -140,6 +193,7 @@ class ImageManager:
         # be written to the store: they stay in memory, keyed by a random reference.
         self._token_lock = threading.Lock()
         self._tokens: dict[str, dict[str, str]] = {}
+        self._last_reclaim = 0.0
         self.metrics.gauge("shifter_gateway_queue_depth", "Pulls waiting for a worker.", self._jobs.qsize)
         self.metrics.gauge(
             "shifter_gateway_pulls_running", "Pulls being worked on.", lambda: len(self._running)
@@ -183,21 +237,78 @@ class ImageManager:
                 return False
             if pid == self.owner.pid:
                 return str(owner.get("start")) == self.owner.start
-            return _proc_start_time(pid) == str(owner.get("start"))
+            return _process_alive(pid, str(owner.get("start")))
         return heartbeat is not None and time.time() - heartbeat < STALE_HEARTBEAT_SECONDS
+
+    def _record_alive(self, rec: Doc) -> bool:
+        """Its owner works on it: a live process here, else an unexpired lease (or fresh heartbeat)."""
+        owner = rec.get("owner")
+        if isinstance(owner, dict) and owner.get("host") == self.owner.host:
+            return self.owner_alive(owner, rec.get("last_heartbeat"))
+        lease = rec.get("lease_until")
+        if isinstance(lease, int | float):
+            return time.time() < lease
+        return self.owner_alive(owner, rec.get("last_heartbeat"))
 
     def recover(self) -> None:
         """Records in flight whose owner is dead: re-queue once, else FAILURE; remove scratch files."""
+        live = self.reclaim()
+        self._clean_scratch(live)
+        self._clean_partials(others_busy=bool(live))
+
+    def reclaim(self) -> set[str]:
+        """Take over every record whose owner is dead; returns the ids of records still being worked on."""
         live: set[str] = set()
         for rec in self.store.find(statuses=INFLIGHT):
-            if self.owner_alive(rec.get("owner"), rec.get("last_heartbeat")):
+            if rec.get("owner") == self.owner.as_doc() or self._record_alive(rec):
                 live.add(rec["_id"])
                 continue
             self._take_over(rec)
         for rec in self.store.find(statuses=("EXPIRING",)):
-            if not self.owner_alive(rec.get("owner"), rec.get("last_heartbeat")):
-                self._enqueue_expire(rec)
-        self._clean_scratch(live)
+            if (
+                rec.get("owner") != self.owner.as_doc()
+                and not self._record_alive(rec)
+                and self.store.update(
+                    rec["_id"], self._lease(), only_if_status=("EXPIRING",), expect={"owner": rec.get("owner")}
+                )
+            ):
+                self._jobs.put(("expire", rec["_id"]))
+        return live
+
+    def _lease(self) -> Doc:
+        now = time.time()
+        return {"owner": self.owner.as_doc(), "last_heartbeat": now, "lease_until": now + LEASE_SECONDS}
+
+    def _clean_partials(self, others_busy: bool) -> None:
+        """Partial files of dead writers: published-image partials of this host's dead gateways,
+        and the blob cache's partial downloads unless another live gateway is pulling now."""
+        for platform in self.config.platforms.values():
+            target = self.target(platform)
+            try:
+                if target.remote:
+                    removed = publish.remove_remote_leftovers(target, _process_alive)
+                elif target.image_dir:
+                    removed = publish.remove_leftovers(target.image_dir, _process_alive)
+                else:
+                    removed = []
+            except ShifterError as err:  # an unreachable system must not stop the gateway
+                log.warning("partial files in %s not checked: %s", target.image_dir, err)
+                continue
+            for name in removed:
+                log.warning("removed %s left in %s by a dead gateway", name, target.image_dir)
+        blobs = os.path.join(self.config.cache_dir, "blobs", "sha256")
+        try:
+            names = os.listdir(blobs)
+        except OSError:
+            return
+        for name in names:
+            if name.startswith(".") and ".partial-" in name:
+                path = os.path.join(blobs, name)
+                with contextlib.suppress(OSError):
+                    if others_busy and time.time() - os.lstat(path).st_mtime < STALE_HEARTBEAT_SECONDS:
+                        continue
+                    os.unlink(path)
+                    log.warning("removed the partial download %s", name)
 
     def _take_over(self, rec: Doc) -> bool:
         """Adopt a dead owner's in-flight record; returns True if it was re-queued."""
@@ -212,6 +323,7 @@ class ImageManager:
                     "status_message": "interrupted: the gateway stopped during this " + kind + "; try again",
                 },
                 only_if_status=INFLIGHT,
+                expect={"owner": rec.get("owner")},
             )
             self.metrics.inc("shifter_gateway_pulls_total", outcome="interrupted")
             log.warning("record %s (%s) left by a dead gateway: FAILURE", rec["_id"], rec.get("pulltag"))
@@ -220,16 +332,19 @@ class ImageManager:
             rec["_id"],
             {
                 "status": "PENDING",
-                "owner": self.owner.as_doc(),
-                "last_heartbeat": time.time(),
+                **self._lease(),
                 "attempts": attempts + 1,
                 "status_message": "re-queued after a gateway restart",
             },
             only_if_status=INFLIGHT,
+            expect={"owner": rec.get("owner")},
         ):
             log.warning("record %s (%s) left by a dead gateway: re-queued", rec["_id"], rec.get("pulltag"))
             self._jobs.put(("pull", rec["_id"]))
             return True
+        current = self.store.get(rec["_id"])
+        if current is None or current.get("owner") != rec.get("owner"):
+            return False  # another gateway holds the lease now
         # another record took the slot meanwhile: this one is abandoned
         self.store.update(
             rec["_id"],
@@ -239,6 +354,7 @@ class ImageManager:
                 "status_message": "interrupted: superseded by another pull",
             },
             only_if_status=INFLIGHT,
+            expect={"owner": rec.get("owner")},
         )
         return False
 
@@ -299,7 +415,7 @@ class ImageManager:
         """The READY record for tag if the caller may read it; refreshes its expiration (batched)."""
         tag = check_tag(itype, tag)
         rec = self.store.find_ready(session.system, itype, tag)
-        if rec is None or not session.may_read(rec.get("private"), rec.get("userACL"), rec.get("groupACL")):
+        if rec is None or not session.may_read(*_fields(for_tag(rec, tag))):
             self.metrics.inc("shifter_gateway_lookups_total", result="not_found")
             raise NotFound(f"image not found: {itype}:{tag}")
         self.metrics.inc("shifter_gateway_lookups_total", result="found")
@@ -320,7 +436,7 @@ class ImageManager:
                         "time": now,
                     }
                 )
-        return rec
+        return _private_view(rec, session)
 
     def flush(self) -> None:
         """Write batched expiration refreshes and metric documents."""
@@ -334,18 +450,21 @@ class ImageManager:
             log.exception("could not write lookup refreshes")
 
     def list_images(self, session: Session) -> list[Doc]:
-        return [
-            r
-            for r in self.store.find(system=session.system, statuses=("READY",))
-            if session.may_read(r.get("private"), r.get("userACL"), r.get("groupACL"))
-        ]
+        """READY images the caller may read, each showing only the tags the caller may read."""
+        views = []
+        for rec in self.store.find(system=session.system, statuses=("READY",)):
+            view = _private_view(rec, session)
+            if view["tag"] or session.may_read(*_fields(effective(rec))):
+                views.append(view)
+        return views
 
-    def queue_list(self, system: str) -> list[dict[str, Any]]:
-        self.platform(system)
+    def queue_list(self, session: Session) -> list[dict[str, Any]]:
+        """Unsettled records: a user sees their own requests, an admin every request."""
+        self.platform(session.system)
         return [
             {"status": r["status"], "image": r.get("pulltag")}
-            for r in self.store.find(system=system)
-            if r["status"] not in ("READY", "EXPIRED")
+            for r in self.store.find(system=session.system)
+            if r["status"] not in ("READY", "EXPIRED") and _requested_by(r, session)
         ]
 
     def metric_docs(self, session: Session, limit: int) -> list[Doc]:
@@ -373,29 +492,28 @@ class ImageManager:
         self.platform(system)
         user_acl = sorted(set(allowed_uids) | {session.uid})
         group_acl = sorted(set(allowed_gids) | {session.gid}) if allowed_gids else []
+        wanted = Access.of(True, user_acl, group_acl)
         now = time.time()
         for _ in range(5):
             current = self.store.find_inflight(system, itype, tag)
             if current is not None:
-                if self.owner_alive(current.get("owner"), current.get("last_heartbeat")):
-                    return current
+                if self._record_alive(current):
+                    return _private_view(current, session)
                 log.warning("pull %s of %s: its gateway died; starting over", current["_id"], tag)
                 self.store.delete(current["_id"])
                 continue
             ready = self.store.find_ready(system, itype, tag)
             if ready is not None and not refresh:
                 fresh = now - float(ready.get("last_pull") or 0) < self.config.pull_update_timeout
-                # A new ACL on a private image is applied at once (the original ignored it for 10 s
-                # after a pull and still answered READY); polls repeat the same ACL, so no loop.
-                acl_changed = bool(ready.get("private")) and (
-                    set(ready.get("userACL") or []) != set(user_acl)
-                    or set(ready.get("groupACL") or []) != set(group_acl)
-                )
-                if fresh and not acl_changed:
-                    return ready
+                # A private tag that does not yet grant what this caller asks for is pulled again
+                # with the caller's credentials (the original ignored a new ACL for 10 s after a
+                # pull); the registry decides, and the ACLs add up. Polls ask the same: no loop.
+                if fresh and for_tag(ready, tag).covers(wanted):
+                    return _private_view(ready, session)
             failures = self.store.find(system=system, itype=itype, pulltag=tag, statuses=("FAILURE",))
-            if failures:
-                newest = max(failures, key=lambda r: float(r.get("last_pull") or 0))
+            own = [f for f in failures if _requested_by(f, session)]
+            if own:  # another user's failure (and its message) is theirs; this caller tries anew
+                newest = max(own, key=lambda r: float(r.get("last_pull") or 0))
                 if now - float(newest.get("last_pull") or 0) < FAILURE_HOLD_SECONDS:
                     return newest
             doc = self._new_record(system, itype, tag, user_acl, group_acl, session)
@@ -434,8 +552,7 @@ class ImageManager:
             "groupACL": group_acl,
             "private": None,
             "last_pull": now,
-            "last_heartbeat": now,
-            "owner": self.owner.as_doc(),
+            **self._lease(),
             "attempts": 1,
             "requester": {"user": session.user, "uid": session.uid, "gid": session.gid},
             # registry credentials live only in memory (see _tokens), never in the store
@@ -567,25 +684,21 @@ class ImageManager:
         started: float,
     ) -> None:
         rid, system = rec["_id"], rec["system"]
-        private = bool(resolved.private)
-        user_acl = list(rec.get("userACL") or []) if private else []
-        group_acl = list(rec.get("groupACL") or []) if private else []
         image_id = resolved.image_id
         fmt = rec.get("format") or "squashfs"
         target = self.target(platform)
         fields = _config_fields(resolved.config)
+        extra = {
+            "last_heartbeat": time.time(),
+            "manifest_digest": resolved.manifest_digest,
+            "layers": [layer.get("digest") for layer in resolved.layers if isinstance(layer, dict)],
+            **fields,
+        }
         existing = self.store.find_ready_by_image_id(system, image_id)
         if existing is not None and self._published(platform, image_id, fmt):
             shutil.rmtree(spec.expand_dir, ignore_errors=True)
-            acl_changed = (
-                bool(existing.get("private")) != private
-                or set(existing.get("userACL") or []) != set(user_acl)
-                or set(existing.get("groupACL") or []) != set(group_acl)
-            )
-            if acl_changed:
-                self._set(rid, "TRANSFER", "updating the image's ACLs")
-                self._rewrite_acl(platform, image_id, user_acl, group_acl)
-            self._merge(existing, rec, private, user_acl, group_acl)
+            self._set(rid, "TRANSFER", "adding the tag to the published image")
+            self._attach(rec, platform, image_id, self._pull_access(rec, spec, resolved), extra, None)
             self.metrics.inc("shifter_gateway_pulls_total", outcome="unchanged")
             self.metrics.observe("shifter_gateway_pull_seconds", time.monotonic() - started)
             return
@@ -597,55 +710,139 @@ class ImageManager:
             self._set(rid, "EXAMINATION", f"running the examiner {os.path.basename(self.config.examiner)}")
             examine.examine(self.config.examiner, built.squashfs_path, image_id, spec.expand_dir,
                             self.config.examiner_timeout)
-        meta = built.meta.replace(user_acl=user_acl, group_acl=group_acl)
+        # privacy only now: the download may have learnt that blobs needed the credentials
+        access = self._pull_access(rec, spec, resolved)
         self._set(rid, "TRANSFER", "publishing the image")
-        pipeline.publish(built, image_id, meta, target)
+
+        def publish_built(image: Access) -> None:
+            meta = built.meta.replace(user_acl=list(image.user_acl), group_acl=list(image.group_acl))
+            pipeline.publish(built, image_id, meta, target)
+            shutil.rmtree(spec.expand_dir, ignore_errors=True)  # a READY record never has scratch files
+
+        self._attach(rec, platform, image_id, access, extra, publish_built)
         shutil.rmtree(spec.expand_dir, ignore_errors=True)
-        self._complete(rec, image_id, private, user_acl, group_acl, {
-            "last_heartbeat": time.time(),
-            "manifest_digest": resolved.manifest_digest,
-            "layers": [layer.get("digest") for layer in resolved.layers if isinstance(layer, dict)],
-            **fields,
-        })
         self.metrics.inc("shifter_gateway_pulls_total", outcome="ready")
         self.metrics.observe("shifter_gateway_pull_seconds", time.monotonic() - started)
 
-    def _complete(
-        self, rec: Doc, image_id: str, private: bool, user_acl: list[int], group_acl: list[int], fields: Doc
-    ) -> Doc | None:
-        """Mark the pull or import READY, or merge it into the published image with the same id (returned)."""
-        existing = self.store.find_ready_by_image_id(rec["system"], image_id)
-        if existing is not None:
-            self._merge(existing, rec, private, user_acl, group_acl)
-            return existing
-        self.store.update(rec["_id"], {
-            "status": "READY", "status_message": "", "id": image_id, "private": private,
-            "userACL": user_acl, "groupACL": group_acl, "last_pull": time.time(), **fields,
-        })
-        self.store.add_tag(rec["_id"], rec["pulltag"])
-        return None
+    def _pull_access(self, rec: Doc, spec: pipeline.PullSpec, resolved: pipeline.ResolvedImage) -> Access:
+        """Private to the requesters only if the registry required credentials for this tag.
 
-    def _merge(
-        self, existing: Doc, rec: Doc, private: bool, user_acl: list[int], group_acl: list[int]
-    ) -> None:
-        """The pulled tag names an already published image: move the tag there, drop the pull record."""
-        self.store.update(
-            existing["_id"],
-            {"last_pull": time.time(), "private": private, "userACL": user_acl, "groupACL": group_acl},
+        Layers taken from the blob cache were not asked for: where a private image uses one
+        of them, the registry is asked for each layer before this tag may be public.
+        """
+        if not resolved.private and self._layers_private_elsewhere(rec["system"], resolved.layers):
+            resolved.private = pipeline.layers_need_credentials(spec, resolved)
+        if not resolved.private:
+            return Access(False)
+        return Access.of(True, rec.get("userACL"), rec.get("groupACL"))
+
+    def _layers_private_elsewhere(self, system: str, layers: list[dict]) -> bool:
+        digests = {d.get("digest") for d in layers if isinstance(d, dict)}
+        return any(
+            digests & set(r.get("layers") or []) and effective(r).private
+            for r in self.store.find(system=system, statuses=("READY",))
         )
-        self.store.add_tag(existing["_id"], rec["pulltag"])
-        self.store.delete(rec["_id"])
 
-    def _rewrite_acl(
-        self, platform: PlatformConfig, image_id: str, user_acl: list[int], group_acl: list[int]
-    ) -> None:
-        if platform.accesstype != "local":
+    @contextlib.contextmanager
+    def _image_lock(self, system: str, image_id: str) -> Any:
+        """One lock per image id, for threads and processes of this host (flock on one of 256
+        lock files, chosen by the id: never more files, and never two ids held at once)."""
+        directory = os.path.join(self.config.cache_dir, "locks")
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        stripe = hashlib.sha256(f"{system}\0{image_id}".encode()).hexdigest()[:2]
+        fd = os.open(os.path.join(directory, f"image-{stripe}"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _attach(
+        self,
+        rec: Doc,
+        platform: PlatformConfig,
+        image_id: str,
+        access: Access,
+        fields: Doc,
+        publish_files: Any,
+    ) -> Doc:
+        """Give the record's tag to image ``image_id`` (published first if it is not there yet).
+
+        Under the id's lock: the READY record of the id, if any, takes the tag and the pull
+        record goes; else the pull record becomes READY. The tag's access combines with what
+        it granted before; the image's ``.meta`` and file modes follow the combined access.
+        Returns the READY record now carrying the tag.
+        """
+        system, itype, tag = rec["system"], rec["itype"], rec["pulltag"]
+        owner = REGISTRY_OWNER if itype == "docker" else import_owner(int((rec.get("requester") or {}).get("uid", -1)))
+        before = self.store.find_ready(system, itype, tag)
+        with self._image_lock(system, image_id):
+            existing = self.store.find_ready_by_image_id(system, image_id)
+            holder = existing or {**rec, "tag": [], "tag_access": []}
+            same = before is not None and before.get("id") == image_id
+            tag_access = combine(for_tag(before, tag) if same and before else None, access)
+            image_before = effective(holder) if existing is not None else None
+            image_after = effective({
+                **holder,
+                "tag": [t for t in holder.get("tag") or [] if t != tag] + [tag],
+                "tag_access": [e for e in holder.get("tag_access") or [] if e.get("tag") != tag]
+                + [{"tag": tag, **tag_access.as_fields()}],
+            })
+            fresh = existing is None or not self._published(platform, image_id, rec.get("format") or "squashfs")
+            if fresh:
+                if publish_files is None:
+                    raise ShifterError(f"image {image_id} is not published and was not built")
+                publish_files(image_after)
+            if existing is None:
+                self.store.update(rec["_id"], {
+                    "status": "READY", "status_message": "", "id": image_id, "last_pull": time.time(),
+                    **image_after.as_fields(), **fields,
+                })
+                target = rec["_id"]
+            else:
+                target = existing["_id"]
+            # the tag first: a refused tag never widens the image's .meta or record
+            if not self.store.add_tag(target, tag, owner, tag_access.as_fields()):
+                if existing is None:  # published for nothing: nothing else uses these files
+                    self.store.update(rec["_id"], {"status": "FAILURE", "tag": []})
+                    pipeline.remove_published(image_id, self.target(platform))
+                raise ShifterError(f"{itype}:{tag} belongs to another user")
+            if existing is not None:
+                if image_after != image_before and not fresh:
+                    self._rewrite_acl(platform, image_id, image_after)
+                self.store.update(target, {"last_pull": time.time(), **image_after.as_fields()})
+                self.store.delete(rec["_id"])
+        if before is not None and before.get("id") != image_id:
+            self._refresh_access(platform, before["_id"])  # the tag left that image
+        return self.store.get(target) or {}
+
+    def _refresh_access(self, platform: PlatformConfig, rid: str) -> None:
+        """Re-derive an image's access after one of its tags moved away."""
+        rec = self.store.get(rid)
+        if rec is None or rec.get("status") != "READY" or not rec.get("id"):
+            return
+        with self._image_lock(rec["system"], rec["id"]):
+            rec = self.store.get(rid)
+            if rec is None or rec.get("status") != "READY":
+                return
+            now = effective(rec)
+            if now != Access.of(rec.get("private"), rec.get("userACL"), rec.get("groupACL")):
+                with contextlib.suppress(ShifterError):
+                    self._rewrite_acl(platform, rec["id"], now)
+                self.store.update(rid, now.as_fields())
+
+    def _rewrite_acl(self, platform: PlatformConfig, image_id: str, image: Access) -> None:
+        """New ``.meta``; the files' modes follow (0600 private, 0644 public)."""
+        target = self.target(platform)
+        if target.remote:
             raise ShifterError(
-                "changing the ACLs of an image on a remote system needs a full re-pull; "
+                "changing the access of an image on a remote system needs a full re-pull; "
                 "expire the image first"
             )
-        path = os.path.join(platform.image_dir, f"{image_id}.meta")
-        write_meta(path, read_meta(path).replace(user_acl=user_acl, group_acl=group_acl))
+        meta = read_meta(os.path.join(platform.image_dir, f"{image_id}.meta"))
+        meta = meta.replace(user_acl=list(image.user_acl), group_acl=list(image.group_acl))
+        publish.republish_meta(image_id, meta, target)
 
     def _progress(self, rid: str) -> Any:
         """The pipeline's progress callback: phase and counters into the record.
@@ -688,22 +885,25 @@ class ImageManager:
         return True
 
     def _enqueue_expire(self, rec: Doc) -> None:
-        self.store.update(
-            rec["_id"], {"status": "EXPIRING", "owner": self.owner.as_doc(), "last_heartbeat": time.time()}
-        )
-        self._jobs.put(("expire", rec["_id"]))
+        if self.store.update(rec["_id"], {"status": "EXPIRING", **self._lease()}, only_if_status=("READY",)):
+            self._jobs.put(("expire", rec["_id"]))
 
     def _run_expire(self, rid: str) -> None:
+        """The record goes first; the files only if no other READY record of the id uses them."""
         rec = self.store.get(rid)
         if rec is None or rec["status"] != "EXPIRING" or not rec.get("id"):
             return
         platform = self.platform(rec["system"])
-        try:
-            pipeline.remove_published(rec["id"], self.target(platform))
-        except ShifterError as err:
-            self.store.update(rid, {"status": "READY", "status_message": f"expiry failed: {err}"})
-            return
-        self.store.update(rid, {"status": "EXPIRED", "status_message": "", "tag": []})
+        with self._image_lock(rec["system"], rec["id"]):
+            if self.store.find_ready_by_image_id(rec["system"], rec["id"]) is not None:
+                self.store.update(rid, {"status": "EXPIRED", "status_message": "", "tag": [], "tag_access": []})
+                return
+            try:
+                pipeline.remove_published(rec["id"], self.target(platform))
+            except ShifterError as err:
+                self.store.update(rid, {"status": "READY", "status_message": f"expiry failed: {err}"})
+                return
+            self.store.update(rid, {"status": "EXPIRED", "status_message": "", "tag": [], "tag_access": []})
 
     def autoexpire(self, session: Session) -> list[str]:
         """Admins only: expire images past their time, drop stale records, prune unreferenced blobs."""
@@ -756,13 +956,18 @@ class ImageManager:
     # -- import -----------------------------------------------------------------------------------
 
     def doimport(self, session: Session, itype: str, tag: str, body: dict[str, Any]) -> Doc:
-        """ImportUsers only: publish a squashfs file the caller can read; id = the original's fasthash.
+        """ImportUsers only: publish a squashfs file the caller can read as a custom tag they own.
+
+        The id is the sha256 of the file's content. A docker tag only ever comes from a
+        registry, and a custom tag that another user imported stays theirs.
 
         Idempotent like pull (clients poll with it): an import in flight, a recent FAILURE
         or a just-finished import of the same file is returned instead of starting again.
         """
         if not self.config.import_allowed(session.user):
             raise Forbidden(f"user {session.user} may not import images (ImportUsers)")
+        if itype != "custom":
+            raise Forbidden(f"imports go only into custom: tags ({itype}: tags come only from a registry)")
         tag = check_tag(itype, tag)
         filepath, fmt = body.get("filepath"), body.get("format", "squashfs")
         if not isinstance(filepath, str) or not os.path.isabs(filepath) or "\0" in filepath:
@@ -773,10 +978,15 @@ class ImageManager:
         user_acl = parse_acl(body.get("allowed_uids"), "allowed_uids")
         group_acl = parse_acl(body.get("allowed_gids"), "allowed_gids")
         now = time.time()
+        mine = import_owner(session.uid)
         current = self.store.find_inflight(session.system, itype, tag)
-        if current is not None and self.owner_alive(current.get("owner"), current.get("last_heartbeat")):
+        if current is not None and self._record_alive(current):
+            if not _requested_by(current, session):
+                raise Forbidden(f"custom:{tag} is being imported by another user")
             return current
         ready = self.store.find_ready(session.system, itype, tag)
+        if ready is not None and owner_of(ready, tag) not in (None, mine):
+            raise Forbidden(f"custom:{tag} belongs to another user")
         if (
             ready is not None
             and ready.get("imported_from") == filepath
@@ -786,7 +996,9 @@ class ImageManager:
         failures = self.store.find(system=session.system, itype=itype, pulltag=tag, statuses=("FAILURE",))
         recent = [f for f in failures if now - float(f.get("last_pull") or 0) < FAILURE_HOLD_SECONDS]
         if recent:
-            return max(recent, key=lambda r: float(r.get("last_pull") or 0))
+            newest = max(recent, key=lambda r: float(r.get("last_pull") or 0))
+            if _requested_by(newest, session):
+                return newest
         doc = self._new_record(session.system, itype, tag, user_acl, group_acl, session)
         doc.update(filepath=filepath, imported_from=filepath, status="PENDING", format="squashfs")
         doc["requester"]["groups"] = sorted(session.groups)
@@ -807,23 +1019,28 @@ class ImageManager:
         requester = rec.get("requester") or {}
         filepath = rec["filepath"]
         user_acl, group_acl = list(rec.get("userACL") or []), list(rec.get("groupACL") or [])
-        private = bool(user_acl or group_acl)
         try:
             self._set(rid, "HASHING", "copying and checking the file")
             gids = set(requester.get("groups") or []) | {int(requester.get("gid", -1))}
-            importer.check_readable_by(filepath, int(requester.get("uid", -1)), gids)
-            copy = importer.copy_for_import(filepath, work_dir)
+            fd = importer.open_as_user(filepath, int(requester.get("uid", -1)), int(requester.get("gid", -1)), gids)
+            try:
+                copy, image_id = importer.copy_for_import(fd, filepath, work_dir, self.config.max_image_bytes)
+            finally:
+                os.close(fd)
             importer.check_squashfs(copy, filepath)
-            image_id = importer.fasthash(copy)
-            meta = ImageMeta(
-                format="squashfs", user=requester.get("user"), user_acl=user_acl, group_acl=group_acl
-            )
+            meta = ImageMeta(format="squashfs", user=requester.get("user"))
+            target = self.target(platform)
+
+            def publish_copy(image: Access) -> None:
+                acl = meta.replace(user_acl=list(image.user_acl), group_acl=list(image.group_acl))
+                pipeline.publish(pipeline.BuiltImage(copy, acl), image_id, acl, target)
+                shutil.rmtree(work_dir, ignore_errors=True)
+
             self._set(rid, "TRANSFER", "publishing the image")
-            pipeline.publish(pipeline.BuiltImage(copy, meta), image_id, meta, self.target(platform))
-            shutil.rmtree(work_dir, ignore_errors=True)
-            existing = self._complete(rec, image_id, private, user_acl, group_acl, {"ENV": []})
-            if existing is not None:
-                self.store.update(existing["_id"], {"imported_from": filepath})
+            fields = {"ENV": [], "imported_from": filepath, "fasthash": importer.fasthash(copy)}
+            ready = self._attach(rec, platform, image_id, Access.of(True, user_acl, group_acl), fields,
+                                 publish_copy)
+            self.store.update(ready["_id"], {"imported_from": filepath})
             self.metrics.inc("shifter_gateway_pulls_total", outcome="imported")
         except ShifterError as err:
             self._fail(rid, str(err), started, work_dir)
@@ -836,7 +1053,7 @@ class ImageManager:
     # -- housekeeping -------------------------------------------------------------------------------
 
     def _housekeeper(self) -> None:
-        """Heartbeats for running jobs, batched lookup writes."""
+        """Heartbeats and leases for running jobs, batched lookup writes, records of dead owners."""
         last_beat = 0.0
         while not self._stop.wait(FLUSH_SECONDS):
             self.flush()
@@ -847,8 +1064,15 @@ class ImageManager:
                     for rec in self.store.find(statuses=INFLIGHT | {"EXPIRING"}):
                         if rec.get("owner") == self.owner.as_doc():
                             self.store.update(
-                                rec["_id"], {"last_heartbeat": now}, only_if_status=INFLIGHT | {"EXPIRING"}
+                                rec["_id"], self._lease(), only_if_status=INFLIGHT | {"EXPIRING"},
+                                expect={"owner": self.owner.as_doc()},
                             )
+            if now - self._last_reclaim >= RECLAIM_SECONDS:
+                self._last_reclaim = now
+                try:
+                    self._clean_scratch(self.reclaim())  # a dead owner's scratch goes with its record
+                except Exception:
+                    log.exception("could not check the owners of records in flight")
 
 
 def _config_fields(config: dict[str, Any]) -> dict[str, Any]:
@@ -856,10 +1080,30 @@ def _config_fields(config: dict[str, Any]) -> dict[str, Any]:
     conf = config.get("config") if isinstance(config.get("config"), dict) else config
     conf = conf or {}
     env = conf.get("Env") or []
+    env = [e for e in env if isinstance(e, str)] if isinstance(env, list) else []
     entry = conf.get("Entrypoint")
-    return {
-        "ENV": [e for e in env if isinstance(e, str)] if isinstance(env, list) else [],
-        "ENTRY": entry if isinstance(entry, list | str) else None,
-        "WORKDIR": conf.get("WorkingDir") if isinstance(conf.get("WorkingDir"), str) else None,
-        "LABELS": conf.get("Labels") if isinstance(conf.get("Labels"), dict) else None,
-    }
+    entry = entry if isinstance(entry, list | str) else None
+    workdir = conf.get("WorkingDir") if isinstance(conf.get("WorkingDir"), str) else None
+    # Every record goes into every /api/list: the environment and the entry point are bounded
+    # (the image is refused, cutting them would change what runs), labels are only information
+    # and are cut, whole entries in key order, to what fits.
+    env_bytes = sum(len(e.encode("utf-8", "replace")) for e in env)
+    if len(env) > MAX_ENV_ENTRIES or env_bytes > MAX_ENV_BYTES:
+        raise ShifterError(
+            f"image config: Env has {len(env)} entries, {env_bytes} bytes "
+            f"(at most {MAX_ENV_ENTRIES} entries, {MAX_ENV_BYTES} bytes)"
+        )
+    if len(json.dumps([entry, workdir])) > MAX_ENTRY_BYTES:
+        raise ShifterError(f"image config: Entrypoint and WorkingDir exceed {MAX_ENTRY_BYTES} bytes")
+    labels = conf.get("Labels") if isinstance(conf.get("Labels"), dict) else None
+    if labels is not None:
+        kept: dict[str, Any] = {}
+        size = 0
+        for key in sorted(labels)[:MAX_LABELS]:
+            value = labels[key] if isinstance(labels[key], str) else str(labels[key])
+            size += len(key.encode("utf-8", "replace")) + len(value.encode("utf-8", "replace"))
+            if size > MAX_LABEL_BYTES:
+                break
+            kept[key] = value
+        labels = kept
+    return {"ENV": env, "ENTRY": entry, "WORKDIR": workdir, "LABELS": labels}

@@ -272,3 +272,20 @@ def publish(built: BuiltImage, image_id: str, meta: ImageMeta, target: PublishTa
 def remove_published(image_id: str, target: PublishTarget) -> None:
     """Remove a published image (``.meta`` first); missing files are not an error."""
     remove_files(image_id, target)
+
+
+def layers_need_credentials(spec: PullSpec, resolved: ResolvedImage) -> bool:
+    """Ask the registry for every layer (the answer's headers only): did any need credentials?
+
+    For layers that are already cached from a private pull: the cache alone never proves
+    that a registry serves them to anyone.
+    """
+    client = _client(spec)
+    for desc in _check_layers({"layers": resolved.layers}):
+        resp = client.get(f"blobs/{desc['digest']}")
+        try:
+            if resp.status != 200:
+                raise ShifterError(f"registry: layer {desc['digest'][7:19]} answered {resp.status}")
+        finally:
+            resp.close()
+    return client.private

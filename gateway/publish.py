@@ -1,9 +1,13 @@
 """Publish a converted image into a system's imageDir, atomically, locally or over ssh.
 
-Each file is written to ``<imageDir>/.<name>.partial-XXXXXX``, synced and renamed, so a
-reader (or a gateway restart) never sees half an image; the ``.meta`` goes last because
-the runtime treats ``<id>.meta`` as "the image is there".  Public images are 0644,
-private ones (the .meta carries ACLs) 0600: only the root runtime reads them.
+Each file is written to ``<imageDir>/.<name>.partial-h<host>p<pid>-XXXXXX``, synced and
+renamed, so a reader never sees half an image, and a restarted gateway knows which
+partial files a dead process of its host left (:func:`remove_leftovers`, and
+:func:`remove_remote_leftovers` over ssh); the ``.meta``
+goes last because the runtime treats ``<id>.meta`` as "the image is there". An existing
+``<id>.<format>`` is never replaced (an id names one content). Public images are 0644,
+private ones (the .meta carries ACLs) 0600: only the root runtime reads them, and
+:func:`republish_meta` changes both files' modes when the image's privacy changes.
 Remote transfer runs ``ssh``/``scp`` from argument lists; the one remote command string
 that ssh necessarily builds is made of ``shlex.quote``d, validated parts.
 """
@@ -11,12 +15,15 @@ that ssh necessarily builds is made of ``shlex.quote``d, validated parts.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -28,6 +35,17 @@ _HOST_RE = re.compile(r"[A-Za-z0-9_.:\[\]-]{1,253}")
 _USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _REMOTE_PATH_RE = re.compile(r"/[A-Za-z0-9_./+-]*")
 _SSH_TIMEOUT = 120
+_PARTIAL_RE = re.compile(r"\.([0-9a-f]{64})\.[a-z0-9]+\.partial-h([0-9a-f]{8})p([0-9]+)-.*")
+_FOREIGN_PARTIAL_SECONDS = 3600.0  # another host's partial file this old belongs to nobody
+
+
+def host_key() -> str:
+    """Short, fixed-width name of this host for partial file names."""
+    return hashlib.sha256(os.uname().nodename.encode()).hexdigest()[:8]
+
+
+def _partial_prefix(name: str) -> str:
+    return f".{name}.partial-h{host_key()}p{os.getpid()}-"
 
 
 @dataclass
@@ -83,8 +101,15 @@ def _copy(src: BinaryIO, out: BinaryIO) -> None:
         shutil.copyfileobj(src, out, 1 << 20)
 
 
-def _local_write(image_dir: str, name: str, mode: int, source: str | None, data: bytes | None) -> None:
-    fd, partial = tempfile.mkstemp(prefix=f".{name}.partial-", dir=image_dir)
+def _local_write(
+    image_dir: str, name: str, mode: int, source: str | None, data: bytes | None, replace: bool = True
+) -> None:
+    """Write ``name`` atomically; with ``replace`` False an existing file is kept (its mode set)."""
+    final = os.path.join(image_dir, name)
+    if not replace and os.path.isfile(final):
+        os.chmod(final, mode)
+        return
+    fd, partial = tempfile.mkstemp(prefix=_partial_prefix(name), dir=image_dir)
     try:
         with os.fdopen(fd, "wb") as out:
             if source is not None:
@@ -96,7 +121,14 @@ def _local_write(image_dir: str, name: str, mode: int, source: str | None, data:
             out.flush()
             os.fchmod(out.fileno(), mode)
             os.fsync(out.fileno())
-        os.rename(partial, os.path.join(image_dir, name))
+        if replace:
+            os.rename(partial, final)
+        else:
+            try:
+                os.link(partial, final)  # never replaces: a concurrent writer's file stays
+            except FileExistsError:
+                os.chmod(final, mode)
+            os.unlink(partial)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
@@ -148,9 +180,9 @@ def _ssh(target: PublishTarget, command: str, what: str) -> str:
 
 def _remote_write(target: PublishTarget, name: str, mode: int, source: str) -> None:
     image_dir = target.image_dir.rstrip("/") or "/"
-    partial = _ssh(target, _quoted(["mktemp", f"{image_dir}/.{name}.partial-XXXXXX"]),
-                   f"transfer of {name}").strip()
-    if not partial.startswith(f"{image_dir}/.{name}.partial-") or not _REMOTE_PATH_RE.fullmatch(partial):
+    prefix = f"{image_dir}/{_partial_prefix(name)}"
+    partial = _ssh(target, _quoted(["mktemp", f"{prefix}XXXXXX"]), f"transfer of {name}").strip()
+    if not partial.startswith(prefix) or not _REMOTE_PATH_RE.fullmatch(partial):
         raise ShifterError(f"transfer of {name}: unexpected temporary name from the remote mktemp")
     try:
         _run(["scp", "-q", *_key(target), *target.scp_options, "--", source,
@@ -183,7 +215,7 @@ def publish_files(squashfs_path: str, image_id: str, meta: ImageMeta, target: Pu
         if not os.path.isdir(target.image_dir):
             raise ShifterError(f"imageDir {target.image_dir} does not exist")
         try:
-            _local_write(target.image_dir, image_name, mode, squashfs_path, None)
+            _local_write(target.image_dir, image_name, mode, squashfs_path, None, replace=False)
             _local_write(target.image_dir, meta_name, mode, None, meta_data)
         except OSError as err:
             raise ShifterError(f"cannot publish into {target.image_dir}: {err.strerror}") from None
@@ -194,6 +226,75 @@ def publish_files(squashfs_path: str, image_id: str, meta: ImageMeta, target: Pu
         tmp.write(meta_data)
         tmp.flush()
         _remote_write(target, meta_name, mode, tmp.name)
+
+
+def republish_meta(image_id: str, meta: ImageMeta, target: PublishTarget) -> None:
+    """A published image's access changed: new ``.meta``, and both files' modes follow it."""
+    _check_id(image_id)
+    mode = _mode(meta)
+    image_name = f"{image_id}.{target.image_format}"
+    meta_name = f"{image_id}.meta"
+    data = format_meta(meta).encode("utf-8")
+    if not target.remote:
+        try:
+            # the image first: a stricter mode never waits on the .meta that announces it
+            os.chmod(os.path.join(target.image_dir, image_name), mode)
+            _local_write(target.image_dir, meta_name, mode, None, data)
+        except OSError as err:
+            raise ShifterError(f"cannot update {meta_name} in {target.image_dir}: {err.strerror}") from None
+        return
+    _check_remote_dir(target)
+    base = target.image_dir.rstrip("/")
+    _ssh(target, _quoted(["chmod", f"{mode:o}", f"{base}/{image_name}"]), f"update of {image_name}")
+    with tempfile.TemporaryDirectory(prefix=".meta-") as scratch:
+        path = os.path.join(scratch, meta_name)
+        with open(path, "wb") as tmp:
+            tmp.write(data)
+        _remote_write(target, meta_name, mode, path)
+
+
+def remove_leftovers(image_dir: str, alive: Callable[[int], bool]) -> list[str]:
+    """Remove partial files of dead writers: this host's by pid, other hosts' once an hour old."""
+    removed = []
+    try:
+        names = os.listdir(image_dir)
+    except OSError:
+        return removed
+    mine = host_key()
+    for name in names:
+        match = _PARTIAL_RE.fullmatch(name)
+        if match is None:
+            continue
+        path = os.path.join(image_dir, name)
+        try:
+            if match.group(2) == mine:
+                if alive(int(match.group(3))):
+                    continue
+            elif time.time() - os.lstat(path).st_mtime < _FOREIGN_PARTIAL_SECONDS:
+                continue
+            os.unlink(path)
+        except OSError:
+            continue
+        removed.append(name)
+    return removed
+
+
+def remove_remote_leftovers(target: PublishTarget, alive: Callable[[int], bool]) -> list[str]:
+    """:func:`remove_leftovers` for a remote imageDir: only this host's dead writers' files
+    (the pid in the name is the gateway's, on this host, so it is checked here)."""
+    _check_remote_dir(target)
+    base = target.image_dir.rstrip("/") or "/"
+    listing = _ssh(target, _quoted(["find", base, "-maxdepth", "1", "-type", "f", "-name",
+                                    f".*.partial-h{host_key()}p*"]), "listing of partial files")
+    dead = []
+    for line in listing.splitlines():
+        name = line.rsplit("/", 1)[-1]
+        match = _PARTIAL_RE.fullmatch(name)
+        if match is not None and _REMOTE_PATH_RE.fullmatch(f"{base}/{name}") and not alive(int(match.group(3))):
+            dead.append(name)
+    if dead:
+        _ssh(target, _quoted(["rm", "-f", "--", *(f"{base}/{n}" for n in dead)]), "removal of partial files")
+    return dead
 
 
 def remove_files(image_id: str, target: PublishTarget) -> None:

@@ -9,7 +9,12 @@ several gateway processes (or hosts, with MongoDB) can share one store:
   either inserts the new record or returns the one already in flight (a unique
   index on an ``inflight`` key that is set only while the status is in flight);
 * a tag names at most one READY image per (system, itype): :meth:`Store.add_tag`
-  moves it.
+  moves it, but never away from a record where another owner holds it.
+
+Each tag a record carries may have an entry in ``tag_access``: ``{"tag", "owner",
+"private", "userACL", "groupACL"}``. Access and ownership belong to the tag, not to the
+image id (gateway.access derives the image's own privacy from them). A list, not a map,
+because tags contain ``.``, which MongoDB update paths cannot name.
 """
 
 from __future__ import annotations
@@ -86,8 +91,11 @@ class Store(ABC):
         """The record with ``_id`` ``rid``."""
 
     @abstractmethod
-    def update(self, rid: str, fields: Doc, only_if_status: Iterable[str] | None = None) -> bool:
-        """Set ``fields`` on a record (optionally only while its status is one of ``only_if_status``)."""
+    def update(
+        self, rid: str, fields: Doc, only_if_status: Iterable[str] | None = None, expect: Doc | None = None
+    ) -> bool:
+        """Set ``fields`` on a record, optionally only while its status is one of ``only_if_status``
+        and each field in ``expect`` still has that value (a compare-and-set: how leases are taken)."""
 
     @abstractmethod
     def delete(self, rid: str) -> None:
@@ -116,8 +124,10 @@ class Store(ABC):
         """Records matching every given criterion (used by list, queue, expiry and recovery)."""
 
     @abstractmethod
-    def add_tag(self, rid: str, tag: str) -> None:
-        """Move ``tag`` to record ``rid`` (taking it from any other record of the same system/itype)."""
+    def add_tag(self, rid: str, tag: str, owner: str | None = None, access: Doc | None = None) -> bool:
+        """Move ``tag`` to record ``rid``, taking it from any other record of the same system/itype,
+        unless that record's ``tag_access`` names another owner for it: then nothing changes and
+        the answer is False. ``access`` (private, userACL, groupACL) becomes the tag's entry."""
 
     @abstractmethod
     def touch(self, updates: dict[str, float]) -> None:
@@ -279,11 +289,15 @@ class SqliteStore(Store):
     def get(self, rid: str) -> Doc | None:
         return self._fetch(self._conn(), rid)
 
-    def update(self, rid: str, fields: Doc, only_if_status: Iterable[str] | None = None) -> bool:
+    def update(
+        self, rid: str, fields: Doc, only_if_status: Iterable[str] | None = None, expect: Doc | None = None
+    ) -> bool:
         conn = self._conn()
         with _transaction(conn):
             doc = self._fetch(conn, rid)
             if doc is None or (only_if_status is not None and doc["status"] not in set(only_if_status)):
+                return False
+            if expect and any(doc.get(k) != v for k, v in expect.items()):
                 return False
             doc.update(fields)
             try:
@@ -350,12 +364,12 @@ class SqliteStore(Store):
         )
         return [self._load(r) for r in self._conn().execute(sql, args).fetchall()]  # type: ignore[misc]
 
-    def add_tag(self, rid: str, tag: str) -> None:
+    def add_tag(self, rid: str, tag: str, owner: str | None = None, access: Doc | None = None) -> bool:
         conn = self._conn()
         with _transaction(conn):
             doc = self._fetch(conn, rid)
             if doc is None:
-                return
+                return False
             old = conn.execute(
                 "SELECT rid FROM tags WHERE system = ? AND itype = ? AND tag = ?",
                 (doc["system"], doc["itype"], tag),
@@ -363,16 +377,19 @@ class SqliteStore(Store):
             if old is not None and old[0] != rid:
                 other = self._fetch(conn, old[0])
                 if other is not None:
-                    other["tag"] = [t for t in _tags(other) if t != tag]
+                    if not _may_take(other, tag, owner):
+                        return False
+                    _drop_tag(other, tag)
                     self._write(conn, other)
+            elif not _may_take(doc, tag, owner):
+                return False
             conn.execute(
                 "INSERT OR REPLACE INTO tags(system, itype, tag, rid) VALUES (?,?,?,?)",
                 (doc["system"], doc["itype"], tag, rid),
             )
-            tags = _tags(doc)
-            if tag not in tags:
-                doc["tag"] = tags + [tag]
-                self._write(conn, doc)
+            _set_tag(doc, tag, owner, access)
+            self._write(conn, doc)
+        return True
 
     def touch(self, updates: dict[str, float]) -> None:
         if not updates:
@@ -431,6 +448,37 @@ class _transaction:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def tag_entry(doc: Doc, tag: str) -> Doc | None:
+    """The ``tag_access`` entry of ``tag`` on a record, if it has one."""
+    for entry in doc.get("tag_access") or []:
+        if isinstance(entry, dict) and entry.get("tag") == tag:
+            return entry
+    return None
+
+
+def _may_take(holder: Doc, tag: str, owner: str | None) -> bool:
+    """A tag without a recorded owner (written before owners were recorded) may be moved."""
+    held = (tag_entry(holder, tag) or {}).get("owner")
+    return held is None or held == owner
+
+
+def _drop_tag(doc: Doc, tag: str) -> None:
+    doc["tag"] = [t for t in _tags(doc) if t != tag]
+    doc["tag_access"] = [e for e in doc.get("tag_access") or [] if isinstance(e, dict) and e.get("tag") != tag]
+
+
+def _set_tag(doc: Doc, tag: str, owner: str | None, access: Doc | None) -> None:
+    tags = _tags(doc)
+    doc["tag"] = tags if tag in tags else tags + [tag]
+    entry = dict(tag_entry(doc, tag) or {"tag": tag})
+    if owner is not None:
+        entry["owner"] = owner
+    if access is not None:
+        entry.update({k: access[k] for k in ("private", "userACL", "groupACL") if k in access})
+    rest = [e for e in doc.get("tag_access") or [] if isinstance(e, dict) and e.get("tag") != tag]
+    doc["tag_access"] = rest + [entry]
 
 
 def _tags(doc: Doc) -> list[str]:
@@ -517,10 +565,14 @@ class MongoStore(Store):
     def get(self, rid: str) -> Doc | None:
         return self._out(self.images.find_one(self._key(rid)))
 
-    def update(self, rid: str, fields: Doc, only_if_status: Iterable[str] | None = None) -> bool:
+    def update(
+        self, rid: str, fields: Doc, only_if_status: Iterable[str] | None = None, expect: Doc | None = None
+    ) -> bool:
         query = self._key(rid)
         if only_if_status is not None:
             query["status"] = {"$in": list(only_if_status)}
+        for key, value in (expect or {}).items():
+            query[key] = value
         fields = {k: v for k, v in fields.items() if k != "_id"}
         change: Doc = {"$set": fields}
         if "status" in fields:
@@ -565,18 +617,27 @@ class MongoStore(Store):
             query["status"] = {"$in": sorted(set(statuses))}
         return [self._out(d) for d in self.images.find(query).sort("_id", 1)]  # type: ignore[misc]
 
-    def add_tag(self, rid: str, tag: str) -> None:
+    def add_tag(self, rid: str, tag: str, owner: str | None = None, access: Doc | None = None) -> bool:
         doc = self.images.find_one(self._key(rid))
         if doc is None:
-            return
-        if isinstance(doc.get("tag"), str):
-            self.images.update_one({"_id": doc["_id"]}, {"$set": {"tag": [doc["tag"]]}})
-        for other in self.images.find(
-            {"system": doc["system"], "itype": doc["itype"], "tag": tag, "_id": {"$ne": doc["_id"]}}
-        ):
-            remaining = [t for t in _tags(other) if t != tag]
-            self.images.update_one({"_id": other["_id"]}, {"$set": {"tag": remaining}})
-        self.images.update_one({"_id": doc["_id"]}, {"$addToSet": {"tag": tag}})
+            return False
+        holders = list(self.images.find({"system": doc["system"], "itype": doc["itype"], "tag": tag}))
+        if not all(_may_take(h, tag, owner) for h in holders + [doc]):
+            return False
+        for other in holders:
+            if other["_id"] != doc["_id"]:
+                before = other.get("tag_access")
+                _drop_tag(other, tag)
+                # only if its entries are unchanged since they were checked (a compare-and-set)
+                self.images.update_one(
+                    {"_id": other["_id"], "tag_access": before} if before else {"_id": other["_id"]},
+                    {"$set": {"tag": other["tag"], "tag_access": other["tag_access"]}},
+                )
+        _set_tag(doc, tag, owner, access)
+        self.images.update_one(
+            {"_id": doc["_id"]}, {"$set": {"tag": doc["tag"], "tag_access": doc["tag_access"]}}
+        )
+        return True
 
     def touch(self, updates: dict[str, float]) -> None:
         from pymongo import UpdateOne

@@ -401,13 +401,13 @@ def _import(env: Env, tag: str, path: Path, cred: str | bool = True) -> tuple[in
         time.sleep(0.05)
 
 
-def test_import_publishes_a_copy_with_the_fasthash_id(env: Env) -> None:
-    from gateway.importer import fasthash
+def test_import_publishes_a_copy_named_by_the_sha256_of_its_content(env: Env) -> None:
+    import hashlib
 
     path = _squashfs(env, "clean", lambda tree: None)
     status, rec = _import(env, "mytool", path)
     assert status == 200 and rec["status"] == "READY", rec
-    assert rec["id"] == fasthash(str(path))
+    assert rec["id"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert path.exists()  # copied, never moved
     published = env.root / "images" / f"{rec['id']}.squashfs"
     assert published.read_bytes() == path.read_bytes()

@@ -615,3 +615,19 @@ def test_manifest_whose_content_does_not_match_its_digest_fails(registry: Regist
         pipeline.resolve(spec_for(tmp_path, registry.url, "demo/badmanifest", "v1"))
     with pytest.raises(ShifterError, match="digest mismatch"):
         pipeline.resolve(spec_for(tmp_path, registry.url, "demo/badmanifest", digest))
+
+
+def test_remote_partial_files_of_dead_writers_of_this_host_are_removed(sshd: Sshd, tmp_path: Path) -> None:
+    from gateway.publish import host_key, remove_remote_leftovers
+
+    remote_dir = tmp_path / "remote-partials"
+    remote_dir.mkdir()
+    image_id = "ef" * 32
+    dead = remote_dir / f".{image_id}.squashfs.partial-h{host_key()}p{2**22 - 1}-Ab12Cd"
+    live = remote_dir / f".{image_id}.meta.partial-h{host_key()}p{os.getpid()}-Ef34Gh"
+    other_host = remote_dir / f".{image_id}.squashfs.partial-h00000000p{2**22 - 1}-Ij56Kl"
+    for path in (dead, live, other_host):
+        path.write_bytes(b"partial")
+    removed = remove_remote_leftovers(sshd.target(str(remote_dir)), lambda pid: pid == os.getpid())
+    assert removed == [dead.name]
+    assert not dead.exists() and live.exists() and other_host.exists()

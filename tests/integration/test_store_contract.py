@@ -175,3 +175,29 @@ def test_sqlite_store_is_shared_between_processes(tmp_path: Path) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_update_with_expected_fields_is_a_compare_and_set(store: Store) -> None:
+    rec, _ = store.claim({**pull_doc("lease:v1"), "owner": {"host": "h", "pid": 1, "start": "1"}})
+    dead = {"host": "h", "pid": 1, "start": "1"}
+    contenders = [{"host": "h", "pid": 100 + i, "start": "7"} for i in range(8)]
+
+    def take(owner: dict) -> bool:
+        return store.update(rec["_id"], {"owner": owner}, only_if_status=INFLIGHT, expect={"owner": dead})
+
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(take, contenders))
+    assert won.count(True) == 1
+    assert store.get(rec["_id"])["owner"] == contenders[won.index(True)]  # type: ignore[index]
+
+
+def test_add_tag_never_moves_a_tag_another_owner_holds(store: Store) -> None:
+    first = make_ready(store, "tool:v1", "a" * 64)
+    assert store.add_tag(first["_id"], "tool:v1", "uid:1", {"private": False})
+    rec, _ = store.claim(pull_doc("tool:v1"))
+    assert store.update(rec["_id"], {"status": "READY", "id": "b" * 64})
+    assert not store.add_tag(rec["_id"], "tool:v1", "uid:2")
+    assert store.find_ready("sys", "docker", "tool:v1")["_id"] == first["_id"]  # type: ignore[index]
+    assert store.add_tag(rec["_id"], "tool:v1", "uid:1")  # its owner may move it
+    assert store.find_ready("sys", "docker", "tool:v1")["_id"] == rec["_id"]  # type: ignore[index]
+    assert store.get(first["_id"])["tag_access"] == []  # type: ignore[index]
