@@ -148,7 +148,7 @@ class RegistryClient:
             if (resp.status == 429 or resp.status >= 500) and attempt < _RETRIES:
                 wait = delay
                 retry_after = resp.headers.get("Retry-After", "")
-                if retry_after.isdigit():
+                if retry_after.isascii() and retry_after.isdigit() and len(retry_after) < 6:
                     wait = min(float(retry_after), 10.0)
                 resp.close()
                 conn.close()

@@ -52,7 +52,9 @@ class Context:
         cfg = self.config
         if not cfg.system:
             raise ShifterError("udiRoot.conf does not set system")
-        return GatewayClient(cfg.image_gateways, cfg.system, float(cfg.gateway_timeout or 60))
+        return GatewayClient(
+            cfg.image_gateways, cfg.system, float(cfg.gateway_timeout or 60), gateway_uid=cfg.image_gateway_uid
+        )
 
     def ref(self, text: str) -> ImageRef:
         ref = parse_image_ref(text, self.config.default_image_type)
