@@ -490,13 +490,103 @@ def test_new_tag_for_a_published_image_joins_its_record(env: Env) -> None:
         ("/api/pull/testsys/docker/x/", b'{"allowed_uids": "12,abc"}'),
         ("/api/pull/testsys/docker/x/", b'{"refresh": "yes"}'),
         ("/api/lookup/testsys/docker//", None),
+        # issue 10: each of these was a 500 or silently accepted
+        ("/api/pull/testsys/docker/x/", '{"allowed_uids": "²"}'.encode()),
+        ("/api/pull/testsys/docker/x/", '{"allowed_uids": "١٢٣"}'.encode()),
+        ("/api/pull/testsys/docker/x/", b'{"allowed_gids": "' + b"9" * 5000 + b'"}'),
+        ("/api/pull/testsys/docker/x/", b'{"allowed_uids": [' + b"9" * 5000 + b"]}"),
+        ("/api/pull/testsys/docker/x/", b'{"allowed_uids": "4294967295"}'),
+        ("/api/pull/testsys/docker/x/", b'{"allowed_gids": [4294967296]}'),
+        ("/api/pull/testsys/docker/x/", b'{"allowed_uids": [1.5]}'),
+        ("/api/pull/testsys/docker/x/", b'{"a": ' + b"[" * 60000),
+        ("/api/doimport/testsys/custom/x/", '{"filepath": "/x", "allowed_uids": "²"}'.encode()),
+        ("/api/doimport/testsys/custom/x/", b"[" * 60000),
+        ("/api/metrics/testsys/?limit=%C2%B2", None),
+        ("/api/metrics/testsys/?limit=" + "9" * 5000, None),
     ],
 )
 def test_bad_requests_are_400(env: Env, path: str, body: bytes | None) -> None:
-    method = "GET" if "/lookup/" in path else "POST"
+    method = "GET" if "/lookup/" in path or "/metrics/" in path else "POST"
     status, doc = env.json(method, path, body=body)
     assert status == 400, doc
-    assert doc["error"]
+    assert doc["error"] and "\n" not in doc["error"] and len(doc["error"]) < 200
+
+
+def test_non_admin_gets_400_for_a_bad_metrics_limit_before_403(env: Env) -> None:
+    path = "/api/metrics/testsys/?limit=%C2%B2"
+    status, doc = env.json("GET", path, cred=env.as_user(65534, 65534, "GET", path))
+    assert status == 400 and "limit" in doc["error"]
+
+
+def test_client_gone_mid_body_is_a_client_error_not_a_500(env: Env) -> None:
+    """A short body (Content-Length 100, 10 bytes sent) and broken chunked framing: 400s, no traceback."""
+    import socket
+
+    path = "/api/pull/testsys/docker/test%2Fsmall%3Av1/"
+    log_before = (env.root / "gateway.log").read_text()
+    heads = [
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n",
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n",
+    ]
+    tails = [b'{"refresh"', b"5\r\nabc"]
+    for head, tail in zip(heads, tails, strict=True):
+        with socket.create_connection(("127.0.0.1", env.port), timeout=10) as sock:
+            cred = env.cred("POST", path, b"")
+            sock.sendall(f"{head}authentication: {cred}\r\n\r\n".encode() + tail)
+            sock.shutdown(socket.SHUT_WR)
+            sock.recv(65536)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        _s, _h, metrics = env.request("GET", "/metrics", cred=None)
+        if metrics.decode().count('route="pull",status="400"') and time.monotonic() > deadline - 8:
+            break
+        time.sleep(0.2)
+    text = metrics.decode()
+    assert 'shifter_gateway_requests_total{route="pull",status="400"}' in text, text
+    assert 'route="pull",status="500"' not in text
+    new_log = (env.root / "gateway.log").read_text()[len(log_before) :]
+    assert "Traceback" not in new_log and "unexpected error" not in new_log, new_log
+    assert "left during the body" in new_log
+
+
+def test_header_read_timeout_closes_a_stalled_connection(env: Env) -> None:
+    import socket
+
+    from gateway.service import HEADER_SECONDS
+
+    with socket.create_connection(("127.0.0.1", env.port), timeout=HEADER_SECONDS + 10) as sock:
+        sock.sendall(b"GET /api/status HTTP/1.1\r\nHost: x\r\n")  # headers never finish
+        started = time.monotonic()
+        assert sock.recv(65536) == b""  # closed by the gateway, not by our timeout
+        assert HEADER_SECONDS - 1 < time.monotonic() - started < HEADER_SECONDS + 5
+
+
+def test_lookup_completes_while_a_store_write_is_blocked(env: Env) -> None:
+    """Store calls run off the event loop: a pull stuck on SQLite's write lock stalls only itself."""
+    env.pull_until_done("test%2Fsmall%3Av1")
+    db = sqlite3.connect(env.root / "gateway.db", isolation_level=None, timeout=30)
+    db.execute("BEGIN IMMEDIATE")  # hold the write lock, as a busy writer would
+    results: list[int] = []
+    try:
+        def pull(path: str) -> None:
+            results.append(env.json("POST", path)[0])
+
+        pulls = [threading.Thread(target=pull, args=(PULL.replace("v1", f"w{i}"),)) for i in range(3)]
+        for thread in pulls:
+            thread.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        status, rec = env.json("GET", SMALL)
+        assert status == 200 and rec["status"] == "READY"
+        assert env.json("GET", "/api/status", cred=None)[0] == 200
+        assert time.monotonic() - started < 2.0
+        assert not results  # the pulls are still waiting for the lock
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+    for thread in pulls:
+        thread.join(60)
+    assert len(results) == 3
 
 
 def test_oversized_body_is_413(env: Env) -> None:
@@ -755,6 +845,18 @@ def test_mock_authentication_only_when_configured(env: Env) -> None:
         assert get("bad:root:root") == 401
         assert get("good:root") == 401
         assert get(munge.encode(b"", env.munged.socket)) == 401  # mock mode does not take munge
+        assert get("good:root:root::4294967295:0") == 401
+
+        # admin rights follow the uid the names resolve to, not the name a session carries
+        def autoexpire(header: str) -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", "/api/autoexpire/testsys/", headers={"authentication": header})
+            status = conn.getresponse().status
+            conn.close()
+            return status
+
+        assert autoexpire("good:root:root::0:0") == 200
+        assert autoexpire("good:root:root::4242:4242") == 403
     finally:
         gw.stop()
 
