@@ -350,7 +350,7 @@ class RegistryClient:
                     raise TransferError(f"layer {_short(digest)} is truncated ({got} of {size} bytes)")
                 if "sha256:" + sha.hexdigest() != digest:
                     raise ShifterError(f"layer {_short(digest)} digest mismatch")
-            os.chmod(partial, 0o644)
+            os.chmod(partial, 0o600)  # a private image's layers are as private as the image
             os.rename(partial, dest)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -387,7 +387,9 @@ class BlobCache:
 
     def __init__(self, cache_dir: str) -> None:
         self.dir = os.path.join(cache_dir, "blobs", "sha256")
-        os.makedirs(self.dir, exist_ok=True)
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        for directory in (os.path.dirname(self.dir), self.dir):  # also caches made 0755 before
+            os.chmod(directory, 0o700)
 
     def path(self, digest: str) -> str:
         if not _DIGEST_RE.fullmatch(digest):

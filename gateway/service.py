@@ -105,6 +105,9 @@ def serve(config_path: str) -> None:
     from gateway.store import open_store
 
     config = load_config(config_path)
+    # cache, expand tree, store and work files are the gateway's alone; published
+    # images get their modes explicitly (gateway.publish)
+    os.umask(0o077)
     _setup_logging(config.log_level, config.log_file)
     log = logging.getLogger("gateway.service")
     sockets = [_bind(host, port) for host, port in config.listen]

@@ -354,6 +354,25 @@ def _send(port: int, method: str, path: str, cred: str, body: bytes | None = Non
         conn.close()
 
 
+def test_cache_expand_and_store_are_the_gateways_alone(env: Env) -> None:
+    """Layers of a private image must not be readable through the cache (issue 10, item 7)."""
+    env.pull_until_done("test%2Fsmall%3Av1")
+    blobs = env.root / "cache" / "blobs" / "sha256"
+    assert any(blobs.iterdir())
+    for path in (blobs, blobs.parent):
+        assert path.stat().st_mode & 0o777 == 0o700, path
+    for path in [*blobs.iterdir(), env.root / "gateway.db", env.root / "gateway.db-wal"]:
+        if path.exists():
+            assert path.stat().st_mode & 0o077 == 0, path
+    for path in (env.root / "expand").rglob("*"):
+        assert path.stat().st_mode & 0o077 == 0, path
+    blob = next(blobs.iterdir())
+    import subprocess
+
+    denied = subprocess.run(["cat", str(blob)], user=65534, group=65534, capture_output=True, cwd="/")
+    assert denied.returncode != 0 and b"Permission denied" in denied.stderr
+
+
 # -- pull, lookup, list ---------------------------------------------------------------------------------
 
 
