@@ -64,7 +64,7 @@ def resolve_image(config: UdiRootConfig, request: SetupRequest) -> tuple[str, st
         from shifter.gatewayclient import GatewayClient
 
         client = GatewayClient(
-            config.image_gateways, config.system or "", config.gateway_timeout, gateway_uid=config.image_gateway_uid
+            config.image_gateways, config.system or "", config.gateway_timeout, gateway_user=config.image_gateway_user
         )
         identifier = client.lookup(ref)["id"]
     if not identifier or not all(c.isalnum() or c in "._-" for c in identifier) or identifier[0] == ".":

@@ -76,6 +76,25 @@ def authorized_locations(
     return result
 
 
+DEFAULT_GATEWAY_USER = "shifter"  # the account the shipped systemd unit runs the gateway as
+
+
+def resolve_gateway_uid(user: str | int | None) -> int:
+    """uid of ``imageGatewayUser`` (a name or a number); unset: the ``shifter`` account, else root."""
+    if isinstance(user, int):
+        return user
+    if user is not None and user.isascii() and user.isdigit():
+        return int(user)
+    import pwd
+
+    try:
+        return pwd.getpwnam(user or DEFAULT_GATEWAY_USER).pw_uid
+    except KeyError:
+        if user:
+            raise ShifterError(f"imageGatewayUser {user!r}: no such user") from None
+        return 0
+
+
 class _Response:
     __slots__ = ("status", "content_type", "body")
 
@@ -194,7 +213,7 @@ class GatewayClient:
         munge_socket: str | None = None,
         cred_file: str | None = None,
         shuffle: bool = True,
-        gateway_uid: int | None = 0,
+        gateway_user: str | int | None = None,
     ) -> None:
         if isinstance(urls, str):
             urls = urls.split()
@@ -211,10 +230,16 @@ class GatewayClient:
         self.timeout = timeout
         self.munge_socket = munge_socket if munge_socket is not None else munge.client_socket()
         self.cred_file = cred_file
-        # the uid munged lets decode our credentials (imageGatewayUid; None: anyone)
-        self.gateway_uid = gateway_uid
+        self.gateway_user = gateway_user
+        self._gateway_uid: int | None = None
 
     # -- plumbing -------------------------------------------------------------
+
+    def gateway_uid(self) -> int:
+        """The only uid munged lets decode our credentials (udiRoot.conf imageGatewayUser)."""
+        if self._gateway_uid is None:
+            self._gateway_uid = resolve_gateway_uid(self.gateway_user)
+        return self._gateway_uid
 
     def _logins(self) -> dict[str, str]:
         return authorized_locations(self.system, self.cred_file, self.munge_socket)
@@ -231,7 +256,7 @@ class GatewayClient:
         if logins:
             payload["authorized_locations"] = logins
         cred = munge.encode(
-            json.dumps(payload, separators=(",", ":")).encode(), self.munge_socket, decoder_uid=self.gateway_uid
+            json.dumps(payload, separators=(",", ":")).encode(), self.munge_socket, decoder_uid=self.gateway_uid()
         )
         headers = {"authentication": cred, "Accept": "application/json"}
         if body is not None:

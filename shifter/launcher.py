@@ -401,7 +401,7 @@ def _lookup(config, request: Request) -> str:
     from shifter.imageref import ImageRef
 
     client = GatewayClient(
-        config.image_gateways, config.system or "", config.gateway_timeout, gateway_uid=config.image_gateway_uid
+        config.image_gateways, config.system or "", config.gateway_timeout, gateway_user=config.image_gateway_user
     )
     return client.lookup(ImageRef(request.image_type, request.tag))["id"]
 

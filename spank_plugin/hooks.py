@@ -169,7 +169,7 @@ def _resolve(config, ref) -> str:
     from shifter.gatewayclient import GatewayClient
 
     client = GatewayClient(
-        config.image_gateways, config.system, config.gateway_timeout, gateway_uid=config.image_gateway_uid
+        config.image_gateways, config.system, config.gateway_timeout, gateway_user=config.image_gateway_user
     )
     record = client.lookup(ref)
     image_id = record.get("id")
