@@ -6,6 +6,13 @@ original did.  Authentication follows the registry's challenge: every request is
 anonymously first; a ``Bearer`` challenge is answered with a token fetched anonymously,
 then with the user's credentials (HTTP Basic to the token realm); a ``Basic`` challenge
 with the credentials.  Needing the credentials marks the image private.
+
+Where credentials may go (see ``credentials_may_go``): a token realm must be https
+unless the registry itself is configured as http, and receives the credentials only
+on the registry's own host or a host of its parent domain (``auth.docker.io`` for
+``registry-1.docker.io``); a redirect to another host, or from https to http, loses
+the Authorization header.  Digests from manifests and indexes are checked before
+they become part of a URL.
 """
 
 from __future__ import annotations
@@ -71,6 +78,36 @@ def check_reference(repository: str, reference: str) -> None:
         raise ShifterError(f"invalid tag or digest: {reference!r}")
 
 
+def _check_digest(digest: str, what: str) -> None:
+    """Only ``sha256:<64 hex>`` reaches a URL: an index or manifest is the registry's text."""
+    if not isinstance(digest, str) or not _DIGEST_RE.fullmatch(digest):
+        raise ShifterError(f"{what}: invalid digest {str(digest)[:80]!r}")
+
+
+def _parent_domain(host: str) -> str | None:
+    """``docker.io`` for ``registry-1.docker.io``; None for IP addresses and short names."""
+    if host.replace(".", "").isdigit() or ":" in host:
+        return None
+    labels = host.split(".")
+    return ".".join(labels[1:]) if len(labels) >= 3 else None
+
+
+def credentials_may_go(registry_url: str, url: str) -> bool:
+    """Whether the registry's credentials may be sent to ``url`` (a token realm or a redirect).
+
+    Never to plain http when the registry is https, and only to the registry's own
+    host or, over https, to a host of its parent domain.
+    """
+    reg, dest = urllib.parse.urlsplit(registry_url), urllib.parse.urlsplit(url)
+    if dest.scheme != "https" and not (dest.scheme == "http" and reg.scheme == "http"):
+        return False
+    reg_host, dest_host = (reg.hostname or "").lower(), (dest.hostname or "").lower()
+    if dest_host == reg_host:  # e.g. a token service next to the registry
+        return True
+    parent = _parent_domain(reg_host)
+    return parent is not None and dest.scheme == "https" and dest_host.endswith("." + parent)
+
+
 def _short(digest: str) -> str:
     return digest[:19] + ".." if len(digest) > 21 else digest
 
@@ -87,6 +124,7 @@ class RegistryClient:
             raise ShifterError(f"invalid authMethod {auth_method!r} (token or basic)")
         self.scheme = parsed.scheme
         self.netloc = parsed.netloc
+        self.url = f"{parsed.scheme}://{parsed.netloc}"
         self.base_path = parsed.path.rstrip("/")
         if "/" not in repository and (parsed.hostname or "").endswith("docker.io"):
             repository = "library/" + repository
@@ -168,6 +206,11 @@ class RegistryClient:
         realm = params.pop("realm", "")
         if not realm.startswith(("http://", "https://")):
             raise ShifterError(f"registry {self.netloc}: bad token realm in WWW-Authenticate")
+        if realm.startswith("http://") and self.scheme == "https":
+            raise ShifterError(f"registry {self.netloc}: refusing a plain-http token realm")
+        if with_credentials and not credentials_may_go(self.url, realm):
+            host = urllib.parse.urlsplit(realm).netloc
+            raise ShifterError(f"registry {self.netloc}: not sending credentials to token realm {host}")
         query = urllib.parse.urlencode({k: v for k, v in params.items() if k in ("service", "scope")})
         url = realm + ("&" if "?" in realm else "?") + query if query else realm
         headers = {"Authorization": self._basic()} if with_credentials else {}
@@ -252,7 +295,8 @@ class RegistryClient:
         raise ShifterError(f"registry {self.netloc}: authentication failed for {self.repository}")
 
     def _follow(self, url: str, headers: dict[str, str]) -> Response:
-        origin = urllib.parse.urlsplit(url).netloc
+        """GET following redirects; the Authorization goes only where credentials_may_go says."""
+        origin = urllib.parse.urlsplit(url)
         for _ in range(6):
             resp = self._send(url, headers)
             if resp.status not in (301, 302, 303, 307, 308):
@@ -262,7 +306,11 @@ class RegistryClient:
             url = urllib.parse.urljoin(url, location)
             if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
                 raise ShifterError(f"registry {self.netloc}: bad redirect")
-            if urllib.parse.urlsplit(url).netloc != origin:
+            dest = urllib.parse.urlsplit(url)
+            if (dest.netloc, dest.scheme) != (origin.netloc, origin.scheme) and not (
+                dest.netloc == origin.netloc and dest.scheme == "https"
+            ):
+                # another host, or a downgrade to http: never the registry's Authorization
                 headers = {k: v for k, v in headers.items() if k != "Authorization"}
         raise ShifterError(f"registry {self.netloc}: too many redirects")
 
@@ -270,6 +318,8 @@ class RegistryClient:
 
     def manifest(self, reference: str) -> tuple[str, str, dict]:
         """(digest, media type, document) of a manifest, its digest verified."""
+        if not (isinstance(reference, str) and (_TAG_RE.fullmatch(reference) or _DIGEST_RE.fullmatch(reference))):
+            raise ShifterError(f"manifest reference {str(reference)[:80]!r} is not a tag or sha256 digest")
         resp = self.get(f"manifests/{reference}", accept=_ACCEPT)
         try:
             if resp.status == 404:
@@ -306,6 +356,7 @@ class RegistryClient:
 
     def blob_bytes(self, digest: str, limit: int) -> bytes:
         """A small blob (an image config) read into memory and verified."""
+        _check_digest(digest, "image config")
         resp = self.get(f"blobs/{digest}")
         try:
             if resp.status != 200:
@@ -321,6 +372,7 @@ class RegistryClient:
 
     def download(self, digest: str, size: int, dest: str, counter: Callable[[int], None]) -> None:
         """Stream a blob into ``dest`` (via a temporary name), hashing as it arrives."""
+        _check_digest(digest, "layer")
         resp = self.get(f"blobs/{digest}")
         directory = os.path.dirname(dest)
         fd, partial = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.partial-", dir=directory)
