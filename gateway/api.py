@@ -6,29 +6,37 @@ nothing otherwise); every route answers with and without the trailing slash (no
 redirects: the C client does not follow them); tags arrive URL-escaped; records
 have exactly 13 keys with ``"MISSING"`` for absent ones and a float ``last_pull``.
 
-Status codes: 400 malformed request, 401 missing/bad credential, 403 forbidden
-action, 404 unknown system/image/route (a private image the caller may not read
-is indistinguishable from a missing one), 405 wrong method, 413 body too large,
-503 store unavailable; 500 only for a bug, never for bad input.
+Status codes: 400 malformed request (also a client gone mid-body), 401
+missing/bad/misdirected credential, 403 forbidden action, 404 unknown
+system/image/route (a private image the caller may not read is indistinguishable
+from a missing one), 405 wrong method, 408 body too slow, 413 body too large, 503
+store or munged unavailable; 500 only for a bug, never for bad input.
+
+Everything that may block (munge decoding, store calls) runs in a bounded thread
+pool, never on the event loop: one slow store call or stuck munged stalls only
+its own request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import anyio
+import anyio.to_thread
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway.auth import Authenticator, AuthError, Session
+from gateway.auth import Authenticator, AuthError, AuthUnavailable, RequestFacts, Session
 from gateway.config import GatewayConfig
 from gateway.manager import BadRequest, Forbidden, ImageManager, NotFound, check_tag, parse_acl
 from gateway.openapi import RECORD_KEYS, openapi_document
@@ -37,16 +45,58 @@ from shifter.errors import ShifterError
 log = logging.getLogger("gateway.api")
 
 MAX_BODY = 64 * 1024
+MAX_JSON_DEPTH = 32  # the API's bodies are flat objects; deeper nesting is hostile
+BODY_SECONDS = 30.0  # a body that trickles in slower than this holds a connection: 408
+BLOCKING_THREADS = 64  # the pool for munge and store calls (see offload)
 _REASONS = {
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
     413: "Payload Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
+
+
+_T = TypeVar("_T")
+_POOL = anyio.CapacityLimiter(BLOCKING_THREADS)
+
+
+async def offload(fn: Callable[..., _T], *args: Any) -> _T:
+    """Run a blocking call (munged, SQLite, MongoDB) in the bounded pool, off the event loop."""
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=_POOL)
+
+
+def request_target(scope: Scope) -> str:
+    """Path and query as the client sent them: what a bound credential names."""
+    raw: bytes = scope.get("raw_path") or scope["path"].encode()
+    query: bytes = scope.get("query_string") or b""
+    return raw.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
+
+
+def _depth_ok(data: bytes) -> bool:
+    """Nesting of ``[``/``{`` outside strings stays within MAX_JSON_DEPTH (json recurses per level)."""
+    depth, in_string, escaped = 0, False, False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return False
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return True
 
 
 def dump_json(content: Any) -> bytes:
@@ -93,32 +143,47 @@ class Gateway:
         self.manager = manager
         self.auth = auth
 
-    def session(self, request: Request) -> Session:
+    async def session(self, request: Request, body: bytes = b"", read_only: bool = False) -> Session:
+        """The caller, from a credential that must name this request (see gateway.auth)."""
         system = request.path_params["system"]
         if system not in self.config.platforms:
             raise NotFound(f"unknown system {system!r}")
-        return self.auth.authenticate(request.headers.get("authentication"), system)
+        facts = RequestFacts(request.method, request_target(request.scope), body, read_only)
+        return await offload(self.auth.authenticate, request.headers.get("authentication"), system, facts)
 
     @staticmethod
     def image(request: Request) -> tuple[str, str]:
         return request.path_params["itype"], request.path_params["tag"].rstrip("/")
 
     @staticmethod
-    async def body(request: Request) -> dict[str, Any]:
-        """An optional JSON object body; anything else is a 400 naming the problem."""
+    async def raw_body(request: Request) -> bytes:
+        """The body, bounded in size and time; a client gone mid-body is its own error."""
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+        if length is not None and (not (length.isascii() and length.isdigit()) or int(length) > MAX_BODY):
             raise _TooLarge()
         data = b""
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > MAX_BODY:
-                raise _TooLarge()
+        try:
+            with anyio.fail_after(BODY_SECONDS):
+                async for chunk in request.stream():
+                    data += chunk
+                    if len(data) > MAX_BODY:
+                        raise _TooLarge()
+        except ClientDisconnect:
+            raise _ClientGone() from None
+        except TimeoutError:
+            raise _TooSlow() from None
+        return data
+
+    @staticmethod
+    def parse_body(data: bytes) -> dict[str, Any]:
+        """An optional JSON object body; anything else is a 400 naming the problem."""
         if not data.strip():
             return {}
+        if not _depth_ok(data):
+            raise BadRequest(f"request body nests deeper than {MAX_JSON_DEPTH} levels")
         try:
             doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise BadRequest("request body is not valid JSON") from None
         if not isinstance(doc, dict):
             raise BadRequest("request body must be a JSON object")
@@ -145,59 +210,62 @@ class Gateway:
 
     async def status(self, request: Request) -> JSONResponse:
         try:
-            self.manager.store.ping()
+            await offload(self.manager.store.ping)
         except ShifterError as err:
             return JSONResponse({"status": "down", "error": str(err)}, status_code=503)
         return JSONResponse({"status": "up"})
 
     async def lookup(self, request: Request) -> JSONResponse:
-        session = self.session(request)
+        session = await self.session(request, read_only=True)
         itype, tag = self.image(request)
-        return JSONResponse(record_json(self.manager.lookup(session, itype, tag)))
+        return JSONResponse(record_json(await offload(self.manager.lookup, session, itype, tag)))
 
     async def pull(self, request: Request) -> JSONResponse:
-        session = self.session(request)
+        data = await self.raw_body(request)
+        session = await self.session(request, data)
         itype, tag = self.image(request)
-        body = await self.body(request)
+        body = self.parse_body(data)
         uids = parse_acl(body.get("allowed_uids"), "allowed_uids")
         gids = parse_acl(body.get("allowed_gids"), "allowed_gids")
         refresh = body.get("refresh", False)
         if not isinstance(refresh, bool):
             raise BadRequest("refresh must be true or false")
-        rec = self.manager.pull(session, itype, tag, uids, gids, refresh=refresh)
+        rec = await offload(functools.partial(self.manager.pull, refresh=refresh), session, itype, tag, uids, gids)
         return JSONResponse(record_json(rec))
 
     async def doimport(self, request: Request) -> JSONResponse:
-        session = self.session(request)
+        data = await self.raw_body(request)
+        session = await self.session(request, data)
         itype, tag = self.image(request)
-        body = await self.body(request)
-        rec = await run_in_threadpool(self.manager.doimport, session, itype, tag, body)
+        body = self.parse_body(data)
+        rec = await offload(self.manager.doimport, session, itype, tag, body)
         return JSONResponse(record_json(rec))
 
     async def list_images(self, request: Request) -> JSONResponse:
-        session = self.session(request)
-        return JSONResponse({"list": [record_json(r) for r in self.manager.list_images(session)]})
+        session = await self.session(request, read_only=True)
+        images = await offload(self.manager.list_images, session)
+        return JSONResponse({"list": [record_json(r) for r in images]})
 
     async def expire(self, request: Request) -> JSONResponse:
-        session = self.session(request)
+        session = await self.session(request)
         itype, tag = self.image(request)
-        return JSONResponse({"status": self.manager.expire(session, itype, tag)})
+        return JSONResponse({"status": await offload(self.manager.expire, session, itype, tag)})
 
     async def autoexpire(self, request: Request) -> JSONResponse:
-        session = self.session(request)
-        return JSONResponse({"status": await run_in_threadpool(self.manager.autoexpire, session)})
+        session = await self.session(request)
+        return JSONResponse({"status": await offload(self.manager.autoexpire, session)})
 
     async def metrics_docs(self, request: Request) -> JSONResponse:
-        session = self.session(request)
+        session = await self.session(request, read_only=True)
         raw = request.query_params.get("limit", "10")
-        if not raw.isdigit() or int(raw) > 100000:
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 6 or int(raw) > 100000:
             raise BadRequest("limit must be a number between 0 and 100000")
-        docs = await run_in_threadpool(self.manager.metric_docs, session, int(raw))
+        docs = await offload(self.manager.metric_docs, session, int(raw))
         return JSONResponse(docs)
 
     async def queue(self, request: Request) -> JSONResponse:
-        session = self.session(request)
-        return JSONResponse({"list": self.manager.queue_list(session)})
+        session = await self.session(request, read_only=True)
+        return JSONResponse({"list": await offload(self.manager.queue_list, session)})
 
     async def prometheus(self, request: Request) -> Response:
         return Response(self.manager.metrics.render(), media_type="text/plain; version=0.0.4")
@@ -208,6 +276,14 @@ class Gateway:
 
 class _TooLarge(Exception):
     pass
+
+
+class _TooSlow(Exception):
+    pass
+
+
+class _ClientGone(Exception):
+    """The client closed the connection (or broke the framing) before its body was complete."""
 
 
 def _routes(gw: Gateway) -> list[Route]:
@@ -241,6 +317,8 @@ def _guard(handler: Any) -> Any:
             return await handler(request)
         except AuthError as err:
             return error(401, str(err), request)
+        except AuthUnavailable as err:
+            return error(503, str(err), request)
         except Forbidden as err:
             return error(403, str(err), request)
         except NotFound as err:
@@ -249,6 +327,12 @@ def _guard(handler: Any) -> Any:
             return error(400, str(err), request)
         except _TooLarge:
             return error(413, f"request body larger than {MAX_BODY} bytes", request)
+        except _TooSlow:
+            return error(408, f"request body not complete within {BODY_SECONDS:.0f} s", request)
+        except _ClientGone:
+            log.info("client %s left during the body of %s %s", _client(request.scope), request.method,
+                     request.url.path)
+            return error(400, "client disconnected before the body was complete", request)
         except ShifterError as err:
             return error(503 if "store" in str(err) else 500, str(err), request)
         except Exception:
@@ -316,7 +400,7 @@ class GatewayApp:
         started = time.time()
         path: str = scope["path"]
         if scope["method"] == "GET" and path.startswith("/api/lookup/"):
-            status, body = self.lookup(scope, path)
+            status, body = await self.lookup(scope, path)
             await send(
                 {
                     "type": "http.response.start",
@@ -340,8 +424,9 @@ class GatewayApp:
             status = status_box[0]
         if self.access_log is not None:
             self.access_log.write(scope, status, started)
+        self.gw.manager.metrics.inc("shifter_gateway_requests_total", route=_route(path), status=str(status))
 
-    def lookup(self, scope: Scope, path: str) -> tuple[int, bytes]:
+    async def lookup(self, scope: Scope, path: str) -> tuple[int, bytes]:
         parts = path[len("/api/lookup/") :].split("/", 2)
         if len(parts) < 3:
             return 404, _error_body(404, "not found", path)
@@ -354,8 +439,9 @@ class GatewayApp:
         try:
             if system not in self.gw.config.platforms:
                 raise NotFound(f"unknown system {system!r}")
-            session = self.gw.auth.authenticate(header, system)
-            rec = self.gw.manager.lookup(session, itype, tag)
+            facts = RequestFacts("GET", request_target(scope), b"", read_only=True)
+            session = await offload(self.gw.auth.authenticate, header, system, facts)
+            rec = await offload(self.gw.manager.lookup, session, itype, tag)
             return 200, dump_json(record_json(rec))
         except AuthError as err:
             return 401, _error_body(401, str(err), path)
@@ -368,6 +454,26 @@ class GatewayApp:
         except Exception:
             log.exception("unexpected error on GET %s", path)
             return 500, _error_body(500, "internal error (logged by the gateway)", path)
+
+
+_ROUTES = frozenset(
+    {"lookup", "pull", "doimport", "expire", "list", "autoexpire", "metrics", "queue", "status", "openapi.json"}
+)
+
+
+def _route(path: str) -> str:
+    """A bounded label for the request counter: the API route, never the caller's text."""
+    if path == "/metrics":
+        return "prometheus"
+    parts = path.split("/", 3)
+    if len(parts) >= 3 and parts[1] == "api" and parts[2] in _ROUTES:
+        return parts[2]
+    return "other"
+
+
+def _client(scope: Scope) -> str:
+    client = scope.get("client") or ("-", 0)
+    return str(client[0])
 
 
 def _error_body(status: int, message: str, path: str) -> bytes:

@@ -6,7 +6,8 @@ required key or a value of the wrong type stops the gateway at start-up with a
 message naming the key (and the closest known key for a typo).
 
 Keys added by this implementation (documented in docs/gateway.md):
-``Store``, ``Listen``, ``AccessLog``, ``LogFile``, ``ImagePlatform``, ``MaxImageBytes``, ``ExaminerTimeout``.
+``Store``, ``Listen``, ``AccessLog``, ``LogFile``, ``ImagePlatform``, ``MaxImageBytes``, ``ExaminerTimeout``,
+``GatewayAddresses``, ``UnboundCredentials``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from shifter.errors import ShifterError
 
 IMAGE_FORMATS = ("squashfs", "cramfs", "ext4", "mock")
 AUTH_MODES = ("munge", "mock")
+UNBOUND_MODES = ("reject", "read-only", "accept")
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error", "critical")
 
 
@@ -92,6 +94,8 @@ class GatewayConfig:
     ostcount: int = 0
     image_platform: tuple[str, str, str | None] = ("linux", "amd64", None)
     max_image_bytes: int = 64 << 30
+    gateway_addresses: tuple[str, ...] = ()
+    unbound_credentials: str = "read-only"
 
     def import_allowed(self, user: str | None) -> bool:
         """ImportUsers: "all", "none"/absent, or a list of user names."""
@@ -132,6 +136,8 @@ _TOP_KEYS: dict[str, tuple[type | tuple[type, ...], bool]] = {
     "ImagePlatform": (str, False),
     "MaxImageBytes": (int, False),
     "ExaminerTimeout": ((int, float), False),
+    "GatewayAddresses": (list, False),
+    "UnboundCredentials": (str, False),
 }
 
 _LOCATION_KEYS: dict[str, tuple[type | tuple[type, ...], bool]] = {
@@ -248,6 +254,17 @@ def _parse_listen(value: list[Any] | str, source: str) -> tuple[tuple[str, int],
         result.append((host, int(port)))
     if not result:
         raise ShifterError(f"{source}: key Listen must name at least one address")
+    return tuple(result)
+
+
+def _parse_addresses(value: list[Any], source: str) -> tuple[str, ...]:
+    """``GatewayAddresses``: the host:port names clients use for this gateway (imageGateway URLs)."""
+    result = []
+    for item in value:
+        host, sep, port = item.rpartition(":") if isinstance(item, str) else ("", "", "")
+        if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+            raise ShifterError(f"{source}: key GatewayAddresses has a bad address {item!r} (want host:port)")
+        result.append(f"{host.strip('[]').lower()}:{int(port)}")
     return tuple(result)
 
 
@@ -412,6 +429,9 @@ def parse_config(text: str, source: str = "imagemanager.json") -> GatewayConfig:
     max_bytes = doc.get("MaxImageBytes", 64 << 30)
     if max_bytes <= 0:
         raise ShifterError(f"{source}: key MaxImageBytes must be positive")
+    unbound = doc.get("UnboundCredentials", "read-only")
+    if unbound not in UNBOUND_MODES:
+        raise ShifterError(f"{source}: key UnboundCredentials must be one of {', '.join(UNBOUND_MODES)}")
     examiner_timeout = float(doc.get("ExaminerTimeout", 600))
     if examiner_timeout <= 0:
         raise ShifterError(f"{source}: key ExaminerTimeout must be positive")
@@ -443,6 +463,8 @@ def parse_config(text: str, source: str = "imagemanager.json") -> GatewayConfig:
         log_file=doc.get("LogFile"),
         replication=replication,
         ostcount=ostcount,
+        gateway_addresses=_parse_addresses(doc.get("GatewayAddresses", []), source),
+        unbound_credentials=unbound,
     )
 
 

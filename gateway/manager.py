@@ -162,9 +162,13 @@ def parse_acl(value: Any, name: str) -> list[int]:
         raise BadRequest(f"{name} must be a comma-separated string of ids")
     result = []
     for item in items:
-        text = str(item).strip()
-        if isinstance(item, bool) or not text.lstrip("-").isdigit():
+        text = str(item).strip() if isinstance(item, str | int) and not isinstance(item, bool) else ""
+        digits = text[1:] if text.startswith("-") else text
+        # ASCII only (str.isdigit also takes "²" and "١٢٣"), short enough for int()
+        if not (digits.isascii() and digits.isdigit()) or len(digits) > 10:
             raise BadRequest(f"{name}: {str(item)[:40]!r} is not a numeric id")
+        if int(text) >= 0xFFFFFFFF:
+            raise BadRequest(f"{name}: {text} is not a valid id (must be below 4294967295)")
         if int(text) > 0:
             result.append(int(text))
     if len(result) > 1000:
@@ -964,7 +968,7 @@ class ImageManager:
         Idempotent like pull (clients poll with it): an import in flight, a recent FAILURE
         or a just-finished import of the same file is returned instead of starting again.
         """
-        if not self.config.import_allowed(session.user):
+        if not session.importer:
             raise Forbidden(f"user {session.user} may not import images (ImportUsers)")
         if itype != "custom":
             raise Forbidden(f"imports go only into custom: tags ({itype}: tags come only from a registry)")

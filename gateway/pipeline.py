@@ -140,7 +140,7 @@ def _store(directory: str, path: str, data: bytes) -> None:
     fd, partial = tempfile.mkstemp(prefix=".config.partial-", dir=directory)
     with os.fdopen(fd, "wb") as out:
         out.write(data)
-    os.chmod(partial, 0o644)
+    os.chmod(partial, 0o600)  # gateway-only, like the blobs
     os.rename(partial, path)
 
 

@@ -19,6 +19,52 @@ import sys
 from shifter.errors import ShifterError
 
 DEFAULT_CONFIG = "/etc/shifter/imagemanager.json"
+HEADER_SECONDS = 10.0  # from the first byte of a request (or the connection) to its last header
+
+
+def header_deadline_protocol() -> type:
+    """uvicorn's httptools protocol with a header-read deadline.
+
+    uvicorn's keep-alive timer stops at a request's first byte, so a client that
+    sends half a request line and then nothing would hold its connection (and a slot
+    of limit_concurrency) forever; here the connection closes after HEADER_SECONDS.
+    """
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class HeaderDeadline(HttpToolsProtocol):  # type: ignore[misc]
+        _header_timer = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(HEADER_SECONDS, self._headers_too_slow)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_too_slow(self) -> None:
+            self._header_timer = None
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport):  # type: ignore[no-untyped-def]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderDeadline
 
 
 def _setup_logging(level: str, log_file: str | None) -> None:
@@ -59,6 +105,9 @@ def serve(config_path: str) -> None:
     from gateway.store import open_store
 
     config = load_config(config_path)
+    # cache, expand tree, store and work files are the gateway's alone; published
+    # images get their modes explicitly (gateway.publish)
+    os.umask(0o077)
     _setup_logging(config.log_level, config.log_file)
     log = logging.getLogger("gateway.service")
     sockets = [_bind(host, port) for host, port in config.listen]
@@ -75,7 +124,7 @@ def serve(config_path: str) -> None:
     server = uvicorn.Server(
         uvicorn.Config(
             app,
-            http="httptools",
+            http=header_deadline_protocol(),
             loop="uvloop",
             lifespan="off",
             log_config=None,

@@ -209,6 +209,9 @@ class SqliteStore(Store):
             conn.executescript(_SCHEMA)
         except sqlite3.DatabaseError as err:
             raise ShifterError(f"store {path}: {err}") from None
+        for suffix in ("", "-wal", "-shm"):  # records name private images and their ACLs
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(path + suffix, 0o600)
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)

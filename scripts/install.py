@@ -69,7 +69,8 @@ def dependency_stamp() -> str:
     """What the dependency install depends on: the [project] dependencies of pyproject.toml."""
     text = (REPO / "pyproject.toml").read_text()
     start = text.index("dependencies = [")
-    return hashlib.sha256(text[start:text.index("]", start)].encode()).hexdigest()
+    # the list's own closing bracket: the first "]" would be the one of "uvicorn[standard]"
+    return hashlib.sha256(text[start:text.index("\n]", start)].encode()).hexdigest()
 
 
 def install_package(prefix: Path, sysconfdir: Path) -> None:

@@ -101,7 +101,10 @@ def resolve_image(config: UdiRootConfig, request: SetupRequest) -> tuple[str, st
     else:
         from shifter.gatewayclient import GatewayClient
 
-        identifier = GatewayClient(config.image_gateways, config.system or "", config.gateway_timeout).lookup(ref)["id"]
+        client = GatewayClient(
+            config.image_gateways, config.system or "", config.gateway_timeout, gateway_user=config.image_gateway_user
+        )
+        identifier = client.lookup(ref)["id"]
     if not identifier or not all(c.isalnum() or c in "._-" for c in identifier) or identifier[0] == ".":
         raise ShifterError(f"invalid image id {identifier!r}")
     return identifier, os.path.join(config.image_path, identifier)

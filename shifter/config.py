@@ -88,7 +88,7 @@ class UdiRootConfig(Record):
         "users_to_import", "site_pre_mount_hook", "site_post_mount_hook", "opt_udi_image",
         "allow_local_chroot", "allow_libc_pwd_calls", "populate_etc_dynamically",
         "mount_propagation_style", "mount_udi_root_writable", "max_group_count", "gateway_timeout",
-        "site_fs", "site_env", "site_env_append", "site_env_prepend", "site_env_unset",
+        "image_gateway_user", "site_fs", "site_env", "site_env_append", "site_env_prepend", "site_env_unset",
         "image_gateways", "batch_type", "system", "default_image_type", "default_modules", "modules",
         "mkfs_xfs_path", "modprobe_path", "insmod_path", "cp_path", "mv_path", "chmod_path", "dd_path",
         "source",
@@ -99,7 +99,7 @@ class UdiRootConfig(Record):
         "users_to_import": [], "site_pre_mount_hook": None, "site_post_mount_hook": None,
         "opt_udi_image": None, "allow_local_chroot": False, "allow_libc_pwd_calls": False,
         "populate_etc_dynamically": False, "mount_propagation_style": "private",
-        "mount_udi_root_writable": False, "max_group_count": 0, "gateway_timeout": 60,
+        "mount_udi_root_writable": False, "max_group_count": 0, "gateway_timeout": 60, "image_gateway_user": None,
         "site_fs": [], "site_env": [], "site_env_append": [], "site_env_prepend": [], "site_env_unset": [],
         "image_gateways": [], "batch_type": None, "system": None, "default_image_type": "docker",
         "default_modules": [], "modules": {}, "mkfs_xfs_path": None, "modprobe_path": None,
@@ -127,6 +127,7 @@ class UdiRootConfig(Record):
     mount_udi_root_writable: bool
     max_group_count: int
     gateway_timeout: int
+    image_gateway_user: str | None
     site_fs: list[VolumeMount]
     site_env: list[str]
     site_env_append: list[str]
@@ -259,6 +260,7 @@ _KEYS: dict[str, tuple[str, Callable[[str], object], bool]] = {
     "siteEnvPrepend": ("site_env_prepend", _env_items, True),
     "siteEnvUnset": ("site_env_unset", _env_names, True),
     "imageGateway": ("image_gateways", _gateways, False),
+    "imageGatewayUser": ("image_gateway_user", _text, False),
     "batchType": ("batch_type", _text, False),
     "system": ("system", _text, False),
     "defaultImageType": ("default_image_type", _image_type, False),

@@ -3,9 +3,11 @@
 Stdlib only and light to import: the SPANK submission hook and the launcher use it
 under ``python -I -S``. Plain ``http://`` gateways are spoken to over a raw socket
 (``http.client`` alone costs ~20 ms of imports); ``https://`` falls back to
-``http.client``. Every request carries a fresh munge credential (they are
-replay-protected) whose payload holds the caller's registry logins from
-``~/.udiRoot/.cred`` as ``{"authorized_locations": {...}}``.
+``http.client``. Every request carries a fresh munge credential that only the
+gateway's uid may decode and that names the request it was made for (method,
+target, body digest, gateway: see shifter.requestbinding). Only a pull's credential
+also carries the caller's registry logins from ``~/.udiRoot/.cred`` as
+``{"authorized_locations": {...}}``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import os
 import socket
 
-from shifter import munge
+from shifter import munge, requestbinding
 from shifter.errors import ShifterError
 
 TYPE_CHECKING = False
@@ -72,6 +74,25 @@ def authorized_locations(
         if uid == os.getuid() and payload:
             result[location] = payload.decode("utf-8", errors="replace")
     return result
+
+
+DEFAULT_GATEWAY_USER = "shifter"  # the account the shipped systemd unit runs the gateway as
+
+
+def resolve_gateway_uid(user: str | int | None) -> int:
+    """uid of ``imageGatewayUser`` (a name or a number); unset: the ``shifter`` account, else root."""
+    if isinstance(user, int):
+        return user
+    if user is not None and user.isascii() and user.isdigit():
+        return int(user)
+    import pwd
+
+    try:
+        return pwd.getpwnam(user or DEFAULT_GATEWAY_USER).pw_uid
+    except KeyError:
+        if user:
+            raise ShifterError(f"imageGatewayUser {user!r}: no such user") from None
+        return 0
 
 
 class _Response:
@@ -192,6 +213,7 @@ class GatewayClient:
         munge_socket: str | None = None,
         cred_file: str | None = None,
         shuffle: bool = True,
+        gateway_user: str | int | None = None,
     ) -> None:
         if isinstance(urls, str):
             urls = urls.split()
@@ -208,18 +230,35 @@ class GatewayClient:
         self.timeout = timeout
         self.munge_socket = munge_socket if munge_socket is not None else munge.client_socket()
         self.cred_file = cred_file
+        self.gateway_user = gateway_user
+        self._gateway_uid: int | None = None
 
     # -- plumbing -------------------------------------------------------------
 
-    def _payload(self) -> bytes:
-        locations = authorized_locations(self.system, self.cred_file, self.munge_socket)
-        if not locations:
-            return b""
-        return json.dumps({"authorized_locations": locations}, separators=(",", ":")).encode()
+    def gateway_uid(self) -> int:
+        """The only uid munged lets decode our credentials (udiRoot.conf imageGatewayUser)."""
+        if self._gateway_uid is None:
+            self._gateway_uid = resolve_gateway_uid(self.gateway_user)
+        return self._gateway_uid
 
-    def _one(self, url: str, method: str, path: str, body: bytes | None, payload: bytes) -> _Response:
+    def _logins(self) -> dict[str, str]:
+        return authorized_locations(self.system, self.cred_file, self.munge_socket)
+
+    def _one(
+        self, url: str, method: str, path: str, body: bytes | None, logins: dict[str, str]
+    ) -> _Response:
         scheme, host, port, base = _split_url(url)
-        headers = {"authentication": munge.encode(payload, self.munge_socket), "Accept": "application/json"}
+        payload: dict[str, Any] = {
+            requestbinding.KEY: requestbinding.claim(
+                method, base + path, body or b"", requestbinding.gateway_name(host, port)
+            )
+        }
+        if logins:
+            payload["authorized_locations"] = logins
+        cred = munge.encode(
+            json.dumps(payload, separators=(",", ":")).encode(), self.munge_socket, decoder_uid=self.gateway_uid()
+        )
+        headers = {"authentication": cred, "Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = "application/json"
         if scheme == "https":
@@ -227,16 +266,22 @@ class GatewayClient:
         return _raw_http(method, host, port, base + path, headers, body or b"", self.timeout)
 
     def request(
-        self, method: str, path: str, body: dict[str, Any] | None = None, not_found: str | None = None
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        not_found: str | None = None,
+        *,
+        with_logins: bool = False,
     ) -> Any:
         """Send to each gateway until one answers 2xx; returns the decoded JSON.
 
         Unreachable gateways, 5xx and 404 move on to the next gateway (another one may
         know the image); other 4xx are final. ``not_found`` is the error message for a
-        404 from every gateway.
+        404 from every gateway. ``with_logins`` sends the registry logins (pulls only).
         """
         data = json.dumps(body, separators=(",", ":")).encode() if body is not None else None
-        payload = self._payload()
+        payload = self._logins() if with_logins else {}
         errors: list[str] = []
         saw_404 = False
         for url in self.urls:
@@ -286,7 +331,9 @@ class GatewayClient:
     ) -> dict[str, Any]:
         """Start (or poll: the call is idempotent) a pull; returns the record with its status."""
         body = _acl_body(allowed_uids, allowed_gids)
-        rec = self.request("POST", self._image_path("pull", ref.type, _pull_tag(ref)), body=body)
+        rec = self.request(
+            "POST", self._image_path("pull", ref.type, _pull_tag(ref)), body=body, with_logins=True
+        )
         return _record(rec)
 
     def images(self) -> list[dict[str, Any]]:

@@ -400,7 +400,9 @@ def _lookup(config, request: Request) -> str:
     from shifter.gatewayclient import GatewayClient
     from shifter.imageref import ImageRef
 
-    client = GatewayClient(config.image_gateways, config.system or "", config.gateway_timeout)
+    client = GatewayClient(
+        config.image_gateways, config.system or "", config.gateway_timeout, gateway_user=config.image_gateway_user
+    )
     return client.lookup(ImageRef(request.image_type, request.tag))["id"]
 
 

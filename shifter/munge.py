@@ -17,6 +17,7 @@ from shifter.errors import ShifterError
 
 DEFAULT_SOCKET = "/run/munge/munge.socket.2"
 _OPT_SOCKET = 8  # MUNGE_OPT_SOCKET in munge.h
+_OPT_UID_RESTRICTION = 9  # MUNGE_OPT_UID_RESTRICTION
 
 # munge_err_t values worth naming (munge.h)
 EMUNGE_SOCKET = 6
@@ -25,6 +26,7 @@ EMUNGE_CRED_INVALID = 14
 EMUNGE_CRED_EXPIRED = 15
 EMUNGE_CRED_REWOUND = 16
 EMUNGE_CRED_REPLAYED = 17
+EMUNGE_CRED_UNAUTHORIZED = 18
 
 _REASONS = {
     EMUNGE_CRED_EXPIRED: "expired credential",
@@ -32,6 +34,7 @@ _REASONS = {
     EMUNGE_CRED_REPLAYED: "replayed credential",
     EMUNGE_CRED_INVALID: "invalid credential",
     EMUNGE_BAD_CRED: "invalid credential format",
+    EMUNGE_CRED_UNAUTHORIZED: "credential not meant for this service (uid restriction)",
 }
 
 
@@ -64,6 +67,10 @@ class _Lib:
         self.ctx_set_str = lib.munge_ctx_set
         self.ctx_set_str.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p]
         self.ctx_set_str.restype = ctypes.c_int
+        # munge_ctx_set is variadic: a second function object typed for the uid_t options
+        self.ctx_set_uint = lib["munge_ctx_set"]
+        self.ctx_set_uint.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint]
+        self.ctx_set_uint.restype = ctypes.c_int
         self.ctx_strerror = lib.munge_ctx_strerror
         self.ctx_strerror.argtypes = [ctypes.c_void_p]
         self.ctx_strerror.restype = ctypes.c_char_p
@@ -122,12 +129,18 @@ def _failure(lib: _Lib, ctx: int, code: int, action: str) -> MungeError:
     return MungeError(code, message)
 
 
-def encode(payload: bytes = b"", socket: str | None = None) -> str:
-    """A fresh credential for the calling uid/gid carrying ``payload``."""
+def encode(payload: bytes = b"", socket: str | None = None, *, decoder_uid: int | None = None) -> str:
+    """A fresh credential for the calling uid/gid carrying ``payload``.
+
+    ``decoder_uid`` restricts decoding to that uid (munge's uid restriction), so a
+    payload meant for one service cannot be read by anyone else with ``unmunge``.
+    """
     lib = _libmunge()
     ctx = _context(lib, socket)
     out = ctypes.c_void_p()
     try:
+        if decoder_uid is not None and lib.ctx_set_uint(ctx, _OPT_UID_RESTRICTION, decoder_uid) != 0:
+            raise _failure(lib, ctx, 2, "encode")
         code = lib.encode(ctypes.byref(out), ctx, payload or None, len(payload))
         if code != 0:
             raise _failure(lib, ctx, code, "encode")

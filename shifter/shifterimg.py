@@ -52,7 +52,9 @@ class Context:
         cfg = self.config
         if not cfg.system:
             raise ShifterError("udiRoot.conf does not set system")
-        return GatewayClient(cfg.image_gateways, cfg.system, float(cfg.gateway_timeout or 60))
+        return GatewayClient(
+            cfg.image_gateways, cfg.system, float(cfg.gateway_timeout or 60), gateway_user=cfg.image_gateway_user
+        )
 
     def ref(self, text: str) -> ImageRef:
         ref = parse_image_ref(text, self.config.default_image_type)
@@ -265,7 +267,8 @@ def login(obj: Context, location: str) -> None:
         password = getpass.getpass(f"{location} password: ")
         if not username or ":" in username or "\n" in username + password:
             raise ShifterError("the username must be non-empty and contain no ':'")
-        cred = munge.encode(f"{username}:{password}".encode(), munge.client_socket())
+        # sealed for this uid only: the file's mode is not the only thing keeping the password
+        cred = munge.encode(f"{username}:{password}".encode(), munge.client_socket(), decoder_uid=os.getuid())
         store_credential(cred_path(), system, location, cred)
 
     _run(run)

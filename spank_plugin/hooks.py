@@ -168,7 +168,9 @@ def _first_env(name: str) -> str | None:
 def _resolve(config, ref) -> str:
     from shifter.gatewayclient import GatewayClient
 
-    client = GatewayClient(config.image_gateways, config.system, config.gateway_timeout)
+    client = GatewayClient(
+        config.image_gateways, config.system, config.gateway_timeout, gateway_user=config.image_gateway_user
+    )
     record = client.lookup(ref)
     image_id = record.get("id")
     if not isinstance(image_id, str) or len(image_id) != 64:

@@ -165,6 +165,21 @@ class Registry:
             self.proc = None
 
 
+def bound_payload(method: str, target: str, body: bytes, gateway: str, **extra: Any) -> bytes:
+    """A credential payload naming one request, as shifter.gatewayclient builds it."""
+    from shifter import requestbinding
+
+    doc = {requestbinding.KEY: requestbinding.claim(method, target, body, gateway), **extra}
+    return json.dumps(doc).encode()
+
+
+def bound_credential(socket: str, method: str, target: str, body: bytes = b"", gateway: str = "", **extra: Any) -> str:
+    """A fresh credential for one request to ``gateway`` (host:port), decodable only by root (the test gateway)."""
+    from shifter import munge
+
+    return munge.encode(bound_payload(method, target, body, gateway, **extra), socket, decoder_uid=0)
+
+
 def gateway_config(root: Path, registry: Registry, munge_socket: str, **overrides: Any) -> dict[str, Any]:
     """An imagemanager.json for a test gateway on a free port."""
     for sub in ("cache", "expand", "images"):

@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures_registry import PYTHON, GatewayProcess, Munged, Registry, gateway_config, have
+from fixtures_registry import (
+    PYTHON,
+    GatewayProcess,
+    Munged,
+    Registry,
+    bound_credential,
+    bound_payload,
+    gateway_config,
+    have,
+)
 
 from localcluster import oci
 from shifter import munge
@@ -55,6 +64,18 @@ class Env:
     def port(self) -> int:
         return int(self.gateway.url.rsplit(":", 1)[1])
 
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def cred(self, method: str, path: str, body: bytes | None = None) -> str:
+        """A credential bound to this request to this gateway, as the real client makes it."""
+        return bound_credential(self.munged.socket, method, path, body or b"", self.address)
+
+    def as_user(self, uid: int, gid: int, method: str, path: str, body: bytes | None = None) -> str:
+        """A bound credential made by another uid."""
+        return _as_user(uid, gid, self.munged.socket, bound_payload(method, path, body or b"", self.address))
+
     def request(
         self,
         method: str,
@@ -65,7 +86,7 @@ class Env:
     ) -> tuple[int, dict[str, str], bytes]:
         hdrs = dict(headers or {})
         if cred is True:
-            hdrs["authentication"] = munge.encode(b"", self.munged.socket)
+            hdrs["authentication"] = self.cred(method, path, body)
         elif isinstance(cred, str):
             hdrs["authentication"] = cred
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
@@ -109,11 +130,11 @@ def _push_small(registry: Registry, repo: str, tag: str, payload: bytes = b"hi\n
     return oci.push_image(registry.url, repo, tag, [oci.gzip_bytes(layer)], config)
 
 
-def _as_user(uid: int, gid: int, socket: str) -> str:
-    """A munge credential made by another uid (a child process that drops to it)."""
+def _as_user(uid: int, gid: int, socket: str, payload: bytes = b"") -> str:
+    """A munge credential made by another uid (a child process that drops to it) for root to decode."""
     import subprocess
 
-    code = f"from shifter import munge; print(munge.encode(b'', {socket!r}))"
+    code = f"from shifter import munge; print(munge.encode({payload!r}, {socket!r}, decoder_uid=0))"
     out = subprocess.run(
         [PYTHON, "-c", code],
         user=uid,
@@ -182,6 +203,174 @@ def test_unknown_system_route_and_method(env: Env) -> None:
     assert env.json("GET", "/api/lookup/nosuchsystem/docker/x/")[0] == 404
     assert env.json("GET", "/api/nothing/here")[0] == 404
     assert env.json("DELETE", "/api/list/testsys/")[0] == 405
+
+
+# -- credentials bound to their request (issue 10, item 9) ---------------------------------------------
+
+SMALL = "/api/lookup/testsys/docker/test%2Fsmall%3Av1/"
+PULL = "/api/pull/testsys/docker/test%2Fsmall%3Av1/"
+
+
+@pytest.mark.parametrize(
+    ("minted", "sent", "differs"),
+    [
+        (("GET", SMALL, b""), ("GET", "/api/list/testsys/", b""), "path"),
+        (("GET", "/api/list/testsys/", b""), ("GET", "/api/autoexpire/testsys/", b""), "path"),
+        (("GET", PULL, b""), ("POST", PULL, b""), "method"),
+        (("POST", PULL, b'{"allowed_uids":"1000"}'), ("POST", PULL, b'{"allowed_uids":"4242"}'), "body"),
+        (("POST", PULL, b""), ("POST", PULL, b'{"refresh":true}'), "body"),
+    ],
+)
+def test_credential_for_another_request_is_401(
+    env: Env, minted: tuple[str, str, bytes], sent: tuple[str, str, bytes], differs: str
+) -> None:
+    """A header captured from one request, replayed (fresh at this munged) on another: refused."""
+    cred = env.cred(*minted)
+    status, doc = env.json(sent[0], sent[1], body=sent[2] or None, cred=cred)
+    assert status == 401, doc
+    assert f"its {differs} differs" in doc["error"]
+
+
+def test_credential_minted_for_gateway_a_is_refused_by_gateway_b(env: Env) -> None:
+    gw_b = _own_gateway(env, "gateway-b").start()
+    try:
+        port_b = int(gw_b.url.rsplit(":", 1)[1])
+        for_a = env.cred("GET", "/api/list/testsys/")
+        status, _h, body = _send(port_b, "GET", "/api/list/testsys/", for_a)
+        assert status == 401 and "another gateway" in json.loads(body)["error"]
+        for_b = bound_credential(env.munged.socket, "GET", "/api/list/testsys/", b"", f"127.0.0.1:{port_b}")
+        assert _send(port_b, "GET", "/api/list/testsys/", for_b)[0] == 200
+    finally:
+        gw_b.stop()
+
+
+def test_credential_only_the_gateway_uid_may_decode(env: Env) -> None:
+    from shifter import requestbinding
+
+    payload = bound_payload("GET", "/api/list/testsys/", b"", env.address)
+    assert munge.decode(munge.encode(payload, env.munged.socket, decoder_uid=0), env.munged.socket)[2] == payload
+    cred = munge.encode(payload, env.munged.socket, decoder_uid=1001)  # meant for another service
+    status, doc = env.json("GET", "/api/list/testsys/", cred=cred)
+    assert status == 401 and "uid restriction" in doc["error"]
+    assert requestbinding.KEY in payload.decode()
+
+
+def test_unbound_credentials_only_for_read_only_routes_by_default(env: Env) -> None:
+    """The original C shifterimg's credentials name no request: lookups yes, pulls and expiry no."""
+    old_style = json.dumps({"authorized_locations": {env.registry.addr: "u:p"}}).encode()
+    assert env.json("GET", SMALL, cred=munge.encode(b"", env.munged.socket))[0] in (200, 404)
+    assert env.json("GET", "/api/list/testsys/", cred=munge.encode(old_style, env.munged.socket))[0] == 200
+    writes = (("POST", PULL), ("GET", "/api/autoexpire/testsys/"), ("GET", SMALL.replace("lookup", "expire")))
+    for method, path in writes:
+        status, doc = env.json(method, path, cred=munge.encode(old_style, env.munged.socket))
+        assert status == 401 and "names no request" in doc["error"], (path, doc)
+
+
+def test_unbound_credentials_switch_and_unreachable_munged(env: Env) -> None:
+    """UnboundCredentials "accept" lets old clients pull; a platform whose munged is down answers 503."""
+    platforms = {
+        "testsys": gateway_config(env.root, env.registry, env.munged.socket)["Platforms"]["testsys"],
+        "deadsys": {
+            "mungeSocketPath": str(env.root / "no-munged.socket"),
+            "accesstype": "local",
+            "admins": ["root"],
+            "local": {"imageDir": str(env.root / "images")},
+        },
+    }
+    gw = _own_gateway(env, "unbound", UnboundCredentials="accept", Platforms=platforms).start()
+    try:
+        port = int(gw.url.rsplit(":", 1)[1])
+        status, _h, body = _send(port, "POST", PULL, munge.encode(b"", env.munged.socket))
+        assert status == 200, body
+        status, _h, body = _send(port, "GET", "/api/list/deadsys/", munge.encode(b"", env.munged.socket))
+        assert status == 503 and "cannot check credentials" in json.loads(body)["error"]
+    finally:
+        gw.stop()
+
+
+def test_client_sends_registry_logins_only_with_a_pull(env: Env, tmp_path: Path) -> None:
+    """The real GatewayClient against a recording HTTP server: what each request's credential carries."""
+    import http.server
+
+    from shifter.gatewayclient import GatewayClient
+    from shifter.imageref import ImageRef
+    from shifter.shifterimg import store_credential
+
+    seen: list[tuple[str, str, dict]] = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            body = self.rfile.read(length)
+            uid, _gid, payload = munge.decode(self.headers["authentication"], env.munged.socket)
+            doc = json.loads(payload)
+            assert doc["shifter_request"]["body"] == requestbinding.body_digest(body)
+            seen.append((self.command, self.path, doc))
+            out = json.dumps({"id": "x", "status": "READY", "list": []}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    from shifter import requestbinding
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        cred_file = tmp_path / "cred"
+        store_credential(str(cred_file), "testsys", "reg.example", munge.encode(b"alice:secret", env.munged.socket))
+        url = f"http://127.0.0.1:{server.server_port}"
+        client = GatewayClient([url], "testsys", munge_socket=env.munged.socket, cred_file=str(cred_file))
+        ref = ImageRef("docker", "test/small:v1")
+        client.lookup(ref)
+        client.images()
+        client.pull(ref, allowed_uids=[1000])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [m for m, _p, _d in seen] == ["GET", "GET", "POST"]
+    for method, path, doc in seen:
+        bound = doc["shifter_request"]
+        assert bound["method"] == method and bound["target"] == path
+        assert bound["gateway"] == f"127.0.0.1:{server.server_port}"
+        assert ("authorized_locations" in doc) == (method == "POST"), (path, doc)
+    assert seen[2][2]["authorized_locations"] == {"reg.example": "alice:secret"}
+
+
+def _send(port: int, method: str, path: str, cred: str, body: bytes | None = None) -> tuple[int, dict, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers={"authentication": cred})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def test_cache_expand_and_store_are_the_gateways_alone(env: Env) -> None:
+    """Layers of a private image must not be readable through the cache (issue 10, item 7)."""
+    env.pull_until_done("test%2Fsmall%3Av1")
+    blobs = env.root / "cache" / "blobs" / "sha256"
+    assert any(blobs.iterdir())
+    for path in (blobs, blobs.parent):
+        assert path.stat().st_mode & 0o777 == 0o700, path
+    for path in [*blobs.iterdir(), env.root / "gateway.db", env.root / "gateway.db-wal"]:
+        if path.exists():
+            assert path.stat().st_mode & 0o077 == 0, path
+    for path in (env.root / "expand").rglob("*"):
+        assert path.stat().st_mode & 0o077 == 0, path
+    blob = next(blobs.iterdir())
+    import subprocess
+
+    denied = subprocess.run(["cat", str(blob)], user=65534, group=65534, capture_output=True, cwd="/")
+    assert denied.returncode != 0 and b"Permission denied" in denied.stderr
 
 
 # -- pull, lookup, list ---------------------------------------------------------------------------------
@@ -320,13 +509,103 @@ def test_new_tag_for_a_published_image_joins_its_record(env: Env) -> None:
         ("/api/pull/testsys/docker/x/", b'{"allowed_uids": "12,abc"}'),
         ("/api/pull/testsys/docker/x/", b'{"refresh": "yes"}'),
         ("/api/lookup/testsys/docker//", None),
+        # issue 10: each of these was a 500 or silently accepted
+        ("/api/pull/testsys/docker/x/", '{"allowed_uids": "²"}'.encode()),
+        ("/api/pull/testsys/docker/x/", '{"allowed_uids": "١٢٣"}'.encode()),
+        ("/api/pull/testsys/docker/x/", b'{"allowed_gids": "' + b"9" * 5000 + b'"}'),
+        ("/api/pull/testsys/docker/x/", b'{"allowed_uids": [' + b"9" * 5000 + b"]}"),
+        ("/api/pull/testsys/docker/x/", b'{"allowed_uids": "4294967295"}'),
+        ("/api/pull/testsys/docker/x/", b'{"allowed_gids": [4294967296]}'),
+        ("/api/pull/testsys/docker/x/", b'{"allowed_uids": [1.5]}'),
+        ("/api/pull/testsys/docker/x/", b'{"a": ' + b"[" * 60000),
+        ("/api/doimport/testsys/custom/x/", '{"filepath": "/x", "allowed_uids": "²"}'.encode()),
+        ("/api/doimport/testsys/custom/x/", b"[" * 60000),
+        ("/api/metrics/testsys/?limit=%C2%B2", None),
+        ("/api/metrics/testsys/?limit=" + "9" * 5000, None),
     ],
 )
 def test_bad_requests_are_400(env: Env, path: str, body: bytes | None) -> None:
-    method = "GET" if "/lookup/" in path else "POST"
+    method = "GET" if "/lookup/" in path or "/metrics/" in path else "POST"
     status, doc = env.json(method, path, body=body)
     assert status == 400, doc
-    assert doc["error"]
+    assert doc["error"] and "\n" not in doc["error"] and len(doc["error"]) < 200
+
+
+def test_non_admin_gets_400_for_a_bad_metrics_limit_before_403(env: Env) -> None:
+    path = "/api/metrics/testsys/?limit=%C2%B2"
+    status, doc = env.json("GET", path, cred=env.as_user(65534, 65534, "GET", path))
+    assert status == 400 and "limit" in doc["error"]
+
+
+def test_client_gone_mid_body_is_a_client_error_not_a_500(env: Env) -> None:
+    """A short body (Content-Length 100, 10 bytes sent) and broken chunked framing: 400s, no traceback."""
+    import socket
+
+    path = "/api/pull/testsys/docker/test%2Fsmall%3Av1/"
+    log_before = (env.root / "gateway.log").read_text()
+    heads = [
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n",
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n",
+    ]
+    tails = [b'{"refresh"', b"5\r\nabc"]
+    for head, tail in zip(heads, tails, strict=True):
+        with socket.create_connection(("127.0.0.1", env.port), timeout=10) as sock:
+            cred = env.cred("POST", path, b"")
+            sock.sendall(f"{head}authentication: {cred}\r\n\r\n".encode() + tail)
+            sock.shutdown(socket.SHUT_WR)
+            sock.recv(65536)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        _s, _h, metrics = env.request("GET", "/metrics", cred=None)
+        if metrics.decode().count('route="pull",status="400"') and time.monotonic() > deadline - 8:
+            break
+        time.sleep(0.2)
+    text = metrics.decode()
+    assert 'shifter_gateway_requests_total{route="pull",status="400"}' in text, text
+    assert 'route="pull",status="500"' not in text
+    new_log = (env.root / "gateway.log").read_text()[len(log_before) :]
+    assert "Traceback" not in new_log and "unexpected error" not in new_log, new_log
+    assert "left during the body" in new_log
+
+
+def test_header_read_timeout_closes_a_stalled_connection(env: Env) -> None:
+    import socket
+
+    from gateway.service import HEADER_SECONDS
+
+    with socket.create_connection(("127.0.0.1", env.port), timeout=HEADER_SECONDS + 10) as sock:
+        sock.sendall(b"GET /api/status HTTP/1.1\r\nHost: x\r\n")  # headers never finish
+        started = time.monotonic()
+        assert sock.recv(65536) == b""  # closed by the gateway, not by our timeout
+        assert HEADER_SECONDS - 1 < time.monotonic() - started < HEADER_SECONDS + 5
+
+
+def test_lookup_completes_while_a_store_write_is_blocked(env: Env) -> None:
+    """Store calls run off the event loop: a pull stuck on SQLite's write lock stalls only itself."""
+    env.pull_until_done("test%2Fsmall%3Av1")
+    db = sqlite3.connect(env.root / "gateway.db", isolation_level=None, timeout=30)
+    db.execute("BEGIN IMMEDIATE")  # hold the write lock, as a busy writer would
+    results: list[int] = []
+    try:
+        def pull(path: str) -> None:
+            results.append(env.json("POST", path)[0])
+
+        pulls = [threading.Thread(target=pull, args=(PULL.replace("v1", f"w{i}"),)) for i in range(3)]
+        for thread in pulls:
+            thread.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        status, rec = env.json("GET", SMALL)
+        assert status == 200 and rec["status"] == "READY"
+        assert env.json("GET", "/api/status", cred=None)[0] == 200
+        assert time.monotonic() - started < 2.0
+        assert not results  # the pulls are still waiting for the lock
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+    for thread in pulls:
+        thread.join(60)
+    assert len(results) == 3
 
 
 def test_oversized_body_is_413(env: Env) -> None:
@@ -339,16 +618,15 @@ def test_oversized_body_is_413(env: Env) -> None:
 
 def test_non_admin_gets_403_for_expire_and_autoexpire(env: Env) -> None:
     env.pull_until_done("test%2Fsmall%3Av1")
-    status, _ = env.json(
-        "GET", "/api/expire/testsys/docker/test%2Fsmall%3Av1/", cred=_as_user(65534, 65534, env.munged.socket)
-    )
+    path = "/api/expire/testsys/docker/test%2Fsmall%3Av1/"
+    status, _ = env.json("GET", path, cred=env.as_user(65534, 65534, "GET", path))
     assert status == 403
-    status, _ = env.json("GET", "/api/autoexpire/testsys/", cred=_as_user(65534, 65534, env.munged.socket))
+    path = "/api/autoexpire/testsys/"
+    status, _ = env.json("GET", path, cred=env.as_user(65534, 65534, "GET", path))
     assert status == 403
     # a normal user may still look it up
-    status, rec = env.json(
-        "GET", "/api/lookup/testsys/docker/test%2Fsmall%3Av1/", cred=_as_user(65534, 65534, env.munged.socket)
-    )
+    path = "/api/lookup/testsys/docker/test%2Fsmall%3Av1/"
+    status, rec = env.json("GET", path, cred=env.as_user(65534, 65534, "GET", path))
     assert status == 200 and rec["status"] == "READY"
 
 
@@ -442,7 +720,9 @@ def test_import_rejects_a_file_that_is_not_squashfs(env: Env) -> None:
 
 def test_import_needs_an_import_user_and_a_filepath(env: Env) -> None:
     path = _squashfs(env, "denied", lambda tree: None)
-    status, _ = _import(env, "denied", path, cred=_as_user(65534, 65534, env.munged.socket))
+    body = json.dumps({"filepath": str(path), "format": "squashfs"}).encode()
+    cred = env.as_user(65534, 65534, "POST", "/api/doimport/testsys/custom/denied/", body)
+    status, _ = _import(env, "denied", path, cred=cred)
     assert status == 403
     status, doc = env.json("POST", "/api/doimport/testsys/custom/x/", body=b'{"format": "squashfs"}')
     assert status == 400 and "filepath" in doc["error"]
@@ -462,11 +742,9 @@ def _poll(gw: GatewayProcess, env: Env, tag: str, until: Any, timeout: float = 1
     deadline = time.monotonic() + timeout
     while True:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        conn.request(
-            "POST",
-            f"/api/pull/testsys/docker/{tag}/",
-            headers={"authentication": munge.encode(b"", env.munged.socket)},
-        )
+        path = f"/api/pull/testsys/docker/{tag}/"
+        cred = bound_credential(env.munged.socket, "POST", path, b"", f"127.0.0.1:{port}")
+        conn.request("POST", path, headers={"authentication": cred})
         rec = json.loads(conn.getresponse().read())
         conn.close()
         if until(rec):
@@ -553,11 +831,9 @@ def test_autoexpire_removes_images_never_looked_up(env: Env) -> None:
                 os.utime(blob, (hour_ago, hour_ago))
         port = int(gw.url.rsplit(":", 1)[1])
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        conn.request(
-            "GET",
-            "/api/autoexpire/testsys/",
-            headers={"authentication": munge.encode(b"", env.munged.socket)},
-        )
+        path = "/api/autoexpire/testsys/"
+        cred = bound_credential(env.munged.socket, "GET", path, b"", f"127.0.0.1:{port}")
+        conn.request("GET", path, headers={"authentication": cred})
         doc = json.loads(conn.getresponse().read())
         conn.close()
         assert doc == {"status": [rec["id"]]}
@@ -588,6 +864,18 @@ def test_mock_authentication_only_when_configured(env: Env) -> None:
         assert get("bad:root:root") == 401
         assert get("good:root") == 401
         assert get(munge.encode(b"", env.munged.socket)) == 401  # mock mode does not take munge
+        assert get("good:root:root::4294967295:0") == 401
+
+        # admin rights follow the uid the names resolve to, not the name a session carries
+        def autoexpire(header: str) -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", "/api/autoexpire/testsys/", headers={"authentication": header})
+            status = conn.getresponse().status
+            conn.close()
+            return status
+
+        assert autoexpire("good:root:root::0:0") == 200
+        assert autoexpire("good:root:root::4242:4242") == 403
     finally:
         gw.stop()
 

@@ -631,3 +631,107 @@ def test_remote_partial_files_of_dead_writers_of_this_host_are_removed(sshd: Ssh
     removed = remove_remote_leftovers(sshd.target(str(remote_dir)), lambda pid: pid == os.getpid())
     assert removed == [dead.name]
     assert not dead.exists() and live.exists() and other_host.exists()
+
+
+# -- where the registry's credentials may go (issue 10) --------------------------------------------
+
+
+class Recorder:
+    """A tiny HTTP server on 127.0.0.1 that answers with ``answer(path, headers)`` and records
+    every request's path and whether it carried an Authorization header."""
+
+    def __init__(self, answer: Callable[[str, dict[str, str]], tuple[int, dict[str, str], bytes]]) -> None:
+        self.seen: list[tuple[str, bool]] = []
+        recorder = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                recorder.seen.append((self.path, "authorization" in headers))
+                status, extra, body = answer(self.path, headers)
+                self.send_response(status)
+                for key, value in extra.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_port
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_token_realm_on_another_host_never_gets_the_credentials(tmp_path: Path) -> None:
+    realm = Recorder(lambda path, headers: (401, {}, b""))  # no anonymous token either
+    registry = Recorder(lambda path, headers: (
+        401, {"WWW-Authenticate": f'Bearer realm="http://localhost:{realm.port}/token",service="r"'}, b""))
+    try:
+        with pytest.raises(ShifterError, match=f"not sending credentials to token realm localhost:{realm.port}"):
+            pipeline.resolve(spec_for(tmp_path, f"http://127.0.0.1:{registry.port}", "private/img", "v1",
+                                      credentials=("alice", "s3cret")))
+        assert realm.seen and not any(authed for _path, authed in realm.seen)
+    finally:
+        realm.close()
+        registry.close()
+
+
+def test_redirect_to_another_host_loses_the_authorization(tmp_path: Path) -> None:
+    from gateway.registry import RegistryClient
+
+    blob = b'{"architecture":"amd64"}'
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    cdn = Recorder(lambda path, headers: (200, {}, blob))
+
+    def registry_answer(path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        if "authorization" not in headers:
+            return 401, {"WWW-Authenticate": 'Basic realm="r"'}, b""
+        return 307, {"Location": f"http://localhost:{cdn.port}/blob"}, b""
+
+    registry = Recorder(registry_answer)
+    try:
+        client = RegistryClient(f"http://127.0.0.1:{registry.port}", "private/img", ("alice", "s3cret"),
+                                auth_method="basic")
+        assert client.blob_bytes(digest, 1 << 20) == blob
+        assert registry.seen[-1] == (f"/v2/private/img/blobs/{digest}", True)
+        assert cdn.seen == [("/blob", False)]
+    finally:
+        cdn.close()
+        registry.close()
+
+
+def test_index_digests_are_checked_before_they_reach_a_url(tmp_path: Path) -> None:
+    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                        "manifests": [{"digest": "sha256:../../../other/manifests/x?", "size": 1,
+                                       "platform": {"os": "linux", "architecture": "amd64"}}]}).encode()
+    registry = Recorder(lambda path, headers: (
+        200, {"Content-Type": "application/vnd.oci.image.index.v1+json"}, index))
+    try:
+        with pytest.raises(ShifterError, match="is not a tag or sha256 digest"):
+            pipeline.resolve(spec_for(tmp_path, f"http://127.0.0.1:{registry.port}", "some/img", "v1"))
+        assert [path for path, _ in registry.seen] == ["/v2/some/img/manifests/v1"]
+    finally:
+        registry.close()
+
+
+@pytest.mark.parametrize(("registry", "target", "allowed"), [
+    ("https://registry-1.docker.io", "https://auth.docker.io/token", True),
+    ("https://registry-1.docker.io", "http://auth.docker.io/token", False),  # downgrade
+    ("https://registry-1.docker.io", "https://evil.example/token", False),
+    ("https://reg.example", "https://reg.example:8443/token", True),
+    ("https://reg.example", "https://other.example/token", False),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5001/token", True),  # configured as http
+    ("http://127.0.0.1:5000", "http://localhost:5001/token", False),
+    ("https://10.0.0.5", "https://10.0.0.6/token", False),
+])
+def test_credentials_go_only_to_the_registry_host_or_its_domain_over_https(
+        registry: str, target: str, allowed: bool) -> None:
+    from gateway.registry import credentials_may_go
+
+    assert credentials_may_go(registry, target) is allowed
