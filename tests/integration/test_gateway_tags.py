@@ -23,7 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures_registry import PYTHON, GatewayProcess, Munged, Registry, free_port, gateway_config, have
+from fixtures_registry import (
+    PYTHON,
+    GatewayProcess,
+    Munged,
+    Registry,
+    bound_payload,
+    free_port,
+    gateway_config,
+    have,
+)
 
 from localcluster import oci
 from shifter import munge
@@ -111,14 +120,19 @@ class Site:
         self.images = root / "images"
 
     def cred(self, who: tuple[int, int] | None = None, tokens: dict[str, str] | None = None) -> Any:
-        """Who calls: every request gets a fresh credential of theirs (munged refuses replays)."""
-        return lambda: self._encode(who, tokens)
+        """Who calls: every request gets a fresh credential of theirs, bound to that request
+        (munged refuses replays, the gateway refuses a credential naming another request)."""
+        return lambda method, path, body: self._encode(who, tokens, method, path, body)
 
-    def _encode(self, who: tuple[int, int] | None, tokens: dict[str, str] | None) -> str:
-        payload = json.dumps({"authorized_locations": tokens}).encode() if tokens else b""
+    def _encode(self, who: tuple[int, int] | None, tokens: dict[str, str] | None,
+                method: str, path: str, body: bytes) -> str:
+        port = int(self.gateway.url.rsplit(":", 1)[1])
+        extra = {"authorized_locations": tokens} if tokens else {}
+        payload = bound_payload(method, path, body, f"127.0.0.1:{port}", **extra)
         if who is None:
-            return munge.encode(payload, self.munged.socket)
-        code = "import sys; from shifter import munge; print(munge.encode(sys.argv[1].encode(), sys.argv[2]))"
+            return munge.encode(payload, self.munged.socket, decoder_uid=0)
+        code = ("import sys; from shifter import munge; "
+                "print(munge.encode(sys.argv[1].encode(), sys.argv[2], decoder_uid=0))")
         out = subprocess.run(
             [PYTHON, "-c", code, payload.decode(), self.munged.socket], user=who[0], group=who[1],
             capture_output=True, text=True, check=True, cwd="/", timeout=30,
@@ -131,7 +145,7 @@ class Site:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         try:
             data = json.dumps(body).encode() if body is not None else None
-            conn.request(method, path, body=data, headers={"authentication": cred()})
+            conn.request(method, path, body=data, headers={"authentication": cred(method, path, data or b"")})
             resp = conn.getresponse()
             return resp.status, json.loads(resp.read())
         finally:
