@@ -1,0 +1,78 @@
+"""Root paths of setupRoot/unsetupRoot run while the job's user races them (tests/race.py).
+
+Each test repeats a real setup and teardown many times, within a bounded time, while the user
+swaps a directory it controls with a symlink to a host directory holding canary files, and
+asserts that root never touched the canaries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+
+from tests.race import swapping
+
+_TRIALS = 40
+_SECONDS = 25.0
+_PAIRS = 3
+_CANARIES = [f"canary{index}" for index in range(8)]
+
+
+def _host_canaries(site) -> str:
+    """A host directory the user must never see emptied (root's, like /etc)."""
+    host = os.path.join(site.base, "host-canaries")
+    shutil.rmtree(host, ignore_errors=True)
+    os.mkdir(host, 0o755)
+    for name in _CANARIES:
+        with open(os.path.join(host, name), "w") as fh:
+            fh.write("keep\n")
+    return host
+
+
+def _plant_swap_pairs(job_dir: str, host: str, user) -> list[tuple[str, str]]:
+    """What the user can do in its own job directory: ``dN`` (a directory whose entries have the
+    canaries' names) next to ``lN`` (a symlink to the host directory)."""
+    pairs = []
+    for index in range(_PAIRS):
+        directory, link = os.path.join(job_dir, f"d{index}"), os.path.join(job_dir, f"l{index}")
+        os.mkdir(directory)
+        for name in _CANARIES + [f"filler{n}" for n in range(100)]:
+            with open(os.path.join(directory, name), "w"):
+                pass
+        os.symlink(host, link)
+        for path in (directory, link, *[os.path.join(directory, n) for n in os.listdir(directory)]):
+            os.lchown(path, user.uid, user.gid)
+        pairs.append((directory, link))
+    return pairs
+
+
+def test_epilog_delete_never_follows_a_swapped_symlink(clean_site, users):
+    site, user = clean_site, users[0]
+    host = _host_canaries(site)
+    deadline = time.monotonic() + _SECONDS
+    trials = swaps = 0
+    try:
+        while trials < _TRIALS and time.monotonic() < deadline:
+            trials += 1
+            result = site.setup("801", user)
+            assert result.returncode == 0, result.stderr
+            job_dir = os.path.join(site.udi_mount, "801")
+            assert os.stat(job_dir).st_uid == user.uid  # the premise: the user owns its job directory
+            pairs = _plant_swap_pairs(job_dir, host, user)
+            with contextlib.ExitStack() as stack:
+                swappers = [stack.enter_context(swapping(a, b, uid=user.uid, gid=user.gid, max_seconds=10))
+                            for a, b in pairs]
+                time.sleep(0.02)
+                result = site.unsetup("--job-id", "801")
+            swaps += sum(s.swaps for s in swappers)
+            assert sorted(os.listdir(host)) == _CANARIES, f"trial {trials}: root deleted host files"
+            # a refusal (a swapped-in directory of another filesystem) is allowed; leftovers are not
+            if result.returncode != 0:
+                assert "801" in result.stderr and "Traceback" not in result.stderr, result.stderr
+            assert site.unsetup("--job-id", "801").returncode == 0
+            assert not os.path.lexists(job_dir)
+    finally:
+        shutil.rmtree(host, ignore_errors=True)
+    assert trials >= 5 and swaps > 0
