@@ -76,3 +76,50 @@ def test_epilog_delete_never_follows_a_swapped_symlink(clean_site, users):
     finally:
         shutil.rmtree(host, ignore_errors=True)
     assert trials >= 5 and swaps > 0
+
+
+def _mounts_at(path: str) -> list[str]:
+    with open("/proc/self/mountinfo") as fh:
+        return [line for line in fh if line.split()[4] == path]
+
+
+def test_user_volume_target_never_lands_outside_the_allowed_places(clean_site, users):
+    """The user swaps an intermediate component of its target (in the host's /tmp, seen as the
+    container's /tmp) with a relative symlink to /opt; the volume must never cover /opt/udiImage."""
+    site, user = clean_site, users[0]
+    base = f"/tmp/shifter-race-{os.getpid()}"
+    os.mkdir(base, 0o755)
+    os.chown(base, user.uid, user.gid)
+    pairs, volumes = [], []
+    for index in range(1):  # one volume: a refusal of any volume ends the setup, and with it the trial
+        directory, link = f"{base}/a{index}", f"{base}/l{index}"
+        os.makedirs(f"{directory}/udiImage")
+        os.symlink("../../opt", link)
+        for path in (directory, f"{directory}/udiImage", link):
+            os.lchown(path, user.uid, user.gid)
+        pairs.append((directory, link))
+        volumes += ["-v", f"/site1/shared:{directory}/udiImage"]
+    deadline = time.monotonic() + _SECONDS
+    trials = swaps = refused = 0
+    try:
+        while trials < _TRIALS and time.monotonic() < deadline:
+            trials += 1
+            with contextlib.ExitStack() as stack:
+                swappers = [stack.enter_context(swapping(a, b, uid=user.uid, gid=user.gid, max_seconds=10))
+                            for a, b in pairs]
+                time.sleep(0.02)
+                result = site.setup("802", user, *volumes)
+            swaps += sum(s.swaps for s in swappers)
+            root = _root(site, "802")
+            covered = _mounts_at(os.path.join(root, "opt/udiImage"))
+            assert result.returncode in (0, 1), result.stderr
+            refused += result.returncode == 1
+            assert not covered, f"trial {trials}: a user volume covers /opt/udiImage: {covered}"
+            assert site.unsetup("--job-id", "802").returncode == 0
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert trials >= 5 and swaps > 0
+
+
+def _root(site, jobid: str) -> str:
+    return os.path.join(site.udi_mount, jobid, "root")
