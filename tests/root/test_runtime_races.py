@@ -123,3 +123,53 @@ def test_user_volume_target_never_lands_outside_the_allowed_places(clean_site, u
 
 def _root(site, jobid: str) -> str:
     return os.path.join(site.udi_mount, jobid, "root")
+
+
+def test_local_image_copy_never_hands_the_user_a_host_secret(clean_site, users):
+    """A user-owned ``local:`` tree whose /etc files the user swaps with symlinks to a root-only
+    host file: a copy must carry the owner and mode of what was read, never the user's."""
+    site, user = clean_site, users[0]
+    site.write_config("allowLocalChroot=1\n")
+    secret = os.path.join(site.base, "secret")
+    with open(secret, "w") as fh:
+        fh.write("SECRET\n")
+    os.chmod(secret, 0o600)
+    tree = os.path.join(site.base, "localrace")
+    os.makedirs(os.path.join(tree, "etc"))
+    os.makedirs(os.path.join(tree, "bin"))
+    pairs = []
+    for index in range(_PAIRS):
+        plain, link = os.path.join(tree, "etc", f"f{index}"), os.path.join(tree, "etc", f"l{index}")
+        with open(plain, "w") as fh:
+            fh.write("mine\n")
+        os.symlink(secret, link)
+        pairs.append((plain, link))
+    for path in (tree, os.path.join(tree, "etc"), os.path.join(tree, "bin"), *[p for pair in pairs for p in pair]):
+        os.lchown(path, user.uid, user.gid)
+    deadline = time.monotonic() + _SECONDS
+    trials = swaps = 0
+    try:
+        while trials < _TRIALS and time.monotonic() < deadline:
+            trials += 1
+            with contextlib.ExitStack() as stack:
+                swappers = [stack.enter_context(swapping(a, b, uid=user.uid, gid=user.gid, max_seconds=10))
+                            for a, b in pairs]
+                time.sleep(0.02)
+                result = site.setup("803", user, image=tree, image_type="local")
+            swaps += sum(s.swaps for s in swappers)
+            assert result.returncode in (0, 1), result.stderr
+            etc = os.path.join(_root(site, "803"), "etc")
+            for name in os.listdir(etc) if result.returncode == 0 else []:
+                path = os.path.join(etc, name)
+                info = os.lstat(path)
+                if not os.path.isfile(path) or os.path.islink(path):
+                    continue
+                with open(path) as fh:
+                    if fh.read() == "SECRET\n":
+                        assert info.st_uid == 0 and info.st_mode & 0o077 == 0, \
+                            f"trial {trials}: /etc/{name} hands the host secret to the user"
+            assert site.unsetup("--job-id", "803").returncode == 0
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
+        os.unlink(secret)
+    assert trials >= 5 and swaps > 0
