@@ -133,7 +133,7 @@ def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest,
     _make_dir(job.dir, 0o711)
     _make_dir(job.root, 0o755)
     if request.image_type == "local":
-        image_dir = os.path.realpath(image_file)
+        image_dir = container.check_local_root(image_file, account)
     else:
         _make_dir(job.loop_mount, 0o700)
         _mount_image(image_file, job.loop_mount)

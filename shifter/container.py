@@ -360,6 +360,48 @@ class _AsUser:
         os.setgroups(self.saved_groups)
 
 
+def check_local_root(path: str, account: Account) -> str:
+    """The directory of a ``local:`` image, if root may build a container from it for ``account``.
+
+    Root reads and binds the tree by path while the job's user may act, so no user may be able
+    to swap anything on the way to it: every component (no symlinks) must be root's and not
+    writable by group or others, checked on descriptors along an O_NOFOLLOW walk from /.  The
+    user must also be able to read it (opened with the user's ids), so a local image never
+    shows what the user could not reach on the host.  What lies below and is writable by a user
+    (``/tmp`` of ``local:/``) is copied through descriptors (shifter/filecopy.py).
+    """
+    if not path.startswith("/"):
+        raise ShifterError(f"local image {path}: not an absolute path")
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ShifterError(f"local image {path}: '..' is not allowed")
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for index in range(len(parts) + 1):
+            info = os.fstat(fd)
+            where = "/" + "/".join(parts[:index])
+            if info.st_uid != 0 or info.st_mode & 0o022:
+                raise ShifterError(f"local image {path}: {where} must be owned by root and writable by root only")
+            if index == len(parts):
+                break
+            try:
+                following = os.open(parts[index], os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                    dir_fd=fd)
+            except OSError as exc:
+                raise ShifterError(f"local image {path}: {where.rstrip('/')}/{parts[index]}: {exc.strerror} "
+                                   "(a directory without symlinks is needed)") from None
+            os.close(fd)
+            fd = following
+    finally:
+        os.close(fd)
+    try:
+        with _AsUser(account):
+            os.close(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+    except OSError as exc:
+        raise ShifterError(f"local image {path}: {exc.strerror} (as {account.user})") from None
+    return "/" + "/".join(parts)
+
+
 class _AsSelf:
     """The fresh path already runs as the user."""
 
