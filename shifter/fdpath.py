@@ -109,7 +109,12 @@ def real_path(fd: int) -> str:
 
 def relative_to(root_fd: int, fd: int) -> str:
     """``fd``'s path as seen inside the root ``root_fd`` ("/" for the root itself)."""
-    base, real = real_path(root_fd).rstrip("/"), real_path(fd)
+    return relative_to_path(real_path(root_fd), fd)
+
+
+def relative_to_path(root: str, fd: int) -> str:
+    """``fd``'s path as seen inside the root directory ``root`` ("/" for the root itself)."""
+    base, real = root.rstrip("/"), real_path(fd)
     if real in (base, base + "/"):
         return "/"
     if not real.startswith(base + "/"):
