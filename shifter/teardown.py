@@ -8,6 +8,7 @@ processes already gone.
 
 from __future__ import annotations
 
+import errno
 import os
 
 from shifter import fdpath, mounts
@@ -127,9 +128,19 @@ def destroy(config: UdiRootConfig, job: JobEnv, memory_cgroup: str | None = None
         remove_cache_files(config, job.jobid)
     except OSError as exc:
         errors.append(f"cannot remove the perNodeCache files of job {job.jobid}: {exc.strerror}")
-    for tree in (job.dir, job.loop_mount):
+    try:
+        _remove_tree(job.dir)
+    except ShifterError as err:
+        errors.append(str(err))
+    try:
+        os.rmdir(job.loop_mount)  # root's and normally empty: one call instead of a mount table read
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
         try:
-            _remove_tree(tree)
+            if exc.errno != errno.ENOTEMPTY:
+                raise ShifterError(f"cannot remove {job.loop_mount}: {exc.strerror}") from None
+            _remove_tree(job.loop_mount)
         except ShifterError as err:
             errors.append(str(err))
     _report(errors)
