@@ -225,7 +225,7 @@ def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest,
         if request.image_type != "local":
             _make_dir(job.loop_mount, 0o700)
     if request.image_type == "local":
-        image_dir = os.path.realpath(image_file)
+        image_dir = container.check_local_root(image_file, account)
     else:
         _mount_image(image_file, job.loop_mount)
         image_dir = job.loop_mount

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import stat
 
-from shifter import etcfiles, filecopy, linux, mounts, pathsafe
+from shifter import etcfiles, fdpath, filecopy, linux, mounts, pathsafe
 from shifter.errors import ShifterError
 from shifter.record import Record
 from shifter.volumemap import user_target_allowed
@@ -188,6 +188,8 @@ def mount_per_node_cache(config: UdiRootConfig, spec: RootSpec, mount: VolumeMou
             os.close(dev_fd)
         mounted_fd = pathsafe.open_inside(spec.root, final or target, os.O_PATH | os.O_DIRECTORY)
         try:
+            if os.fstat(mounted_fd).st_dev != os.stat(device).st_rdev:  # a swap between mount and reopen
+                raise ShifterError(f"perNodeCache on {mount.target}: the target changed while it was mounted")
             os.chown(f"/proc/self/fd/{mounted_fd}", spec.account.uid, spec.account.gid)
             linux.mount(None, f"/proc/self/fd/{mounted_fd}", None, _propagation(config, mount))
         finally:
@@ -383,6 +385,48 @@ class _AsUser:
         os.setgroups(self.saved_groups)
 
 
+def check_local_root(path: str, account: Account) -> str:
+    """The directory of a ``local:`` image, if root may build a container from it for ``account``.
+
+    Root reads and binds the tree by path while the job's user may act, so no user may be able
+    to swap anything on the way to it: every component (no symlinks) must be root's and not
+    writable by group or others, checked on descriptors along an O_NOFOLLOW walk from /.  The
+    user must also be able to read it (opened with the user's ids), so a local image never
+    shows what the user could not reach on the host.  What lies below and is writable by a user
+    (``/tmp`` of ``local:/``) is copied through descriptors (shifter/filecopy.py).
+    """
+    if not path.startswith("/"):
+        raise ShifterError(f"local image {path}: not an absolute path")
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ShifterError(f"local image {path}: '..' is not allowed")
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for index in range(len(parts) + 1):
+            info = os.fstat(fd)
+            where = "/" + "/".join(parts[:index])
+            if info.st_uid != 0 or info.st_mode & 0o022:
+                raise ShifterError(f"local image {path}: {where} must be owned by root and writable by root only")
+            if index == len(parts):
+                break
+            try:
+                following = os.open(parts[index], os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                    dir_fd=fd)
+            except OSError as exc:
+                raise ShifterError(f"local image {path}: {where.rstrip('/')}/{parts[index]}: {exc.strerror} "
+                                   "(a directory without symlinks is needed)") from None
+            os.close(fd)
+            fd = following
+    finally:
+        os.close(fd)
+    try:
+        with _AsUser(account):
+            os.close(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+    except OSError as exc:
+        raise ShifterError(f"local image {path}: {exc.strerror} (as {account.user})") from None
+    return "/" + "/".join(parts)
+
+
 class _AsSelf:
     """The fresh path already runs as the user."""
 
@@ -393,77 +437,71 @@ class _AsSelf:
         pass
 
 
-def _bind_checked(root: str, source_fd: int, target_ref: str, target: str, read_only: bool,
-                  propagation: int) -> None:
-    """Bind an opened source on an opened target, then restrict the new mount through a
-    descriptor of it, checked to be the very directory that was bound."""
-    linux.mount(f"/proc/self/fd/{source_fd}", target_ref, None, linux.MS_BIND)
+def _open_user_target(root_fd: int, mount: VolumeMount, what: str) -> int:
+    """An O_PATH descriptor of the user volume's target, resolved in the root by the kernel."""
     try:
-        mounted_fd = pathsafe.open_inside(root, target, os.O_PATH | os.O_DIRECTORY)
-    except OSError:
-        linux.umount2(target_ref)
-        raise
-    try:
-        source_info, mounted_info = os.fstat(source_fd), os.fstat(mounted_fd)
-        if (source_info.st_dev, source_info.st_ino) != (mounted_info.st_dev, mounted_info.st_ino):
-            raise OSError(0, f"{target} changed while it was being mounted")
-        linux.restrict(f"/proc/self/fd/{mounted_fd}", readonly=read_only, propagation=propagation)
-    except OSError:
-        linux.umount2(f"/proc/self/fd/{mounted_fd}")
-        raise
-    finally:
-        os.close(mounted_fd)
+        return fdpath.open_in_root(root_fd, mount.target, os.O_PATH | os.O_DIRECTORY)
+    except OSError as exc:
+        raise ShifterError(f"{what}: target {mount.target} is not a directory in the image "
+                           f"({exc.strerror})") from None
+
+
+def _check_user_target(root_fd: int, target_fd: int, spec: RootSpec, mount: VolumeMount, what: str,
+                       allowed_devices: set[int]) -> str:
+    """The user rules, applied to where the descriptor really is (a link such as /data -> /etc or
+    a component swapped meanwhile is seen here); returns that path inside the root."""
+    inside = fdpath.relative_to(root_fd, target_fd)
+    if not user_target_allowed(inside):
+        raise ShifterError(f"{what}: {mount.target} leads to {inside}, where user volumes are not allowed")
+    info = os.fstat(target_fd)
+    if info.st_dev not in allowed_devices and info.st_uid != spec.account.uid:
+        raise ShifterError(f"{what}: may not mount on {mount.target} (not in the image, /tmp or owned by you)")
+    return inside
 
 
 def _bind_user_volume(config: UdiRootConfig, spec: RootSpec, mount: VolumeMount, allowed_devices: set[int]) -> None:
     """Bind a user volume, enforcing the user rules of reference section 2.6.
 
-    The source is resolved inside the container and opened with the user's ids (so it must be
-    a directory the user can read); the target must be an existing directory on the image, the
-    root tmpfs or /tmp, or one the user owns.  Both are used through /proc/self/fd, so what was
-    checked is what gets mounted.
+    The user can change /tmp (the host's) and directories it owns while this runs, so nothing is
+    used by path: source and target are resolved inside the root by the kernel (openat2
+    RESOLVE_IN_ROOT), the source with the user's ids (so it must be a directory the user can
+    read), the rules are checked on the target descriptor's real path and owner, and the mount is
+    made from descriptor to descriptor (shifter/fdpath.py).
     """
     what = f"volume {mount.source}:{mount.target}"
-    if "/" not in mount.target.strip("/"):  # a missing top-level target (/input) is made on the root tmpfs
-        try:
-            _make_path(spec.root, mount.target, True, os.stat(spec.root).st_dev)
-        except (ShifterError, OSError):
-            pass  # the checks below name the problem
+    root_fd = fdpath.open_dir(spec.root)
+    target_fd = -1
     try:
-        target = pathsafe.resolve_in_root(spec.root, mount.target)
-        target_fd = pathsafe.open_inside(spec.root, target, os.O_PATH | os.O_DIRECTORY)
-    except OSError as exc:
-        raise ShifterError(f"{what}: target {mount.target} is not a directory in the image "
-                           f"({exc.strerror})") from None
-    try:
-        inside = target[len(spec.root.rstrip("/")):] or "/"
-        if not user_target_allowed(inside):  # e.g. an image symlink /data -> /etc
-            raise ShifterError(f"{what}: {mount.target} leads to {inside}, where user volumes are not allowed")
-        info = os.fstat(target_fd)
-        if info.st_dev not in allowed_devices and info.st_uid != spec.account.uid:
-            raise ShifterError(f"{what}: may not mount on {mount.target} (not in the image, /tmp or owned by you)")
-        if target in mounts.mounts_under(target):
+        if "/" not in mount.target.strip("/"):  # a missing top-level target (/input) is made on the root tmpfs
+            try:
+                os.close(fdpath.make_dirs_in_root(root_fd, mount.target, device=os.fstat(root_fd).st_dev))
+            except OSError:
+                pass  # the checks below name the problem
+        target_fd = _open_user_target(root_fd, mount, what)
+        inside = _check_user_target(root_fd, target_fd, spec, mount, what, allowed_devices)
+        covered = fdpath.real_path(target_fd)
+        if covered in mounts.mounts_under(covered):
             # a user volume replaces what is mounted there (the original's overwrite=1); the
-            # descriptor of the covered directory is taken after the unmount
+            # descriptor of the covered directory is taken after the unmount, and checked again
             os.close(target_fd)
             target_fd = -1
-            mounts.unmount_tree(target)
-            target_fd = pathsafe.open_inside(spec.root, target, os.O_PATH | os.O_DIRECTORY)
-        target_ref = f"/proc/self/fd/{target_fd}"
+            mounts.unmount_tree(covered)
+            target_fd = _open_user_target(root_fd, mount, what)
+            if _check_user_target(root_fd, target_fd, spec, mount, what, allowed_devices) != inside:
+                raise ShifterError(f"{what}: {mount.target} changed while it was being mounted")
         if mount.per_node_cache is not None:
             if not spec.privileged:
                 raise ShifterError(f"{what}: perNodeCache needs the prepared environment (set up by the prolog)")
-            mount_per_node_cache(config, spec, mount, target_ref, target)
+            mount_per_node_cache(config, spec, mount, fdpath.proc_path(target_fd), spec.root + inside)
             return
         try:
             with _AsUser(spec.account) if spec.privileged else _AsSelf():
-                source = pathsafe.resolve_in_root(spec.root, mount.source)
-                source_fd = pathsafe.open_inside(spec.root, source, os.O_RDONLY | os.O_DIRECTORY)
+                source_fd = fdpath.open_in_root(root_fd, mount.source, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
             raise ShifterError(f"{what}: source {mount.source} is not a directory you can read in the "
                                f"container ({exc.strerror})") from None
         try:
-            _bind_checked(spec.root, source_fd, target_ref, target, mount.read_only, _propagation(config))
+            fdpath.bind_fd(source_fd, target_fd, readonly=mount.read_only, propagation=_propagation(config))
         except OSError as exc:
             raise ShifterError(f"{what}: {exc.strerror}") from None
         finally:
@@ -471,6 +509,7 @@ def _bind_user_volume(config: UdiRootConfig, spec: RootSpec, mount: VolumeMount,
     finally:
         if target_fd >= 0:
             os.close(target_fd)
+        os.close(root_fd)
 
 
 def build_root(config: UdiRootConfig, spec: RootSpec) -> None:

@@ -109,7 +109,12 @@ def real_path(fd: int) -> str:
 
 def relative_to(root_fd: int, fd: int) -> str:
     """``fd``'s path as seen inside the root ``root_fd`` ("/" for the root itself)."""
-    base, real = real_path(root_fd).rstrip("/"), real_path(fd)
+    return relative_to_path(real_path(root_fd), fd)
+
+
+def relative_to_path(root: str, fd: int) -> str:
+    """``fd``'s path as seen inside the root directory ``root`` ("/" for the root itself)."""
+    base, real = root.rstrip("/"), real_path(fd)
     if real in (base, base + "/"):
         return "/"
     if not real.startswith(base + "/"):
@@ -191,3 +196,48 @@ def _remove_entry(parent_fd: int, name: str, device: int) -> None:
             if exc.errno not in (errno.ENOTEMPTY, errno.ENOTDIR):
                 raise
     raise OSError(errno.EAGAIN, f"{name} keeps changing while it is removed")
+
+
+_SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_MOUNT_SETATTR = 428, 429, 442
+_OPEN_TREE_CLONE = 1
+_AT_EMPTY_PATH = 0x1000
+_AT_RECURSIVE = 0x8000
+_MOVE_MOUNT_F_EMPTY_PATH = 0x4
+_MOVE_MOUNT_T_EMPTY_PATH = 0x40
+_MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
+_open_tree = linux._function("syscall", linux._ULong, linux._Int, linux._CharP, linux._ULong)
+_move_mount = linux._function("syscall", linux._ULong, linux._Int, linux._CharP, linux._Int, linux._CharP,
+                              linux._ULong)
+_mount_setattr = linux._function("syscall", linux._ULong, linux._Int, linux._CharP, linux._ULong, linux._CharP,
+                                 linux._ULong)
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        err = _ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+def bind_fd(source_fd: int, target_fd: int, *, readonly: bool = False, recursive: bool = False,
+            nodev: bool = True, propagation: int = linux.MS_PRIVATE) -> None:
+    """Bind ``source_fd``'s directory on ``target_fd``'s, already nosuid (nodev, read-only) and
+    private or slave when it appears.
+
+    The bind is a detached copy (open_tree) restricted before it is attached (move_mount onto
+    the descriptor), so nothing half-made is ever visible and a failure needs no unmount:
+    closing the copy frees it.
+    """
+    recursive_flag = _AT_RECURSIVE if recursive else 0
+    tree = _check(_open_tree(_SYS_OPEN_TREE, source_fd, b"",
+                             _OPEN_TREE_CLONE | os.O_CLOEXEC | _AT_EMPTY_PATH | recursive_flag), "open_tree")
+    try:
+        attr_set = _MOUNT_ATTR_NOSUID | (_MOUNT_ATTR_NODEV if nodev else 0) | (_MOUNT_ATTR_RDONLY if readonly else 0)
+        attr = b"".join(value.to_bytes(8, sys.byteorder) for value in (attr_set, 0, propagation, 0))
+        _check(_mount_setattr(_SYS_MOUNT_SETATTR, tree, b"", _AT_EMPTY_PATH | recursive_flag, attr, len(attr)),
+               "mount_setattr")
+        _check(_move_mount(_SYS_MOVE_MOUNT, tree, b"", target_fd, b"",
+                           _MOVE_MOUNT_F_EMPTY_PATH | _MOVE_MOUNT_T_EMPTY_PATH),
+               f"move_mount onto {real_path(target_fd)}")
+    finally:
+        os.close(tree)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 
-from shifter import mounts
+from shifter import fdpath, mounts
 from shifter.errors import ShifterError
 
 TYPE_CHECKING = False
@@ -74,64 +74,78 @@ def remove_cache_files(config: UdiRootConfig, jobid: str) -> None:
 
 
 def _remove_tree(path: str) -> None:
-    """rm -rf ``path`` after checking nothing is mounted below it (never delete into a bind)."""
+    """rm -rf ``path`` (a job's directory) through descriptors.
+
+    The job's user owns its directory and can swap anything below it for a symlink to a host
+    directory while this runs: the removal works on descriptors (shifter/fdpath.py), never
+    follows a link and stops at another filesystem.  Nothing may still be mounted below it.
+    """
     if mounts.mounts_under(path):
         raise ShifterError(f"refusing to remove {path}: something is still mounted below it")
-    _remove(path)
-
-
-def _remove(path: str) -> None:
-    """rm -rf without following symlinks (shutil costs ~2 ms to import on this path)."""
+    parent, name = os.path.split(path.rstrip("/"))
     try:
-        os.unlink(path)
-        return
+        parent_fd = fdpath.open_dir(parent)  # udiMount or loopMount: root's, checked by setupRoot
     except FileNotFoundError:
         return
-    except IsADirectoryError:
-        pass
-    except PermissionError:
-        if not os.path.isdir(path) or os.path.islink(path):
-            raise
-    with os.scandir(path) as entries:
-        children = [entry.path for entry in entries]
-    for child in children:
-        _remove(child)
     try:
-        os.rmdir(path)
-    except FileNotFoundError:
-        pass
+        fdpath.remove_tree(parent_fd, name)
+    except OSError as exc:
+        raise ShifterError(f"cannot remove {path}: {exc.strerror}") from None
+    finally:
+        os.close(parent_fd)
 
 
 def destroy(config: UdiRootConfig, job: JobEnv, memory_cgroup: str | None = None) -> None:
     """Kill the job's processes (its memory cgroup's and those rooted in its environment),
-    unmount its trees, remove its cache files, directories and cgroup."""
+    unmount its trees, remove its cache files, directories and cgroup.
+
+    Every step is tried even when an earlier one failed (a cgroup that cannot be removed must
+    not keep the mounts and the loop device alive); the failures are reported together.
+    """
+    errors: list[str] = []
     if memory_cgroup:
         from shifter import jobcgroup
 
         try:
             jobcgroup.remove(memory_cgroup, job.jobid)
         except OSError as exc:
-            raise ShifterError(exc.strerror) from None
+            errors.append(exc.strerror or str(exc))
     if not os.path.lexists(job.dir) and not os.path.lexists(job.loop_mount):
         remove_cache_files(config, job.jobid)  # nothing can be mounted below paths that do not exist
+        _report(errors)
         return
     try:  # first, so that no new task enters an environment being torn down without a check
         os.unlink(job.plan)
     except OSError:
         pass
     kill_processes_rooted_in(job.root)
+    for tree in (job.dir, job.loop_mount):
+        try:
+            mounts.unmount_tree(tree)
+        except OSError as exc:
+            errors.append(f"cannot unmount job {job.jobid}: {exc.strerror}")
     try:
-        mounts.unmount_tree(job.dir)
-        mounts.unmount_tree(job.loop_mount)
+        remove_cache_files(config, job.jobid)
     except OSError as exc:
-        raise ShifterError(f"cannot unmount job {job.jobid}: {exc.strerror}") from None
-    remove_cache_files(config, job.jobid)
-    _remove_tree(job.dir)
+        errors.append(f"cannot remove the perNodeCache files of job {job.jobid}: {exc.strerror}")
     try:
-        os.rmdir(job.loop_mount)
+        _remove_tree(job.dir)
+    except ShifterError as err:
+        errors.append(str(err))
+    try:
+        os.rmdir(job.loop_mount)  # root's and normally empty: one call instead of a mount table read
     except FileNotFoundError:
         pass
     except OSError as exc:
-        if exc.errno != errno.ENOTEMPTY:
-            raise ShifterError(f"cannot remove {job.loop_mount}: {exc.strerror}") from None
-        _remove_tree(job.loop_mount)
+        try:
+            if exc.errno != errno.ENOTEMPTY:
+                raise ShifterError(f"cannot remove {job.loop_mount}: {exc.strerror}") from None
+            _remove_tree(job.loop_mount)
+        except ShifterError as err:
+            errors.append(str(err))
+    _report(errors)
+
+
+def _report(errors: list[str]) -> None:
+    if errors:
+        raise ShifterError("; ".join(errors))

@@ -2,12 +2,16 @@
 
 setupRoot already replaces a stale environment of the *same* job id; this finds those of
 other jobs so that they do not pile up (the original's issue #249).  An environment is stale
-only when every sign says its job is over on this node:
+only when every sign says its job is over on this node, and only signs that a user cannot
+forge count (a user's own process or its own job directory must not keep an environment
+alive forever, nor make one look dead):
 
-- no process of the job runs here: no ``slurmstepd: [<jobid>.<step>]`` (with
-  ``PrologFlags=contain`` the extern step lives as long as the job) and no process whose
-  environment has ``SLURM_JOB_ID=<jobid>`` (a prolog or task of it);
-- it was not touched for ``GRACE_SECONDS`` (a prolog between its end and the extern step);
+- no root process of the job runs here: no ``slurmstepd: [<jobid>.<step>]`` and no process
+  whose environment has ``SLURM_JOB_ID=<jobid>`` (a prolog or setupRoot of it), both counted
+  only with real uid 0 (with ``PrologFlags=contain`` the extern step lives as long as the job);
+- neither its container root (a root-owned tmpfs, created at mount time) nor its loop mount
+  directory changed within ``GRACE_SECONDS`` (a prolog between its end and the extern step);
+  only root-owned paths count: the job directory under udiMount belongs to the user;
 - the controller does not list the job as running (one squeue call, made only for such a
   rare candidate; when it cannot answer nothing is removed).
 
@@ -38,7 +42,7 @@ def job_ids_with_processes(candidates: set[str]) -> set[str]:
             continue
         try:
             net = os.stat(f"/proc/{name}/ns/net")
-            if (net.st_dev, net.st_ino) != (own_net.st_dev, own_net.st_ino):
+            if (net.st_dev, net.st_ino) != (own_net.st_dev, own_net.st_ino) or real_uid(name) != 0:
                 continue
             with open(f"/proc/{name}/cmdline", "rb") as fh:
                 cmdline = fh.read(256)
@@ -55,10 +59,22 @@ def job_ids_with_processes(candidates: set[str]) -> set[str]:
     return found & candidates
 
 
+def real_uid(pid: str) -> int | None:
+    """The real uid of ``pid`` from its status (a user cannot change it; the owner of /proc/<pid>
+    becomes root for any process that makes itself non-dumpable)."""
+    with open(f"/proc/{pid}/status", "rb") as fh:
+        for line in fh:
+            if line.startswith(b"Uid:"):
+                return int(line.split()[1])
+    return None
+
+
 def recently_touched(paths: list[str], now: float) -> bool:
+    """Whether one of ``paths`` that root owns changed within the grace (a user's do not count)."""
     for path in paths:
         try:
-            if now - os.lstat(path).st_ctime < GRACE_SECONDS:
+            info = os.lstat(path)
+            if info.st_uid == 0 and now - info.st_ctime < GRACE_SECONDS:
                 return True
         except FileNotFoundError:
             continue
@@ -85,5 +101,5 @@ def stale_job_ids(udi_mount: str, loop_mount: str, job_ids: list[str], current_j
     candidates -= job_ids_with_processes(candidates)
     now = time.time()
     candidates = {job_id for job_id in candidates
-                  if not recently_touched([f"{udi_mount}/{job_id}", f"{loop_mount}/{job_id}"], now)}
+                  if not recently_touched([f"{udi_mount}/{job_id}/root", f"{loop_mount}/{job_id}"], now)}
     return sorted(job_id for job_id in candidates if controller_says_gone(job_id))

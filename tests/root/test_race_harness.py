@@ -152,3 +152,32 @@ def test_fallback_walk_refuses_links(tmp_path, monkeypatch):
                 fdpath.open_in_root(root_fd, path, os.O_PATH)
     finally:
         os.close(root_fd)
+
+
+def test_bind_fd_restricts_before_attaching_and_leaves_nothing_on_failure(tmp_path):
+    from shifter.mounts import mounts_under
+
+    source, target, afile = tmp_path / "source", tmp_path / "target", tmp_path / "file"
+    source.mkdir()
+    target.mkdir()
+    afile.write_text("")
+    (source / "x").write_text("x\n")
+    source_fd = os.open(source, os.O_RDONLY | os.O_DIRECTORY)
+    target_fd, file_fd = fdpath.open_dir(str(target)), os.open(afile, os.O_PATH)
+    try:
+        with pytest.raises(OSError):
+            fdpath.bind_fd(source_fd, file_fd)  # a directory onto a file: refused by move_mount
+        assert mounts_under(str(tmp_path)) == []
+        fdpath.bind_fd(source_fd, target_fd, readonly=True)
+        try:
+            assert (target / "x").read_text() == "x\n"
+            flags = os.statvfs(target).f_flag
+            assert flags & os.ST_RDONLY and flags & os.ST_NOSUID and flags & os.ST_NODEV
+        finally:
+            from shifter import linux
+
+            linux.umount2(str(target))
+    finally:
+        for fd in (source_fd, target_fd, file_fd):
+            os.close(fd)
+    assert mounts_under(str(tmp_path)) == []
