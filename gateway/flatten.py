@@ -72,6 +72,7 @@ from typing import BinaryIO
 
 import zstandard
 
+from gateway.bounds import PIGZ_MEMORY, Deadline, limited
 from shifter.errors import ShifterError
 
 BLOCK = 512
@@ -325,11 +326,14 @@ class _Reader:
 
 
 class _Budget:
-    """The decompression-bomb guard: total uncompressed bytes read from all layers."""
+    """The decompression-bomb guard: total uncompressed bytes read from all layers; and,
+    checked as often, the pull's deadline (a layer that trickles out of a stalled
+    decompressor, or a conversion that runs too long, ends the pull)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, deadline: Deadline | None = None) -> None:
         self.limit = limit
         self.used = 0
+        self.deadline = deadline
 
     def check_declared(self, size: int, layer: Layer) -> None:
         if self.used + size > self.limit:
@@ -339,6 +343,8 @@ class _Budget:
         self.used += n
         if self.used > self.limit:
             self._fail(layer)
+        if self.deadline is not None and self.deadline.expired():
+            raise self.deadline.error(f"converting layer {layer.number}")
 
     def _fail(self, layer: Layer) -> None:
         raise ShifterError(
@@ -356,8 +362,13 @@ def _last_line(errors: BinaryIO, status: int) -> str:
     return lines[-1] if lines else f"exit status {status}"
 
 
+def _pigz_command(deadline: Deadline | None, *args: str) -> list[str]:
+    """pigz under CPU-time and memory limits: a hostile stream cannot make it spin or grow."""
+    return limited([_pigz(), *args], cpu=deadline.remaining() if deadline else None, memory=PIGZ_MEMORY)
+
+
 @contextmanager
-def open_layer(layer: Layer) -> Iterator[int | BinaryIO]:
+def open_layer(layer: Layer, deadline: Deadline | None = None) -> Iterator[int | BinaryIO]:
     """The layer's uncompressed tar stream; the compression is sniffed from the bytes.
 
     gzip is inflated by a ``pigz`` process (parallel to our parsing and to tar2sqfs);
@@ -368,7 +379,7 @@ def open_layer(layer: Layer) -> Iterator[int | BinaryIO]:
         magic = os.pread(blob.fileno(), 4, 0)
         if magic.startswith(_GZIP_MAGIC):
             with tempfile.TemporaryFile() as errors:
-                proc = subprocess.Popen([_pigz(), "-dc"], stdin=blob, stdout=subprocess.PIPE,
+                proc = subprocess.Popen(_pigz_command(deadline, "-dc"), stdin=blob, stdout=subprocess.PIPE,
                                         stderr=errors, bufsize=0)
                 try:
                     assert proc.stdout is not None
@@ -414,7 +425,9 @@ class _Prefetch:
     which then reports the real problem.  Files are removed as soon as they are read.
     """
 
-    def __init__(self, layers: list[Layer], scratch: str, limit: int) -> None:
+    def __init__(self, layers: list[Layer], scratch: str, limit: int,
+                 deadline: Deadline | None = None) -> None:
+        self.deadline = deadline
         self.layers = [layer for layer in layers if _compression(layer.path)]
         self.scratch = scratch
         self.limit = limit
@@ -457,7 +470,8 @@ class _Prefetch:
                         if self.stopping:
                             raise ShifterError("stopped")
                         self.proc = subprocess.Popen(
-                            ["prlimit", f"--fsize={max(limit, 1)}", _pigz(), "-dc", "--", layer.path],
+                            ["prlimit", f"--fsize={max(limit, 1)}", "--",
+                             *_pigz_command(self.deadline, "-dc", "--", layer.path)],
                             stdout=out, stderr=subprocess.DEVNULL)
                     if self.proc.wait() != 0:
                         raise ShifterError("pigz failed")
@@ -619,14 +633,15 @@ class Flattener:
     """Top-down merge of layers into one sanitised tar stream (see the module docstring)."""
 
     def __init__(self, out_fd: int, max_bytes: int, max_paths: int | None = None,
-                 max_index_bytes: int | None = None) -> None:
+                 max_index_bytes: int | None = None, deadline: Deadline | None = None) -> None:
+        self.deadline = deadline
         self.max_paths = MAX_PATHS if max_paths is None else max_paths
         self.max_index_bytes = MAX_INDEX_BYTES if max_index_bytes is None else max_index_bytes
         self.paths = 0          # paths remembered, and their total length (see _charge)
         self.index_bytes = 0
         self.out = _Output(out_fd)
         self.writer = TarWriter(self.out)
-        self.budget = _Budget(max_bytes)
+        self.budget = _Budget(max_bytes, deadline)
         self.stats = FlattenStats()
         self.emitted: dict[bytes, tuple[int, int]] = {}   # path -> (kind, layer number)
         self.whiteouts: set[bytes] = set()                 # from upper layers: hide path + subtree
@@ -648,13 +663,13 @@ class Flattener:
         With a ``scratch`` directory, lower layers are decompressed ahead (see _Prefetch).
         """
         order = list(reversed(layers))
-        prefetch = _Prefetch(order[1:], scratch, self.budget.limit) if scratch else None
+        prefetch = _Prefetch(order[1:], scratch, self.budget.limit, self.deadline) if scratch else None
         try:
             for layer in order:
                 ready = prefetch.take(layer) if prefetch else None
                 source = Layer(ready, layer.number) if ready else layer
                 try:
-                    with open_layer(source) as raw:
+                    with open_layer(source, self.deadline) as raw:
                         self._layer(_Reader(raw, source, self.budget))
                 finally:
                     if ready:
@@ -713,7 +728,7 @@ class Flattener:
         we saw it; a second pass over this one layer copies it under the first link's name
         (rare: e.g. an upper layer deleted or replaced only one name of a hardlinked file).
         """
-        with open_layer(layer) as raw:
+        with open_layer(layer, self.deadline) as raw:
             reader = _Reader(raw, layer, self.budget)
             for entry in self._entries(reader):
                 links = self.deferred.pop(entry.path, None) if entry.kind in _REGULAR else None
@@ -952,7 +967,8 @@ class Flattener:
 
 
 def flatten(layers: list[Layer], out_fd: int, max_bytes: int,
-            layer_done: Callable[[Layer], None] | None = None, scratch: str | None = None) -> FlattenStats:
+            layer_done: Callable[[Layer], None] | None = None, scratch: str | None = None,
+            deadline: Deadline | None = None) -> FlattenStats:
     """Write the merged, sanitised tar stream of ``layers`` (bottom first) to ``out_fd``."""
     _grow_pipe(out_fd)
-    return Flattener(out_fd, max_bytes).run(layers, layer_done, scratch)
+    return Flattener(out_fd, max_bytes, deadline=deadline).run(layers, layer_done, scratch)

@@ -331,11 +331,10 @@ class RegistryClient:
                                        f" answered {resp.status}")
                 sha = hashlib.sha256()
                 got = 0
-                buf = bytearray(_CHUNK)
-                view = memoryview(buf)
                 while True:
-                    try:
-                        n = resp.body.readinto(buf)
+                    try:  # read1: what has arrived, so ``counter`` hears of a trickle at once
+                        data = resp.body.read1(_CHUNK)
+                        n = len(data)
                     except (OSError, http.client.HTTPException) as err:
                         raise TransferError(f"layer {_short(digest)}: download failed: {err}") from None
                     if not n:
@@ -343,8 +342,8 @@ class RegistryClient:
                     got += n
                     if got > size:
                         raise ShifterError(f"layer {_short(digest)} is larger than its manifest says")
-                    sha.update(view[:n])
-                    out.write(view[:n])
+                    sha.update(data)
+                    out.write(data)
                     counter(n)
                 if got != size:
                     raise TransferError(f"layer {_short(digest)} is truncated ({got} of {size} bytes)")
