@@ -601,6 +601,8 @@ def _check_shape(name: bytes, path: bytes, link: bytes, layer: Layer) -> None:
         what = "name" if len(name) > MAX_PATH else f"link target of {_fmt(name)}"
         raise ShifterError(f"layer {layer.number}: {what} longer than {MAX_PATH} bytes"
                            + (f": {_fmt(name)}" if what == "name" else ""))
+    if len(path) <= NAME_MAX:
+        return  # the common case: no component can be too long, nor the path too deep
     parts = path.split(b"/")
     if len(parts) > MAX_DEPTH:
         raise ShifterError(f"layer {layer.number}: path deeper than {MAX_DEPTH} components: {_fmt(name)}")
