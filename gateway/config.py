@@ -93,6 +93,7 @@ class GatewayConfig:
     image_platform: tuple[str, str, str | None] = ("linux", "amd64", None)
     max_image_bytes: int = 64 << 30
     pull_deadline: float = 3600.0
+    max_image_paths: int = 4_000_000
 
     def import_allowed(self, user: str | None) -> bool:
         """ImportUsers: "all", "none"/absent, or a list of user names."""
@@ -134,6 +135,7 @@ _TOP_KEYS: dict[str, tuple[type | tuple[type, ...], bool]] = {
     "MaxImageBytes": (int, False),
     "ExaminerTimeout": ((int, float), False),
     "PullDeadline": ((int, float), False),
+    "MaxImagePaths": (int, False),
 }
 
 _LOCATION_KEYS: dict[str, tuple[type | tuple[type, ...], bool]] = {
@@ -421,6 +423,9 @@ def parse_config(text: str, source: str = "imagemanager.json") -> GatewayConfig:
     pull_deadline = float(doc.get("PullDeadline", 3600))
     if not 0 < pull_deadline <= 7 * 86400:  # also refuses NaN
         raise ShifterError(f"{source}: key PullDeadline must be between 0 and 604800 seconds")
+    max_paths = doc.get("MaxImagePaths", 4_000_000)
+    if not 1000 <= max_paths <= 100_000_000:
+        raise ShifterError(f"{source}: key MaxImagePaths must be between 1000 and 100000000")
     return GatewayConfig(
         image_platform=(plat[0], plat[1], plat[2] if len(plat) == 3 else None),
         max_image_bytes=max_bytes,
@@ -440,6 +445,7 @@ def parse_config(text: str, source: str = "imagemanager.json") -> GatewayConfig:
         examiner=doc.get("examiner") or None,
         examiner_timeout=examiner_timeout,
         pull_deadline=pull_deadline,
+        max_image_paths=max_paths,
         metrics=doc.get("Metrics", False),
         log_level=level,
         store=store,

@@ -125,7 +125,7 @@ def _tar2sqfs_failure(status: int, stderr: bytes, output: str, max_bytes: int) -
 
 def squash_layers(layers: list[Layer], output: str, options: list[str] | None, max_bytes: int,
                   layer_done: Callable[[Layer], None] | None = None,
-                  deadline: Deadline | None = None) -> FlattenStats:
+                  deadline: Deadline | None = None, max_paths: int | None = None) -> FlattenStats:
     """Flatten ``layers`` (bottom first) straight into the squashfs file ``output``.
 
     On any failure ``output`` is removed and a ShifterError names the problem; tar2sqfs's
@@ -157,7 +157,8 @@ def squash_layers(layers: list[Layer], output: str, options: list[str] | None, m
         try:
             try:
                 stats = flatten(layers, proc.stdin.fileno(), max_bytes, layer_done,
-                                scratch=os.path.dirname(os.path.abspath(output)), deadline=deadline)
+                                scratch=os.path.dirname(os.path.abspath(output)), deadline=deadline,
+                                max_paths=max_paths)
                 proc.stdin.close()
             except BrokenPipeError:
                 stats = None  # tar2sqfs stopped early: its exit status and message explain why

@@ -47,9 +47,10 @@ Safety rules (each entry is untrusted), either neutralised or refused with a
   backwards, so no header can make a layer loop;
 * a name or link longer than ``MAX_PATH`` bytes, a component longer than ``NAME_MAX`` or
   a path deeper than ``MAX_DEPTH`` is refused, and the paths the merge remembers (emitted,
-  implicit parents, whiteouts, hardlink targets) are capped in number (``MAX_PATHS``) and
-  in total bytes (``MAX_INDEX_BYTES``): memory grows linearly in the entries, each costing
-  its path's length plus a fixed overhead (docs/gateway.md, "Limits on hostile layers");
+  implicit parents, whiteouts, hardlink targets) are capped in number (``MAX_PATHS``,
+  ``MaxImagePaths``) and in total bytes (``INDEX_BYTES_PER_PATH`` times that): memory
+  grows linearly in the entries, each costing its path's length plus a fixed overhead
+  (docs/gateway.md, "Limits on hostile layers");
 * a path in a message has its control characters escaped (``printable``), so a name
   can never drive the terminal of whoever reads a status.
 """
@@ -87,8 +88,8 @@ _MAX_MTIME = 8**11 - 1
 MAX_PATH = 4096          # bytes in a name or link target (Linux PATH_MAX)
 NAME_MAX = 255           # bytes in one path component (squashfs and Linux NAME_MAX)
 MAX_DEPTH = 256          # components in one path; real images stay far below 64
-MAX_PATHS = 4_000_000    # paths the merge remembers over all layers
-MAX_INDEX_BYTES = 512 << 20  # their total length
+MAX_PATHS = 4_000_000    # paths the merge remembers over all layers (MaxImagePaths)
+INDEX_BYTES_PER_PATH = 128  # their total length, per path allowed: 512 MiB for the default
 _OCTAL = re.compile(rb"[0-7]+")
 _DECIMAL = re.compile(rb"[0-9]{1,30}")
 _PAX_TIME = re.compile(rb"-?[0-9]{1,30}(\.[0-9]{0,30})?")
@@ -638,7 +639,8 @@ class Flattener:
                  max_index_bytes: int | None = None, deadline: Deadline | None = None) -> None:
         self.deadline = deadline
         self.max_paths = MAX_PATHS if max_paths is None else max_paths
-        self.max_index_bytes = MAX_INDEX_BYTES if max_index_bytes is None else max_index_bytes
+        self.max_index_bytes = (self.max_paths * INDEX_BYTES_PER_PATH if max_index_bytes is None
+                                else max_index_bytes)
         self.paths = 0          # paths remembered, and their total length (see _charge)
         self.index_bytes = 0
         self.out = _Output(out_fd)
@@ -948,11 +950,12 @@ class Flattener:
     def _charge(self, path: bytes, number: int) -> None:
         """Count a path the merge keeps in memory: the caps on their number and total
         length are what make the merge's memory linear in the entries (MAX_PATHS,
-        MAX_INDEX_BYTES), whatever the nesting of the names."""
+        INDEX_BYTES_PER_PATH), whatever the nesting of the names."""
         self.paths += 1
         self.index_bytes += len(path)
         if self.paths > self.max_paths:
-            raise ShifterError(f"layer {number}: the image has more than {self.max_paths} paths")
+            raise ShifterError(f"layer {number}: the image has more than {self.max_paths} paths"
+                               " (MaxImagePaths)")
         if self.index_bytes > self.max_index_bytes:
             raise ShifterError(f"layer {number}: the image's paths add up to more than"
                                f" {self.max_index_bytes} bytes (deeply nested names?)")
@@ -970,7 +973,7 @@ class Flattener:
 
 def flatten(layers: list[Layer], out_fd: int, max_bytes: int,
             layer_done: Callable[[Layer], None] | None = None, scratch: str | None = None,
-            deadline: Deadline | None = None) -> FlattenStats:
+            deadline: Deadline | None = None, max_paths: int | None = None) -> FlattenStats:
     """Write the merged, sanitised tar stream of ``layers`` (bottom first) to ``out_fd``."""
     _grow_pipe(out_fd)
-    return Flattener(out_fd, max_bytes, deadline=deadline).run(layers, layer_done, scratch)
+    return Flattener(out_fd, max_bytes, max_paths, deadline=deadline).run(layers, layer_done, scratch)

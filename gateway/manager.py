@@ -491,6 +491,7 @@ class ImageManager:
             platform=self.config.image_platform,
             max_image_bytes=self.config.max_image_bytes,
             pull_deadline=self.config.pull_deadline,
+            max_image_paths=self.config.max_image_paths,
         )
 
     # -- workers ----------------------------------------------------------------------------------

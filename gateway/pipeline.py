@@ -75,6 +75,7 @@ class PullSpec:
     converter_options: list[str] | None = None
     max_image_bytes: int = 64 << 30
     pull_deadline: float = 3600.0
+    max_image_paths: int = 4_000_000
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -307,7 +308,8 @@ def build_image(spec: PullSpec, resolved: ResolvedImage,
     try:
         with _disk_full(spec.expand_dir, "converting"):
             squash_layers([Layer(path, number) for number, path in enumerate(paths, 1)], output,
-                          spec.converter_options, spec.max_image_bytes, layer_done, spec.deadline)
+                          spec.converter_options, spec.max_image_bytes, layer_done, spec.deadline,
+                          spec.max_image_paths)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(output)

@@ -18,10 +18,11 @@ def write_layers(workdir: Path, layers: tuple[bytes, ...]) -> list[Layer]:
     return blobs
 
 
-def squash(workdir: Path, blobs: list[Layer], options: list[str] | None, limit: int) -> Path:
+def squash(workdir: Path, blobs: list[Layer], options: list[str] | None, limit: int,
+           max_paths: int | None = None) -> Path:
     """Squash ``blobs`` into ``workdir/image.squashfs`` (our flattener feeding tar2sqfs)."""
     output = workdir / "image.squashfs"
-    squash_layers(blobs, str(output), options, limit)
+    squash_layers(blobs, str(output), options, limit, max_paths=max_paths)
     return output
 
 

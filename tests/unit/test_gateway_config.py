@@ -97,6 +97,8 @@ def test_extension_keys() -> None:
     assert parse_config(cfg(Store="mongodb")).store == "mongodb://localhost/"
     assert parse_config(cfg()).pull_deadline == 3600
     assert parse_config(cfg(PullDeadline=90.5)).pull_deadline == 90.5
+    assert parse_config(cfg()).max_image_paths == 4_000_000
+    assert parse_config(cfg(MaxImagePaths=2000)).max_image_paths == 2000
 
 
 @pytest.mark.parametrize(
@@ -145,6 +147,9 @@ def test_unknown_nested_keys_are_named_with_their_path() -> None:
         ("PullDeadline", 10**9, "PullDeadline must be between"),
         ("PullDeadline", "60", "PullDeadline must be"),
         ("PullDeadline", True, "PullDeadline must be"),
+        ("MaxImagePaths", 999, "MaxImagePaths must be between 1000 and 100000000"),
+        ("MaxImagePaths", 10**9, "MaxImagePaths must be between"),
+        ("MaxImagePaths", 5.5, "MaxImagePaths must be"),
         ("Authentication", "none", "Authentication must be"),
         ("ImportUsers", "everyone", "ImportUsers must be"),
         ("ImportUsers", [1, 2], "ImportUsers must be a list of strings"),

@@ -44,14 +44,14 @@ def _snapshot(root: Path) -> set[str]:
             for n in dirs + files}
 
 
-def build(work: Path, *layers: bytes, limit: int = 1 << 30):
+def build(work: Path, *layers: bytes, limit: int = 1 << 30, max_paths: int | None = None):
     """Squash ``layers``; assert nothing appeared outside ``work``; return the entries."""
     outside = work.parent.parent.parent
     blobs = write_layers(work, layers)
     before = _snapshot(outside)
     output = work / "image.squashfs"
     try:
-        squash(work, blobs, None, limit)
+        squash(work, blobs, None, limit, max_paths)
     finally:
         created = _snapshot(outside) - before
         assert created <= {"a/b/work/image.squashfs"}, f"files appeared outside the image: {created}"
@@ -62,9 +62,10 @@ def build(work: Path, *layers: bytes, limit: int = 1 << 30):
     return image
 
 
-def refused(work: Path, pattern: str, *layers: bytes, limit: int = 1 << 30) -> None:
+def refused(work: Path, pattern: str, *layers: bytes, limit: int = 1 << 30,
+            max_paths: int | None = None) -> None:
     with pytest.raises(ShifterError, match=pattern):
-        build(work, *layers, limit=limit)
+        build(work, *layers, limit=limit, max_paths=max_paths)
     assert not (work / "image.squashfs").exists(), "a half-made image was left behind"
 
 
@@ -311,7 +312,10 @@ def test_the_merge_memory_is_linear_in_its_paths_and_capped(sandbox: Path) -> No
     # count) plus a fixed overhead: the bound docs/gateway.md states
     assert peak < 2 * (16 << 20) + (8 << 20), peak
     error, _, _ = _flatten_peak(sandbox, tar_bytes([file(f"f{i}") for i in range(101)]), max_paths=100)
-    assert error == "layer 1: the image has more than 100 paths"
+    assert error == "layer 1: the image has more than 100 paths (MaxImagePaths)"
+    # the setting reaches the flattener through the converter, with tar2sqfs running
+    refused(sandbox, r"^layer 1: the image has more than 1000 paths \(MaxImagePaths\)$",
+            tar_bytes([file(f"d{i % 10}/f{i}") for i in range(1001)]), max_paths=1000)
     # a plain image: memory grows with the paths, by less than their length plus 400 bytes each
     flat = tar_bytes([file(f"dir{i % 50}/file-{i:06d}") for i in range(20_000)])
     error, peak, _ = _flatten_peak(sandbox, flat)
