@@ -96,6 +96,8 @@ class GatewayConfig:
     max_image_bytes: int = 64 << 30
     gateway_addresses: tuple[str, ...] = ()
     unbound_credentials: str = "read-only"
+    pull_deadline: float = 3600.0
+    max_image_paths: int = 4_000_000
 
     def import_allowed(self, user: str | None) -> bool:
         """ImportUsers: "all", "none"/absent, or a list of user names."""
@@ -138,6 +140,8 @@ _TOP_KEYS: dict[str, tuple[type | tuple[type, ...], bool]] = {
     "ExaminerTimeout": ((int, float), False),
     "GatewayAddresses": (list, False),
     "UnboundCredentials": (str, False),
+    "PullDeadline": ((int, float), False),
+    "MaxImagePaths": (int, False),
 }
 
 _LOCATION_KEYS: dict[str, tuple[type | tuple[type, ...], bool]] = {
@@ -372,8 +376,9 @@ def parse_config(text: str, source: str = "imagemanager.json") -> GatewayConfig:
     locations = {n: _parse_location(n, loc, source) for n, loc in doc.get("Locations", {}).items()}
     default_location = doc.get("DefaultImageLocation", "registry-1.docker.io")
     fmt = doc.get("DefaultImageFormat", "squashfs")
-    if fmt not in IMAGE_FORMATS:
-        raise ShifterError(f"{source}: key DefaultImageFormat must be one of {', '.join(IMAGE_FORMATS)}")
+    if fmt != "squashfs":  # the only format the pipeline builds: anything else rebuilt on every pull
+        raise ShifterError(f'{source}: key DefaultImageFormat must be "squashfs" (the only format'
+                           f" this gateway builds), got {fmt!r}")
     auth = doc.get("Authentication", "munge")
     if auth not in AUTH_MODES:
         raise ShifterError(f'{source}: key Authentication must be "munge" or "mock", got {auth!r}')
@@ -435,6 +440,12 @@ def parse_config(text: str, source: str = "imagemanager.json") -> GatewayConfig:
     examiner_timeout = float(doc.get("ExaminerTimeout", 600))
     if examiner_timeout <= 0:
         raise ShifterError(f"{source}: key ExaminerTimeout must be positive")
+    pull_deadline = float(doc.get("PullDeadline", 3600))
+    if not 0 < pull_deadline <= 7 * 86400:  # also refuses NaN
+        raise ShifterError(f"{source}: key PullDeadline must be between 0 and 604800 seconds")
+    max_paths = doc.get("MaxImagePaths", 4_000_000)
+    if not 1000 <= max_paths <= 100_000_000:
+        raise ShifterError(f"{source}: key MaxImagePaths must be between 1000 and 100000000")
     return GatewayConfig(
         image_platform=(plat[0], plat[1], plat[2] if len(plat) == 3 else None),
         max_image_bytes=max_bytes,
@@ -453,6 +464,8 @@ def parse_config(text: str, source: str = "imagemanager.json") -> GatewayConfig:
         converter_options=_parse_converter_options(doc.get("ConverterOptions", {}), source),
         examiner=doc.get("examiner") or None,
         examiner_timeout=examiner_timeout,
+        pull_deadline=pull_deadline,
+        max_image_paths=max_paths,
         metrics=doc.get("Metrics", False),
         log_level=level,
         store=store,

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable
 
-from gateway.flatten import FlattenStats, Layer, flatten
+from gateway.bounds import TOOL_MEMORY, Deadline, limited
+from gateway.flatten import FlattenStats, Layer, flatten, printable
 from shifter.errors import ShifterError
 
 DEFAULT_COMPRESSOR = ["-c", "zstd", "-X", "level=3"]
@@ -36,6 +39,7 @@ _TAR2SQFS_OPTIONS = {"-c": True, "--compressor": True, "-X": True, "--comp-extra
                      "-T": False, "--no-tail-packing": False, "-e": False, "--exportable": False,
                      "-k": False, "--no-keep-time": False}
 _IGNORED_MKSQUASHFS = {"-all-root", "-no-xattrs", "-noappend", "-no-progress", "-quiet"}
+_OUTPUT_SLACK = 256 << 20  # squashfs metadata on top of the (capped) uncompressed content
 
 
 def _size(text: str) -> str:
@@ -95,14 +99,43 @@ def tar2sqfs_command(output: str, options: list[str] | None) -> list[str]:
             "--defaults", "uid=0,gid=0,mode=0755", *jobs, *compressor, output]
 
 
+def _nearly_full(directory: str) -> bool:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
+
+
+def _tar2sqfs_failure(status: int, stderr: bytes, output: str, max_bytes: int) -> ShifterError:
+    """One line for a failed tar2sqfs: its resource limit or its last message, made printable
+    (tar2sqfs quotes entry names, which come from the layers)."""
+    lines = stderr.decode("utf-8", "replace").strip().splitlines()
+    detail = printable(lines[-1][:300]) if lines else f"exit status {status}"
+    if status == -signal.SIGXCPU:
+        detail = "exceeded its CPU time limit"
+    elif status == -signal.SIGXFSZ:
+        detail = f"output exceeded its size limit of {max_bytes + _OUTPUT_SLACK} bytes"
+    elif "No space left on device" in "".join(lines) or _nearly_full(os.path.dirname(os.path.abspath(output))):
+        # tar2sqfs 1.2 often reports a full disk as "I/O error": the filesystem tells
+        return ShifterError(f"no space left on {os.path.dirname(os.path.abspath(output))}"
+                            " while converting (tar2sqfs)")
+    return ShifterError(f"squashfs conversion failed: tar2sqfs: {detail}")
+
+
 def squash_layers(layers: list[Layer], output: str, options: list[str] | None, max_bytes: int,
-                  layer_done: Callable[[Layer], None] | None = None) -> FlattenStats:
+                  layer_done: Callable[[Layer], None] | None = None,
+                  deadline: Deadline | None = None, max_paths: int | None = None) -> FlattenStats:
     """Flatten ``layers`` (bottom first) straight into the squashfs file ``output``.
 
     On any failure ``output`` is removed and a ShifterError names the problem; tar2sqfs's
-    exit status is always checked.
+    exit status is always checked.  tar2sqfs runs under CPU-time (the deadline's remaining
+    seconds on every core), memory and output-size limits, and is killed when the deadline
+    passes, whatever it is waiting for.
     """
-    command = tar2sqfs_command(output, options)
+    cpu = deadline.remaining() * (os.cpu_count() or 1) if deadline else None
+    command = limited(tar2sqfs_command(output, options), cpu=cpu, memory=TOOL_MEMORY,
+                      fsize=max_bytes + _OUTPUT_SLACK)
     with tempfile.TemporaryFile() as errors:
         try:
             proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
@@ -110,24 +143,40 @@ def squash_layers(layers: list[Layer], output: str, options: list[str] | None, m
         except OSError as err:
             raise ShifterError(f"cannot run tar2sqfs: {err.strerror}") from None
         assert proc.stdin is not None
+        expired = threading.Event()
+
+        def stop() -> None:
+            expired.set()
+            with contextlib.suppress(OSError):
+                proc.kill()
+
+        watchdog = threading.Timer(deadline.remaining(), stop) if deadline else None
+        if watchdog:
+            watchdog.daemon = True
+            watchdog.start()
         try:
             try:
                 stats = flatten(layers, proc.stdin.fileno(), max_bytes, layer_done,
-                                scratch=os.path.dirname(os.path.abspath(output)))
+                                scratch=os.path.dirname(os.path.abspath(output)), deadline=deadline,
+                                max_paths=max_paths)
                 proc.stdin.close()
             except BrokenPipeError:
                 stats = None  # tar2sqfs stopped early: its exit status and message explain why
             status = proc.wait()
+            if watchdog:
+                watchdog.cancel()
+            if expired.is_set() and deadline:
+                raise deadline.error("converting (tar2sqfs)")
             if status != 0 or stats is None:
                 errors.seek(0)
-                lines = errors.read(4000).decode("utf-8", "replace").strip().splitlines()
-                detail = lines[-1] if lines else f"exit status {status}"
-                raise ShifterError(f"squashfs conversion failed: tar2sqfs: {detail}")
+                raise _tar2sqfs_failure(status, errors.read(4000), output, max_bytes)
             return stats
         except BaseException:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+            if watchdog:
+                watchdog.cancel()
             with contextlib.suppress(BrokenPipeError):
                 proc.stdin.close()
             if os.path.exists(output):

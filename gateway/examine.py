@@ -6,7 +6,8 @@ pipeline never has an unpacked tree, so the built squashfs is shown to the exami
 temporary directory under the pull's scratch directory. The mount is always removed before
 the scratch directory is, and ``unmount_under`` lets start-up recovery remove a mount that a
 crashed gateway left behind. The examiner runs from an argument list, in its own session,
-bounded by a timeout; a non-zero exit fails the pull.
+bounded by a timeout and by as many seconds of CPU time (``prlimit``); a non-zero exit fails
+the pull. Its message is shown with control characters escaped.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import subprocess
 import tempfile
 import time
 
+from gateway.bounds import limited
+from gateway.flatten import printable
 from shifter.errors import ShifterError
 
 MOUNT_TIMEOUT = 10.0
@@ -109,9 +112,11 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
 
 
 def _run_examiner(examiner: str, tree: str, image_id: str, timeout: float) -> None:
-    name = os.path.basename(examiner)
+    name = printable(os.path.basename(examiner))
+    if shutil.which(examiner) is None:  # prlimit would only say so in its exit status
+        raise ShifterError(f"cannot run the examiner {printable(examiner)}: not an executable file")
     try:
-        proc = subprocess.Popen([examiner, tree, image_id], stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(limited([examiner, tree, image_id], cpu=timeout), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/",
                                 start_new_session=True)
     except OSError as err:
@@ -129,7 +134,7 @@ def _run_examiner(examiner: str, tree: str, image_id: str, timeout: float) -> No
             os.killpg(proc.pid, signal.SIGKILL)
     if proc.returncode != 0:
         lines = stderr[-_STDERR_LIMIT:].decode("utf-8", "replace").strip().splitlines()
-        detail = lines[-1].strip() if lines else "no message"
+        detail = printable(lines[-1].strip()[:300]) if lines else "no message"
         raise ShifterError(f"the examiner {name} rejected the image (exit status {proc.returncode}): {detail}")
 
 

@@ -41,7 +41,18 @@ Safety rules (each entry is untrusted), either neutralised or refused with a
 * pax records other than path/linkpath/size/mtime are dropped, so xattrs
   (``SCHILY.xattr.security.capability`` and friends) never reach the image;
 * the uncompressed bytes read from all layers are capped (a decompression bomb stops
-  with a failure naming the limit); declared entry sizes are checked before reading.
+  with a failure naming the limit); declared entry sizes are checked before reading;
+* numeric fields are strict: a size, mode, mtime or pax length that is not a plain
+  non-negative number is refused ("corrupt tar header"), and the reader never moves
+  backwards, so no header can make a layer loop;
+* a name or link longer than ``MAX_PATH`` bytes, a component longer than ``NAME_MAX`` or
+  a path deeper than ``MAX_DEPTH`` is refused, and the paths the merge remembers (emitted,
+  implicit parents, whiteouts, hardlink targets) are capped in number (``MAX_PATHS``,
+  ``MaxImagePaths``) and in total bytes (``INDEX_BYTES_PER_PATH`` times that): memory
+  grows linearly in the entries, each costing its path's length plus a fixed overhead
+  (docs/gateway.md, "Limits on hostile layers");
+* a path in a message has its control characters escaped (``printable``), so a name
+  can never drive the terminal of whoever reads a status.
 """
 
 from __future__ import annotations
@@ -50,6 +61,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -61,6 +73,7 @@ from typing import BinaryIO
 
 import zstandard
 
+from gateway.bounds import PIGZ_MEMORY, Deadline, limited
 from shifter.errors import ShifterError
 
 BLOCK = 512
@@ -72,6 +85,14 @@ _F_SETPIPE_SZ = 1031
 _MAX_META_RECORD = 1 << 20  # pax / GNU long-name records larger than this are refused
 MAX_DIR_ENTRIES = 100_000  # see Flattener._count_child
 _MAX_MTIME = 8**11 - 1
+MAX_PATH = 4096          # bytes in a name or link target (Linux PATH_MAX)
+NAME_MAX = 255           # bytes in one path component (squashfs and Linux NAME_MAX)
+MAX_DEPTH = 256          # components in one path; real images stay far below 64
+MAX_PATHS = 4_000_000    # paths the merge remembers over all layers (MaxImagePaths)
+INDEX_BYTES_PER_PATH = 128  # their total length, per path allowed: 512 MiB for the default
+_OCTAL = re.compile(rb"[0-7]+")
+_DECIMAL = re.compile(rb"[0-9]{1,30}")
+_PAX_TIME = re.compile(rb"-?[0-9]{1,30}(\.[0-9]{0,30})?")
 
 # kinds of emitted paths
 _DIR, _IMPLICIT, _FILE, _SYMLINK, _DROPPED = 1, 2, 3, 4, 5
@@ -104,26 +125,40 @@ class FlattenStats:
     bytes_read: int = 0
 
 
+def printable(text: str) -> str:
+    """``text`` with every non-printable character escaped (``\\x1b``, ``\\u2028``).
+
+    Status messages reach users' terminals (``shifterimg``); a layer path or a tool's
+    message quoting one must not carry escape sequences or line breaks there.
+    """
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 def _fmt(path: bytes) -> str:
-    """A path for a message: undecodable bytes shown as escapes, length bounded."""
-    text = path.decode("utf-8", "backslashreplace")
-    return text if len(text) <= 200 else text[:200] + "..."
+    """A path for a message: undecodable bytes and control characters shown as escapes,
+    length bounded."""
+    text = path[:400].decode("utf-8", "backslashreplace")
+    text = text if len(text) <= 200 and len(path) <= 400 else text[:200] + "..."
+    return printable(text)
 
 
-def _parse_number(field: bytes) -> int:
-    """Octal (NUL/space padded) or GNU base-256 numeric field."""
+def _parse_number(field: bytes) -> int | None:
+    """Octal (NUL/space padded) or GNU base-256 numeric field; None when it is neither.
+
+    A negative base-256 value is returned as such (GNU tar writes pre-1970 times so);
+    the caller decides whether a negative value is acceptable.
+    """
     if field and field[0] & 0x80:
-        value = int.from_bytes(field[1:], "big")
-        if field[0] & 0x40:  # negative base-256: never valid for our uses
-            return -1
-        return value | ((field[0] & 0x3F) << (8 * (len(field) - 1)))
-    text = field.split(b"\0", 1)[0].strip()
+        value = int.from_bytes(field, "big") & ((1 << (8 * len(field) - 1)) - 1)
+        if field[0] & 0x40:  # two's complement over the field's remaining bits
+            value -= 1 << (8 * len(field) - 1)
+        return value
+    text = field.split(b"\0", 1)[0].strip(b" ")
     if not text:
         return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        return -1
+    return int(text, 8) if _OCTAL.fullmatch(text) else None
 
 
 def _cstring(field: bytes) -> bytes:
@@ -216,6 +251,7 @@ class _Reader:
         return ShifterError(f"layer {self.layer.number}: truncated tar stream")
 
     def read_exact(self, n: int, allow_eof: bool = False) -> bytes:
+        self._forward(n)
         while len(self.buf) - self.pos < n:
             if self.pos:
                 del self.buf[:self.pos]
@@ -236,6 +272,7 @@ class _Reader:
 
     def copy(self, n: int, out: _Output | None) -> None:
         """Copy (or skip, when ``out`` is None) exactly ``n`` bytes."""
+        self._forward(n)
         take = min(n, len(self.buf) - self.pos)
         if take:
             if out is not None:
@@ -257,6 +294,12 @@ class _Reader:
                     else:
                         out.write(view[:got])
                 n -= got
+
+    def _forward(self, n: int) -> None:
+        """The stream only ever moves forward: a negative length (a header parsed wrongly)
+        would re-read the same bytes forever."""
+        if n < 0:
+            raise ShifterError(f"layer {self.layer.number}: corrupt tar stream (negative length {n})")
 
     def _splice(self, n: int, out: _Output) -> int:
         """Move ``n`` bytes fd to fd in the kernel; returns what is left (on EINVAL: all)."""
@@ -284,11 +327,14 @@ class _Reader:
 
 
 class _Budget:
-    """The decompression-bomb guard: total uncompressed bytes read from all layers."""
+    """The decompression-bomb guard: total uncompressed bytes read from all layers; and,
+    checked as often, the pull's deadline (a layer that trickles out of a stalled
+    decompressor, or a conversion that runs too long, ends the pull)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, deadline: Deadline | None = None) -> None:
         self.limit = limit
         self.used = 0
+        self.deadline = deadline
 
     def check_declared(self, size: int, layer: Layer) -> None:
         if self.used + size > self.limit:
@@ -298,6 +344,8 @@ class _Budget:
         self.used += n
         if self.used > self.limit:
             self._fail(layer)
+        if self.deadline is not None and self.deadline.expired():
+            raise self.deadline.error(f"converting layer {layer.number}")
 
     def _fail(self, layer: Layer) -> None:
         raise ShifterError(
@@ -315,8 +363,13 @@ def _last_line(errors: BinaryIO, status: int) -> str:
     return lines[-1] if lines else f"exit status {status}"
 
 
+def _pigz_command(deadline: Deadline | None, *args: str) -> list[str]:
+    """pigz under CPU-time and memory limits: a hostile stream cannot make it spin or grow."""
+    return limited([_pigz(), *args], cpu=deadline.remaining() if deadline else None, memory=PIGZ_MEMORY)
+
+
 @contextmanager
-def open_layer(layer: Layer) -> Iterator[int | BinaryIO]:
+def open_layer(layer: Layer, deadline: Deadline | None = None) -> Iterator[int | BinaryIO]:
     """The layer's uncompressed tar stream; the compression is sniffed from the bytes.
 
     gzip is inflated by a ``pigz`` process (parallel to our parsing and to tar2sqfs);
@@ -327,7 +380,7 @@ def open_layer(layer: Layer) -> Iterator[int | BinaryIO]:
         magic = os.pread(blob.fileno(), 4, 0)
         if magic.startswith(_GZIP_MAGIC):
             with tempfile.TemporaryFile() as errors:
-                proc = subprocess.Popen([_pigz(), "-dc"], stdin=blob, stdout=subprocess.PIPE,
+                proc = subprocess.Popen(_pigz_command(deadline, "-dc"), stdin=blob, stdout=subprocess.PIPE,
                                         stderr=errors, bufsize=0)
                 try:
                     assert proc.stdout is not None
@@ -373,7 +426,9 @@ class _Prefetch:
     which then reports the real problem.  Files are removed as soon as they are read.
     """
 
-    def __init__(self, layers: list[Layer], scratch: str, limit: int) -> None:
+    def __init__(self, layers: list[Layer], scratch: str, limit: int,
+                 deadline: Deadline | None = None) -> None:
+        self.deadline = deadline
         self.layers = [layer for layer in layers if _compression(layer.path)]
         self.scratch = scratch
         self.limit = limit
@@ -416,7 +471,8 @@ class _Prefetch:
                         if self.stopping:
                             raise ShifterError("stopped")
                         self.proc = subprocess.Popen(
-                            ["prlimit", f"--fsize={max(limit, 1)}", _pigz(), "-dc", "--", layer.path],
+                            ["prlimit", f"--fsize={max(limit, 1)}", "--",
+                             *_pigz_command(self.deadline, "-dc", "--", layer.path)],
                             stdout=out, stderr=subprocess.DEVNULL)
                     if self.proc.wait() != 0:
                         raise ShifterError("pigz failed")
@@ -540,6 +596,22 @@ def _sanitise_mode(mode: int, is_dir: bool) -> int:
     return mode
 
 
+def _check_shape(name: bytes, path: bytes, link: bytes, layer: Layer) -> None:
+    """Refuse names no filesystem could hold; they also bound what the merge keeps per path."""
+    if len(name) > MAX_PATH or len(link) > MAX_PATH:
+        what = "name" if len(name) > MAX_PATH else f"link target of {_fmt(name)}"
+        raise ShifterError(f"layer {layer.number}: {what} longer than {MAX_PATH} bytes"
+                           + (f": {_fmt(name)}" if what == "name" else ""))
+    if len(path) <= NAME_MAX:
+        return  # the common case: no component can be too long, nor the path too deep
+    parts = path.split(b"/")
+    if len(parts) > MAX_DEPTH:
+        raise ShifterError(f"layer {layer.number}: path deeper than {MAX_DEPTH} components: {_fmt(name)}")
+    if any(len(part) > NAME_MAX + (len(_WH) if part.startswith(_WH) else 0) for part in parts):
+        raise ShifterError(f"layer {layer.number}: a component longer than {NAME_MAX} bytes"
+                           f" in {_fmt(name)}")
+
+
 def _parse_pax(data: bytes, layer: Layer) -> dict[bytes, bytes]:
     records: dict[bytes, bytes] = {}
     pos = 0
@@ -547,10 +619,9 @@ def _parse_pax(data: bytes, layer: Layer) -> dict[bytes, bytes]:
         if data[pos:].strip(b"\0") == b"":
             break
         space = data.find(b" ", pos)
-        try:
-            length = int(data[pos:space])
-        except ValueError:
-            raise ShifterError(f"layer {layer.number}: corrupt pax header") from None
+        if space == -1 or not _DECIMAL.fullmatch(data[pos:space]):
+            raise ShifterError(f"layer {layer.number}: corrupt pax header")
+        length = int(data[pos:space])
         record = data[space + 1:pos + length]
         if space == -1 or length <= 0 or pos + length > len(data) or not record.endswith(b"\n") \
                 or b"=" not in record:
@@ -564,10 +635,17 @@ def _parse_pax(data: bytes, layer: Layer) -> dict[bytes, bytes]:
 class Flattener:
     """Top-down merge of layers into one sanitised tar stream (see the module docstring)."""
 
-    def __init__(self, out_fd: int, max_bytes: int) -> None:
+    def __init__(self, out_fd: int, max_bytes: int, max_paths: int | None = None,
+                 max_index_bytes: int | None = None, deadline: Deadline | None = None) -> None:
+        self.deadline = deadline
+        self.max_paths = MAX_PATHS if max_paths is None else max_paths
+        self.max_index_bytes = (self.max_paths * INDEX_BYTES_PER_PATH if max_index_bytes is None
+                                else max_index_bytes)
+        self.paths = 0          # paths remembered, and their total length (see _charge)
+        self.index_bytes = 0
         self.out = _Output(out_fd)
         self.writer = TarWriter(self.out)
-        self.budget = _Budget(max_bytes)
+        self.budget = _Budget(max_bytes, deadline)
         self.stats = FlattenStats()
         self.emitted: dict[bytes, tuple[int, int]] = {}   # path -> (kind, layer number)
         self.whiteouts: set[bytes] = set()                 # from upper layers: hide path + subtree
@@ -589,13 +667,13 @@ class Flattener:
         With a ``scratch`` directory, lower layers are decompressed ahead (see _Prefetch).
         """
         order = list(reversed(layers))
-        prefetch = _Prefetch(order[1:], scratch, self.budget.limit) if scratch else None
+        prefetch = _Prefetch(order[1:], scratch, self.budget.limit, self.deadline) if scratch else None
         try:
             for layer in order:
                 ready = prefetch.take(layer) if prefetch else None
                 source = Layer(ready, layer.number) if ready else layer
                 try:
-                    with open_layer(source) as raw:
+                    with open_layer(source, self.deadline) as raw:
                         self._layer(_Reader(raw, source, self.budget))
                 finally:
                     if ready:
@@ -627,6 +705,8 @@ class Flattener:
                 reader.copy(_padded(entry.size), None)
                 continue
             emit = self._decide(entry, layer)
+            if not emit and (entry.kind in _REGULAR or entry.kind == b"1"):
+                self._charge(entry.path, layer.number)  # kept as a hardlink target (canonical)
             if entry.kind in _REGULAR:
                 self.canonical[entry.path] = entry.path
                 if not emit:
@@ -652,7 +732,7 @@ class Flattener:
         we saw it; a second pass over this one layer copies it under the first link's name
         (rare: e.g. an upper layer deleted or replaced only one name of a hardlinked file).
         """
-        with open_layer(layer) as raw:
+        with open_layer(layer, self.deadline) as raw:
             reader = _Reader(raw, layer, self.budget)
             for entry in self._entries(reader):
                 links = self.deferred.pop(entry.path, None) if entry.kind in _REGULAR else None
@@ -685,7 +765,7 @@ class Flattener:
                 raise ShifterError(f"layer {layer.number}: corrupt tar header (bad checksum)")
             typeflag = hdr[156:157]
             size = _parse_number(hdr[124:136])
-            if size < 0:
+            if size is None or size < 0:
                 raise ShifterError(f"layer {layer.number}: corrupt tar header (bad size)")
             if typeflag in (b"x", b"g", b"L", b"K"):
                 if size > _MAX_META_RECORD:
@@ -710,16 +790,16 @@ class Flattener:
                         name = prefix + b"/" + name
             link = long_link if long_link is not None else pax.get(b"linkpath", _cstring(hdr[157:257]))
             if b"size" in pax:
-                try:
-                    size = int(pax[b"size"])
-                except ValueError:
-                    raise ShifterError(f"layer {layer.number}: corrupt pax size") from None
+                if not _DECIMAL.fullmatch(pax[b"size"]):
+                    raise ShifterError(f"layer {layer.number}: corrupt pax size for {_fmt(name)}")
+                size = int(pax[b"size"])
             mtime = _parse_number(hdr[136:148])
             if b"mtime" in pax:
-                try:
-                    mtime = int(float(pax[b"mtime"]))
-                except (ValueError, OverflowError):
-                    mtime = 0
+                if not _PAX_TIME.fullmatch(pax[b"mtime"]):
+                    raise ShifterError(f"layer {layer.number}: corrupt pax mtime for {_fmt(name)}")
+                mtime = int(pax[b"mtime"].partition(b".")[0])
+            if mtime is None:
+                raise ShifterError(f"layer {layer.number}: corrupt tar header (bad mtime) for {_fmt(name)}")
             mtime = min(max(mtime, 0), _MAX_MTIME)  # squashfs keeps 32-bit times anyway
             if any(k.startswith(b"GNU.sparse") for k in pax) or typeflag == b"S":
                 raise ShifterError(f"layer {layer.number}: sparse file {_fmt(name)} is not supported")
@@ -730,11 +810,14 @@ class Flattener:
             path = normalise(name)
             if path is None:
                 raise ShifterError(f"layer {layer.number}: path escapes the image root: {_fmt(name)}")
+            _check_shape(name, path, link, layer)
             if typeflag in (b"0", b"\0", b"7") and name.endswith(b"/"):
                 typeflag = b"5"
             mode = _parse_number(hdr[100:108])
+            if mode is None or mode < 0:
+                raise ShifterError(f"layer {layer.number}: corrupt tar header (bad mode) for {_fmt(name)}")
             self.budget.check_declared(size, layer)
-            yield _Entry(name, path, typeflag, max(mode, 0), size, max(mtime, 0), link, had_xattrs)
+            yield _Entry(name, path, typeflag, mode, size, mtime, link, had_xattrs)
 
     # -- merging ----------------------------------------------------------------------
 
@@ -750,6 +833,7 @@ class Flattener:
         target = base[len(_WH):]
         if target in (b"", b".", b".."):
             raise ShifterError(f"layer {layer.number}: whiteout names an invalid path: {_fmt(entry.name)}")
+        self._charge(entry.path, layer.number)
         new_whiteouts.append(parent + b"/" + target if parent else target)
 
     def _hidden(self, path: bytes, number: int) -> bool:
@@ -855,11 +939,26 @@ class Flattener:
     def _register(self, path: bytes, kind: int, number: int) -> None:
         if path not in self.emitted:
             self._count_child(path, number)
+            self._charge(path, number)
         self.emitted[path] = (kind, number)
         for anc in _ancestors(path):
             if anc not in self.emitted:
                 self._count_child(anc, number)
+                self._charge(anc, number)
                 self.emitted[anc] = (_IMPLICIT, number)
+
+    def _charge(self, path: bytes, number: int) -> None:
+        """Count a path the merge keeps in memory: the caps on their number and total
+        length are what make the merge's memory linear in the entries (MAX_PATHS,
+        INDEX_BYTES_PER_PATH), whatever the nesting of the names."""
+        self.paths += 1
+        self.index_bytes += len(path)
+        if self.paths > self.max_paths:
+            raise ShifterError(f"layer {number}: the image has more than {self.max_paths} paths"
+                               " (MaxImagePaths)")
+        if self.index_bytes > self.max_index_bytes:
+            raise ShifterError(f"layer {number}: the image's paths add up to more than"
+                               f" {self.max_index_bytes} bytes (deeply nested names?)")
 
     def _count_child(self, path: bytes, number: int) -> None:
         """Refuse huge directories: tar2sqfs 1.2 scans a directory's whole child list for
@@ -873,7 +972,8 @@ class Flattener:
 
 
 def flatten(layers: list[Layer], out_fd: int, max_bytes: int,
-            layer_done: Callable[[Layer], None] | None = None, scratch: str | None = None) -> FlattenStats:
+            layer_done: Callable[[Layer], None] | None = None, scratch: str | None = None,
+            deadline: Deadline | None = None, max_paths: int | None = None) -> FlattenStats:
     """Write the merged, sanitised tar stream of ``layers`` (bottom first) to ``out_fd``."""
     _grow_pipe(out_fd)
-    return Flattener(out_fd, max_bytes).run(layers, layer_done, scratch)
+    return Flattener(out_fd, max_bytes, max_paths, deadline=deadline).run(layers, layer_done, scratch)

@@ -611,6 +611,8 @@ class ImageManager:
             converter_options=list(self.config.converter_options.get("squashfs", ())) or None,
             platform=self.config.image_platform,
             max_image_bytes=self.config.max_image_bytes,
+            pull_deadline=self.config.pull_deadline,
+            max_image_paths=self.config.max_image_paths,
         )
 
     # -- workers ----------------------------------------------------------------------------------

@@ -4,20 +4,26 @@
 a re-pull of an unchanged tag can be recognised by its id without downloading layers.
 ``build_image`` downloads the missing blobs (3 at a time, each verified while it streams),
 then flattens and converts them in one streaming pass (``gateway.convert``).
-Every failure is a ShifterError whose message names the problem.
+Every failure is a ShifterError whose message names the problem.  A pull has one deadline
+(``PullDeadline``, ``gateway.bounds``) that every step checks; a full filesystem is reported
+as "no space left on <dir> while <step>"; the layers' declared sizes are checked against
+``MaxImageBytes`` before anything is downloaded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from gateway.bounds import Deadline
 from gateway.convert import squash_layers
 from gateway.flatten import Layer
 from gateway.publish import PublishTarget, publish_files, remove_files
@@ -68,6 +74,13 @@ class PullSpec:
     platform: tuple[str, str, str | None] = ("linux", "amd64", None)
     converter_options: list[str] | None = None
     max_image_bytes: int = 64 << 30
+    pull_deadline: float = 3600.0
+    max_image_paths: int = 4_000_000
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def deadline(self) -> Deadline:
+        return Deadline(self.pull_deadline, self.started)
 
 
 @dataclass
@@ -146,7 +159,30 @@ def _store(directory: str, path: str, data: bytes) -> None:
 
 def resolve(spec: PullSpec) -> ResolvedImage:
     """The platform manifest's digest (the image id), config and layers; no layer download."""
-    return _resolve(spec, _client(spec))
+    with _disk_full(spec.cache_dir, "storing the image config"):
+        resolved = _resolve(spec, _client(spec))
+    spec.deadline.check("resolving the tag")
+    return resolved
+
+
+@contextlib.contextmanager
+def _disk_full(directory: str, step: str) -> Iterator[None]:
+    """ENOSPC/EDQUOT as one line naming the directory and the step."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise ShifterError(f"no space left on {directory} while {step}") from None
+
+
+def _check_declared_size(layers: list[dict], limit: int) -> None:
+    """Refuse before downloading: compressed layers larger than the limit on the whole
+    image can only fill the cache for an image that would be refused anyway."""
+    total = sum(desc["size"] for desc in layers)
+    if total > limit:
+        raise ShifterError(f"image layers declare {total} bytes, more than the size limit of"
+                           f" {limit} bytes (MaxImageBytes)")
 
 
 def image_meta(config: dict) -> ImageMeta:
@@ -206,16 +242,30 @@ class _Progress:
 
 def _download(spec: PullSpec, client: RegistryClient, layers: list[dict],
               progress: _Progress) -> list[str]:
-    """Cached paths of all layers; only missing blobs are fetched, in parallel."""
+    """Cached paths of all layers; only missing blobs are fetched, in parallel.
+
+    The deadline is checked on every chunk received (a download that trickles stops
+    within a chunk's time) and by this thread twice a second, which gives up on the
+    downloads without waiting for a stuck one (its thread ends with its connection).
+    """
     cache = BlobCache(spec.cache_dir)
+    deadline = spec.deadline
 
     def one(desc: dict) -> str:
-        cached = cache.has(desc["digest"], desc["size"])
-        path = cache.fetch(client, desc["digest"], desc["size"], progress.add_bytes)
+        digest = desc["digest"]
+
+        def received(n: int) -> None:
+            progress.add_bytes(n)
+            deadline.check(f"downloading layer {digest[:19]}")
+
+        cached = cache.has(digest, desc["size"])
+        with _disk_full(cache.dir, f"downloading layer {digest[:19]}"):
+            path = cache.fetch(client, digest, desc["size"], received)
         progress.layer_done(desc["size"], downloaded=not cached)
         return path
 
-    with ThreadPoolExecutor(max_workers=_PARALLEL_DOWNLOADS) as pool:
+    pool = ThreadPoolExecutor(max_workers=_PARALLEL_DOWNLOADS)
+    try:
         futures = [pool.submit(one, desc) for desc in layers]
         pending = set(futures)
         while pending:
@@ -223,10 +273,12 @@ def _download(spec: PullSpec, client: RegistryClient, layers: list[dict],
             progress.send("PULLING")
             for future in done:
                 if future.exception() is not None:
-                    for other in pending:
-                        other.cancel()
                     raise future.exception()  # type: ignore[misc]
+            if pending:
+                deadline.check("downloading layers")
         return [f.result() for f in futures]
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def build_image(spec: PullSpec, resolved: ResolvedImage,
@@ -235,6 +287,7 @@ def build_image(spec: PullSpec, resolved: ResolvedImage,
     meta = image_meta(resolved.config)
     client = _client(spec)
     layers = _check_layers({"layers": resolved.layers})
+    _check_declared_size(layers, spec.max_image_bytes)
     counters = _Progress(layers, progress)
     counters.send("PULLING")
     paths = _download(spec, client, layers, counters)
@@ -255,8 +308,10 @@ def build_image(spec: PullSpec, resolved: ResolvedImage,
         progress("CONVERSION", dict(conversion))
 
     try:
-        squash_layers([Layer(path, number) for number, path in enumerate(paths, 1)], output,
-                      spec.converter_options, spec.max_image_bytes, layer_done)
+        with _disk_full(spec.expand_dir, "converting"):
+            squash_layers([Layer(path, number) for number, path in enumerate(paths, 1)], output,
+                          spec.converter_options, spec.max_image_bytes, layer_done, spec.deadline,
+                          spec.max_image_paths)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(output)

@@ -373,8 +373,8 @@ class RegistryClient:
                 got = 0
                 while True:
                     try:
-                        # read(), not readinto(): urllib3's readinto is read() plus a copy
-                        chunk = resp.body.read(_CHUNK)
+                        # read1: what has arrived, so ``counter`` (the pull deadline) hears of a trickle at once
+                        chunk = resp.body.read1(_CHUNK)
                     except _READ_ERRORS as err:
                         raise TransferError(f"layer {_short(digest)}: download failed: {err}") from None
                     if not chunk:

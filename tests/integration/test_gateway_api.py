@@ -1007,3 +1007,25 @@ def test_examiner_that_hangs_is_killed_at_its_timeout_and_the_mount_removed(tmp_
         examine(str(script), str(image), "0" * 64, str(scratch), 1)
     assert time.monotonic() - started < 10
     assert _mounted_under(scratch) == [] and os.listdir(scratch) == []
+
+
+def test_a_pull_from_a_trickling_registry_fails_at_the_pull_deadline(env: Env) -> None:
+    """issue 10: a registry sending a byte a second kept the pull in flight for ever."""
+    from tests.unit.test_pull_bounds import Registry as TrickleRegistry
+
+    slow = TrickleRegistry(oci.gzip_bytes(oci.tar_bytes([oci.file("etc/hello", b"hello\n" * 50)])))
+    slow.mode = "trickle"
+    addr = slow.url.removeprefix("http://")
+    gw = _own_gateway(env, "trickle", PullDeadline=4, DefaultImageLocation=addr,
+                      Locations={addr: {"remotetype": "dockerv2", "url": slow.url, "authMethod": "token"}})
+    try:
+        gw.start()
+        started = time.monotonic()
+        rec = _poll(gw, env, "test%2Fimg%3Alatest", lambda r: r["status"] in ("READY", "FAILURE"), timeout=60)
+        assert rec["status"] == "FAILURE", rec
+        assert rec["status_message"].startswith(
+            "pull deadline of 4 s (PullDeadline) passed while downloading layer sha256:"), rec
+        assert time.monotonic() - started < 15
+    finally:
+        gw.stop()
+        slow.close()

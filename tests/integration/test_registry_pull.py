@@ -735,3 +735,31 @@ def test_credentials_go_only_to_the_registry_host_or_its_domain_over_https(
     from gateway.registry import credentials_may_go
 
     assert credentials_may_go(registry, target) is allowed
+
+
+def test_hostile_layers_from_a_real_registry_fail_the_pull_in_bounded_time(registry: Registry,
+                                                                          tmp_path: Path) -> None:
+    """issue 10: a pax size of -512 looped for ever; a name 40,000 levels deep took 3 GB;
+    a name with escape sequences reached the status message as it was."""
+    from tests.layer_blobs import end_of_archive, pax_member, raw_header
+    from tests.unit.test_hostile_layers import time_bound
+
+    next_entry = raw_header(b"next", b"0", b"00000000001\0") + b"x" + bytes(511) + end_of_archive()
+    cases = {
+        "negative": (pax_member({b"size": b"-512"}, next_entry), oci.gzip_bytes,
+                     "layer 2: corrupt pax size for next"),
+        "deep": (oci.tar_bytes([oci.file(b"a/" * 40_000 + b"f", b"x")]), oci.gzip_bytes,
+                 "layer 2: name longer than 4096 bytes: " + "a/" * 100 + "..."),
+        "escapes": (oci.tar_bytes([oci.file("../\x1b]2;owned\x07\n", b"x")]), oci.zstd_bytes,
+                    "layer 2: path escapes the image root: ../\\x1b]2;owned\\x07\\n"),
+    }
+    for tag, (tar, compress, message) in cases.items():
+        oci.push_image(registry.url, "demo/hostile", tag, [oci.gzip_bytes(BASE), compress(tar)],
+                       oci.image_config([BASE, tar]))
+        spec = spec_for(tmp_path, registry.url, "demo/hostile", tag)
+        started = time.monotonic()
+        with time_bound(60), pytest.raises(ShifterError) as err:
+            pipeline.build_image(spec, pipeline.resolve(spec), lambda *_: None)
+        assert str(err.value) == message
+        assert time.monotonic() - started < 20
+        assert not list((tmp_path / "expand").glob("*.squashfs"))

@@ -95,6 +95,10 @@ def test_extension_keys() -> None:
     assert c.store == "sqlite:///var/lib/shifter/gateway.db"
     assert c.image_platform == ("linux", "arm64", "v8")
     assert parse_config(cfg(Store="mongodb")).store == "mongodb://localhost/"
+    assert parse_config(cfg()).pull_deadline == 3600
+    assert parse_config(cfg(PullDeadline=90.5)).pull_deadline == 90.5
+    assert parse_config(cfg()).max_image_paths == 4_000_000
+    assert parse_config(cfg(MaxImagePaths=2000)).max_image_paths == 2000
 
 
 @pytest.mark.parametrize(
@@ -134,7 +138,18 @@ def test_unknown_nested_keys_are_named_with_their_path() -> None:
         ("PullUpdateTimeout", "300", "PullUpdateTimeout must be"),
         ("Metrics", "yes", "Metrics must be true/false"),
         ("ImageExpirationTimeout", "90 days", "ImageExpirationTimeout must be"),
-        ("DefaultImageFormat", "qcow2", "DefaultImageFormat must be one of"),
+        ("DefaultImageFormat", "qcow2", 'DefaultImageFormat must be "squashfs"'),
+        ("DefaultImageFormat", "ext4", 'DefaultImageFormat must be "squashfs" (the only format this gateway'
+         " builds), got 'ext4'"),
+        ("DefaultImageFormat", "cramfs", 'DefaultImageFormat must be "squashfs"'),
+        ("PullDeadline", 0, "PullDeadline must be between 0 and 604800 seconds"),
+        ("PullDeadline", -5, "PullDeadline must be between"),
+        ("PullDeadline", 10**9, "PullDeadline must be between"),
+        ("PullDeadline", "60", "PullDeadline must be"),
+        ("PullDeadline", True, "PullDeadline must be"),
+        ("MaxImagePaths", 999, "MaxImagePaths must be between 1000 and 100000000"),
+        ("MaxImagePaths", 10**9, "MaxImagePaths must be between"),
+        ("MaxImagePaths", 5.5, "MaxImagePaths must be"),
         ("Authentication", "none", "Authentication must be"),
         ("ImportUsers", "everyone", "ImportUsers must be"),
         ("ImportUsers", [1, 2], "ImportUsers must be a list of strings"),

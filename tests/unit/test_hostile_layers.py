@@ -5,8 +5,13 @@ root and never a crash.  Real pipeline (our flattener + tar2sqfs), real ``sqfs2t
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
+import time
+import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +28,7 @@ from localcluster.oci import (
     zstd_bytes,
 )
 from shifter.errors import ShifterError
-from tests.layer_blobs import squash, write_layers
+from tests.layer_blobs import end_of_archive, pax_member, raw_header, squash, write_layers
 
 
 @pytest.fixture
@@ -39,14 +44,14 @@ def _snapshot(root: Path) -> set[str]:
             for n in dirs + files}
 
 
-def build(work: Path, *layers: bytes, limit: int = 1 << 30):
+def build(work: Path, *layers: bytes, limit: int = 1 << 30, max_paths: int | None = None):
     """Squash ``layers``; assert nothing appeared outside ``work``; return the entries."""
     outside = work.parent.parent.parent
     blobs = write_layers(work, layers)
     before = _snapshot(outside)
     output = work / "image.squashfs"
     try:
-        squash(work, blobs, None, limit)
+        squash(work, blobs, None, limit, max_paths)
     finally:
         created = _snapshot(outside) - before
         assert created <= {"a/b/work/image.squashfs"}, f"files appeared outside the image: {created}"
@@ -57,9 +62,10 @@ def build(work: Path, *layers: bytes, limit: int = 1 << 30):
     return image
 
 
-def refused(work: Path, pattern: str, *layers: bytes, limit: int = 1 << 30) -> None:
+def refused(work: Path, pattern: str, *layers: bytes, limit: int = 1 << 30,
+            max_paths: int | None = None) -> None:
     with pytest.raises(ShifterError, match=pattern):
-        build(work, *layers, limit=limit)
+        build(work, *layers, limit=limit, max_paths=max_paths)
     assert not (work / "image.squashfs").exists(), "a half-made image was left behind"
 
 
@@ -194,9 +200,131 @@ def test_corrupt_zstd_and_unsupported_compression_fail_cleanly(sandbox: Path) ->
     refused(sandbox, r"layer 1: unsupported compression \(xz or bzip2\)", b"\xfd7zXZ\x00" + bytes(100))
 
 
-def test_absurd_timestamps_are_clamped(sandbox: Path) -> None:
-    huge, future = file("huge", b"h"), file("future", b"f")
-    huge[0].pax_headers = {"mtime": "1e300"}
-    future[0].pax_headers = {"mtime": "inf"}
-    image = build(sandbox, tar_bytes([huge, future, file("nan", b"n")]))
-    assert image["huge"][1] == b"h" and image["future"][1] == b"f"
+def test_absurd_timestamps_are_clamped_and_non_numbers_refused(sandbox: Path) -> None:
+    huge, old, fraction = file("huge", b"h"), file("old", b"o"), file("fraction", b"f")
+    huge[0].pax_headers = {"mtime": "9" * 30}
+    old[0].pax_headers = {"mtime": "-86400"}
+    fraction[0].pax_headers = {"mtime": "1700000000.123456789"}
+    image = build(sandbox, tar_bytes([huge, old, fraction]))
+    assert image["huge"][1] == b"h" and image["old"][1] == b"o"
+    assert image["old"][0].mtime == 0 and image["fraction"][0].mtime == 1_700_000_000
+    for value in ("1e300", "inf", "nan", "0x10", " 1"):
+        member = file("t", b"t")
+        member[0].pax_headers = {"mtime": value}
+        refused(sandbox, r"layer 1: corrupt pax mtime for t$", tar_bytes([member]))
+
+
+@contextlib.contextmanager
+def time_bound(seconds: float) -> Iterator[None]:
+    """Fail (instead of hanging the suite) when the body runs longer than ``seconds``."""
+    def expired(signum: int, frame: object) -> None:
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+_NEXT = raw_header(b"next", b"0", b"00000000001\0") + b"x" + bytes(511) + end_of_archive()
+
+
+@pytest.mark.parametrize("records, header", [
+    ({b"size": b"-512"}, None),       # moved the reader back onto its own header: looped forever
+    ({b"size": b"-1"}, None),
+    ({b"size": b"+1"}, None),
+    ({b"size": b"1_0"}, None),
+    ({b"size": b" 1"}, None),
+    ({b"size": b""}, None),
+    ({}, raw_header(b"f", b"0", b"-0000000001\0")),
+    ({}, raw_header(b"f", b"0", b"\xff" * 12)),         # negative base-256
+    ({}, raw_header(b"f", b"0", b"0o000000001\0")),
+    ({}, raw_header(b"f", b"0", mtime=b"zzzzzzzzzzz\0")),
+    ({}, raw_header(b"f", b"0", mode=b"0000999\0")),
+])
+def test_negative_or_non_numeric_sizes_are_refused_without_looping(
+        sandbox: Path, records: dict[bytes, bytes], header: bytes | None) -> None:
+    layer = pax_member(records, _NEXT) if records else header + end_of_archive()
+    with time_bound(20):
+        refused(sandbox, r"^layer 1: corrupt (pax size|tar header)", layer)
+
+
+def test_reader_never_moves_backwards(sandbox: Path) -> None:
+    from gateway.flatten import Layer, _Budget, _Reader
+
+    blob = sandbox / "blob"
+    blob.write_bytes(bytes(1024))
+    with open(blob, "rb", buffering=0) as fh:
+        reader = _Reader(fh.fileno(), Layer(str(blob), 3), _Budget(1 << 20))
+        reader.read_exact(512)
+        for move in (lambda: reader.copy(-512, None), lambda: reader.read_exact(-1)):
+            with pytest.raises(ShifterError, match=r"layer 3: corrupt tar stream \(negative length"):
+                move()
+        assert reader.pos == 512
+
+
+def _flatten_peak(work: Path, layer: bytes, **limits: int) -> tuple[str | None, int, float]:
+    """Run the flattener alone (output to /dev/null): (error, peak traced bytes, seconds)."""
+    from gateway.flatten import Flattener
+
+    blobs = write_layers(work, (layer,))
+    out = os.open(os.devnull, os.O_WRONLY)
+    error = None
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        with time_bound(30):
+            Flattener(out, 1 << 30, **limits).run(blobs)
+    except ShifterError as err:
+        error = str(err)
+    finally:
+        seconds = time.monotonic() - started
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        os.close(out)
+    return error, peak, seconds
+
+
+def test_deep_names_are_refused_in_bounded_time_and_memory(sandbox: Path) -> None:
+    # 8,000 levels in one name: every ancestor prefix kept cost 64 MB; 40,000 cost 3 GB
+    deep = file(b"a/" * 8000 + b"f", b"x")
+    error, peak, seconds = _flatten_peak(sandbox, tar_bytes([deep]))
+    assert error == "layer 1: name longer than 4096 bytes: " + "a/" * 100 + "..."
+    assert peak < 8 << 20 and seconds < 5, (peak, seconds)
+    error, peak, _ = _flatten_peak(sandbox, tar_bytes([file(b"d/" * 300 + b"f", b"x")]))
+    assert error is not None and error.startswith("layer 1: path deeper than 256 components: d/d/")
+    error, _, _ = _flatten_peak(sandbox, tar_bytes([file(b"x/" + b"n" * 256, b"x")]))
+    assert error is not None and error.startswith("layer 1: a component longer than 255 bytes in x/nnn")
+    assert _flatten_peak(sandbox, tar_bytes([file(b"d/" * 255 + b"f", b"x")]))[0] is None
+
+
+def test_the_merge_memory_is_linear_in_its_paths_and_capped(sandbox: Path) -> None:
+    # each entry at the largest allowed depth and length under its own top directory: the
+    # ancestors kept are what the index cap counts
+    deep = [file(b"t%03d/" % i + b"/".join([b"c" * 14] * 254) + b"/f", b"") for i in range(400)]
+    layer = tar_bytes(deep)
+    error, peak, _ = _flatten_peak(sandbox, layer, max_index_bytes=16 << 20)
+    assert error == "layer 1: the image's paths add up to more than 16777216 bytes (deeply nested names?)"
+    # each kept path costs at most twice its length (its entry and its parent's child
+    # count) plus a fixed overhead: the bound docs/gateway.md states
+    assert peak < 2 * (16 << 20) + (8 << 20), peak
+    error, _, _ = _flatten_peak(sandbox, tar_bytes([file(f"f{i}") for i in range(101)]), max_paths=100)
+    assert error == "layer 1: the image has more than 100 paths (MaxImagePaths)"
+    # the setting reaches the flattener through the converter, with tar2sqfs running
+    refused(sandbox, r"^layer 1: the image has more than 1000 paths \(MaxImagePaths\)$",
+            tar_bytes([file(f"d{i % 10}/f{i}") for i in range(1001)]), max_paths=1000)
+    # a plain image: memory grows with the paths, by less than their length plus 400 bytes each
+    flat = tar_bytes([file(f"dir{i % 50}/file-{i:06d}") for i in range(20_000)])
+    error, peak, _ = _flatten_peak(sandbox, flat)
+    assert error is None and peak < 20_050 * (20 + 400) + (4 << 20), peak
+
+
+def test_control_characters_in_a_path_are_escaped_in_the_message(sandbox: Path) -> None:
+    with pytest.raises(ShifterError) as err:
+        build(sandbox, tar_bytes([file("../\x1b]0;owned\x07\x1b[2J\nFAKE: ok\u2028".encode(), b"x")]))
+    message = str(err.value)
+    assert message == "layer 1: path escapes the image root: ../\\x1b]0;owned\\x07\\x1b[2J\\nFAKE: ok\\u2028"
+    assert message.isprintable()
