@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from . import network
+from . import hostdirs, network
 from .procs import start_time
 from .settings import Settings
 
@@ -181,6 +181,7 @@ def clean(settings: Settings) -> None:
     network.remove_all()
     _remove_memory_cgroup(settings)
     shutil.rmtree(settings.state_dir / "slurmd", ignore_errors=True)
+    hostdirs.remove(settings)
 
 
 DAEMON_COMMANDS = {"munged", "slurmctld", "slurmd", "slurmstepd", "docker-registry", "shifter-gateway",
@@ -218,6 +219,7 @@ def leftovers(settings: Settings, running: list[str]) -> list[str]:
     found += network.leftovers()
     if cgroup_marker(settings).exists() and MEMORY_CGROUP.exists():
         found.append(f"cgroup {MEMORY_CGROUP}")
+    found += hostdirs.leftovers(settings)
     return found
 
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import cleanup, gatewaysvc, images, munge, network, registry, sitemodules, slurm, users
+from . import cleanup, gatewaysvc, hostdirs, images, munge, network, registry, sitemodules, slurm, users
 from .procs import DaemonError, PidRegistry
 from .render import render_to, write_file
 from .settings import REGISTRY_ADDR, Settings
@@ -54,7 +54,7 @@ def _write_udiroot_conf(settings: Settings) -> None:
               udi_mount=settings.udi_mount, loop_mount=settings.loop_mount,
               image_path=settings.image_path, prefix=settings.prefix, etc_path=settings.etc_path,
               opt_udi_image=opt_udi_image if opt_udi_image.is_dir() else None,
-              per_node_cache=settings.per_node_cache, site_fs=settings.site_fs_dir,
+              per_node_cache=settings.per_node_cache, site_fs=hostdirs.site_fs(settings),
               gateway_url=settings.gateway_url)
     os.chown(settings.udiroot_conf, 0, 0)
 
@@ -137,13 +137,59 @@ def pids_alive(settings: Settings, names: list[str]) -> list[str]:
 
 
 def _crash_signs(settings: Settings) -> list[str]:
-    """Signs that a previous cluster crashed: a recorded daemon died or a namespace is gone."""
+    """Signs that a previous cluster crashed: a recorded daemon died or a namespace is gone.
+
+    A dead slurmd alone is not one: `up` restarts just that node (see _recover_nodes).
+    """
     pids = pid_registry(settings)
-    signs = [f"{name} died" for name in pids.names() if pids.pid(name) is None]
+    signs = [f"{name} died" for name in pids.names()
+             if pids.pid(name) is None and not name.startswith("slurmd-")]
     if pids.names():
         signs += [f"namespace of {n} is gone" for n in settings.node_names
                   if not network.netns_exists(settings.netns(n))]
     return signs
+
+
+def _dead_nodes(settings: Settings) -> list[str]:
+    pids = pid_registry(settings)
+    return [node for node in settings.node_names
+            if slurm.slurmd_name(node) in pids.names() and pids.pid(slurm.slurmd_name(node)) is None]
+
+
+def _hold_node_namespaces(settings: Settings, node: str) -> dict[str, int] | None:
+    """Descriptors of the mount, UTS and IPC namespaces a dead node's survivors still live in.
+
+    A job's slurmstepd outlives its slurmd, as on a real node; when none is left the node's
+    namespaces are gone with it and the node starts afresh (None).
+    """
+    net = os.stat(network.NETNS_DIR / settings.netns(node)).st_ino
+    host_mnt = os.stat("/proc/self/ns/mnt").st_ino
+    for pid in cleanup.node_processes():
+        held: dict[str, int] = {}
+        try:
+            if (Path(f"/proc/{pid}/comm").read_text().strip() != "slurmstepd"  # not a task in its own namespaces
+                    or os.stat(f"/proc/{pid}/ns/net").st_ino != net
+                    or os.stat(f"/proc/{pid}/ns/mnt").st_ino == host_mnt):
+                continue
+            for kind in ("mnt", "uts", "ipc"):
+                held[kind] = os.open(f"/proc/{pid}/ns/{kind}", os.O_RDONLY)
+            return held
+        except OSError:
+            for fd in held.values():
+                os.close(fd)
+    return None
+
+
+def _recover_nodes(settings: Settings) -> None:
+    """Restart only the slurmds that died, in their nodes' own namespaces when a job still holds
+    them; the controller and the other nodes, and so every job, keep running."""
+    from .testing import Cluster
+
+    for node in _dead_nodes(settings):
+        held = _hold_node_namespaces(settings, node)
+        log(f"slurmd of {node} died: restarting it "
+            + ("in the node's namespaces" if held else "(no process of the node is left: fresh namespaces)"))
+        Cluster.from_state_dir(settings.state_dir).restart_node(node, held)
 
 
 def test_images(debian: bool) -> list[images.TestImage]:
@@ -175,6 +221,7 @@ def up(settings: Settings, debian: bool) -> None:
     cleanup.claim_memory_cgroup(settings)
     pids = pid_registry(settings)
     users.ensure_test_users()
+    hostdirs.ensure(settings)
     users.write_site_etc(settings)
     _write_udiroot_conf(settings)
     _announce(pids, munge.NAME, "munged")
@@ -182,6 +229,8 @@ def up(settings: Settings, debian: bool) -> None:
     network.ensure_bridge()
     for node in settings.node_names:
         network.ensure_node(node)
+    if not fresh and pids.pid(slurm.CONTROLLER) is not None:
+        _recover_nodes(settings)
     _start_slurm(settings, pids, fresh)
     _announce(pids, registry.NAME, "the registry")
     registry.start(settings, pids)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import stat
 
-from shifter import etcfiles, fdpath, filecopy, linux, mounts, pathsafe
+from shifter import etcfiles, fdpath, filecopy, linux, mounts, pathsafe, sitefs
 from shifter.errors import ShifterError
 from shifter.record import Record
 from shifter.volumemap import user_target_allowed
@@ -498,6 +498,10 @@ def _bind_user_volume(config: UdiRootConfig, spec: RootSpec, mount: VolumeMount,
             with _AsUser(spec.account) if spec.privileged else _AsSelf():
                 source_fd = fdpath.open_in_root(root_fd, mount.source, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
+            with _AsUser(spec.account) if spec.privileged else _AsSelf():
+                on_host = os.path.isdir(mount.source)  # as the user: reveals nothing they cannot see
+            if on_host and sitefs.hidden_in_container(config.site_fs, mount.source):
+                raise ShifterError(f"{what}: {sitefs.hidden_source_message(config.site_fs, mount.source)}") from None
             raise ShifterError(f"{what}: source {mount.source} is not a directory you can read in the "
                                f"container ({exc.strerror})") from None
         try:

@@ -81,6 +81,7 @@ def submit(conf: PlugstackArgs, opts: dict[str, str]) -> list[tuple[str, str]]:
     from shifter.config import load_config
     from shifter.imageref import parse_image_ref
     from shifter.modules import module_names, select_modules
+    from shifter.sitefs import refuse_hidden_sources
     from shifter.volumemap import parse_volume_map
 
     config = load_config(os.environ.get("SHIFTER_UDIROOT_CONF") or conf.shifter_config)
@@ -115,6 +116,7 @@ def submit(conf: PlugstackArgs, opts: dict[str, str]) -> list[tuple[str, str]]:
             out.append(("SHIFTER_IMAGEREQUEST", f"{ref.type}:{ref.tag}"))
     if volume_text and "volume" not in inherited:
         mounts = parse_volume_map(volume_text, site=False)
+        refuse_hidden_sources(config.site_fs, mounts)
         out.append(("SHIFTER_VOLUME", ";".join(m.canonical() for m in mounts)))
     if module_text and "module" not in inherited:
         names = module_names(select_modules(config, module_text))

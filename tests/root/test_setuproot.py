@@ -211,3 +211,22 @@ def test_hostile_image_cannot_plant_marker_or_redirect_volumes(clean_site, users
     assert os.path.isdir(os.path.join(root, "etc")) and not os.path.islink(os.path.join(root, "etc"))
     with open(os.path.join(root, "etc/passwd")) as fh:
         assert user.name in fh.read()
+
+
+def test_volume_source_on_the_host_but_outside_the_site_filesystems_is_explained(clean_site, users):
+    site, user = clean_site, users[0]
+    visible = os.path.join(site.base, "hostdata")
+    hidden = os.path.join(site.base, "rootonly-host", "data")
+    os.makedirs(visible, 0o755)
+    os.makedirs(hidden, 0o755)
+    os.chmod(os.path.dirname(hidden), 0o700)  # the user cannot see that it exists
+    result = site.setup("105", user, "-v", f"{visible}:/opt/app")
+    assert result.returncode == 1, result.stderr
+    assert f"source {visible} exists on the host but is not visible in the container" in result.stderr
+    assert "/site1" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    result = site.setup("105", user, "-v", f"{hidden}:/opt/app")
+    assert result.returncode == 1 and "not a directory you can read" in result.stderr, result.stderr
+    assert "exists on the host" not in result.stderr, "root's view of the host must not leak"
+    site.wait_no_loops()
+    assert site.leftovers() == {}, site.leftovers()
