@@ -1,0 +1,194 @@
+"""GPU discovery on recorded ``ldconfig -p`` and ``/proc/driver/nvidia/version`` contents.
+
+The loader-cache listing and the version files are in tests/data/gpu; the files behind the
+listing (real files and links, as on that node) are recreated under a temporary driver root,
+so link resolution and version matching run on a real tree.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from shifter import gpu
+from shifter.errors import NodeError, ShifterError
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "gpu")
+
+
+def _read(name: str) -> str:
+    with open(os.path.join(DATA, name)) as fh:
+        return fh.read()
+
+
+@pytest.fixture
+def recipe() -> gpu.Recipe:
+    return gpu.load_recipe("nvidia")
+
+
+@pytest.fixture
+def driver_root(tmp_path) -> str:
+    for line in _read("tree.txt").splitlines():
+        if not line or line.startswith("#"):
+            continue
+        path, _, target = line.partition(" -> ")
+        full = str(tmp_path) + path
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        if target:
+            os.symlink(target, full)
+        else:
+            with open(full, "w") as fh:
+                fh.write("ELF stand-in\n")
+    return str(tmp_path)
+
+
+def test_recipe_is_data_with_the_documented_sets(recipe):
+    assert recipe.name == "nvidia" and gpu.recipe_names() == ["nvidia"]
+    assert "/dev/nvidia-uvm-tools" in recipe.control_devices and recipe.gpu_major == 195
+    assert "libcuda.so" in recipe.libraries["compute"] and "libnvidia-ml.so" in recipe.libraries["utility"]
+    assert "nvidia-smi" in recipe.binaries["utility"]
+    assert set(recipe.environment) == {"NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES"}
+
+
+@pytest.mark.parametrize("name", ["amd", "../nvidia", "NVIDIA", ""])
+def test_unknown_recipe_is_one_clear_error(name):
+    with pytest.raises(ShifterError, match="unknown GPU recipe .*known: nvidia"):
+        gpu.load_recipe(name)
+
+
+@pytest.mark.parametrize("name, version", [("version-proprietary.txt", "535.104.05"),
+                                           ("version-open.txt", "550.54.15"),
+                                           ("version-aarch64.txt", "560.35.03")])
+def test_driver_version_from_recorded_files(recipe, name, version):
+    assert gpu.driver_version(_read(name), recipe) == version
+
+
+def test_driver_version_absent(recipe):
+    assert gpu.driver_version("NVRM version: something else\n", recipe) is None
+
+
+def test_loader_cache_parsing_keeps_word_sizes_apart():
+    entries = gpu.parse_loader_cache(_read("ldconfig-p.txt"))
+    cuda = [(e.bits, e.path) for e in entries if e.name == "libcuda.so.1"]
+    assert cuda == [(64, "/lib/x86_64-linux-gnu/libcuda.so.1"), (32, "/lib/i386-linux-gnu/libcuda.so.1")]
+    assert not any(e.path.startswith("/libx32/") for e in entries)  # x32 is neither
+    assert any(e.name == "libc.so.6" and e.bits == 64 for e in entries)  # "OS ABI:" does not hide an entry
+    assert len(entries) == 20
+
+
+def test_libraries_matched_to_the_driver_version(recipe, driver_root):
+    entries = gpu.parse_loader_cache(_read("ldconfig-p.txt"))
+    libs, stale = gpu.select_libraries(entries, recipe, "535.104.05", driver_root)
+    got = {(lib.bits, lib.file): (lib.links, lib.capability) for lib in libs}
+    assert got == {
+        (64, "libcuda.so.535.104.05"): (["libcuda.so.1"], "compute"),
+        (64, "libcudadebugger.so.535.104.05"): (["libcudadebugger.so.1"], "compute"),
+        (64, "libnvidia-allocator.so.535.104.05"): (["libnvidia-allocator.so.1"], "compute"),
+        (64, "libnvidia-ml.so.535.104.05"): (["libnvidia-ml.so.1"], "utility"),
+        (64, "libnvidia-nvvm.so.535.104.05"): (["libnvidia-nvvm.so.4"], "compute"),
+        (64, "libnvidia-opencl.so.535.104.05"): (["libnvidia-opencl.so.1"], "compute"),
+        (64, "libnvidia-pkcs11-openssl3.so.535.104.05"): ([], "compute"),
+        (64, "libnvidia-ptxjitcompiler.so.535.104.05"): (["libnvidia-ptxjitcompiler.so.1"], "compute"),
+        (32, "libcuda.so.535.104.05"): (["libcuda.so.1"], "compute"),
+        (32, "libnvidia-ml.so.535.104.05"): (["libnvidia-ml.so.1"], "utility"),
+        (32, "libnvidia-ptxjitcompiler.so.535.104.05"): (["libnvidia-ptxjitcompiler.so.1"], "compute"),
+    }
+    # an older driver's libnvidia-cfg is left out and reported; graphics, video and CUDA runtime are not the recipe's
+    assert stale == [driver_root + "/lib/x86_64-linux-gnu/libnvidia-cfg.so.470.199.02"]
+    for lib in libs:
+        assert lib.host.startswith(driver_root + "/") and os.path.basename(lib.host) == lib.file
+    assert not any("glcore" in lib.file or "encode" in lib.file or "cudart" in lib.file for lib in libs)
+
+
+def test_capabilities_limit_the_libraries(recipe, driver_root):
+    entries = gpu.parse_loader_cache(_read("ldconfig-p.txt"))
+    libs, _ = gpu.select_libraries(entries, recipe, "535.104.05", driver_root, capabilities=["utility"])
+    assert sorted(lib.file for lib in libs) == ["libnvidia-ml.so.535.104.05"] * 2
+
+
+def test_another_driver_version_matches_nothing(recipe, driver_root):
+    entries = gpu.parse_loader_cache(_read("ldconfig-p.txt"))
+    libs, stale = gpu.select_libraries(entries, recipe, "550.54.15", driver_root)
+    assert libs == [] and len(stale) == 12
+
+
+def test_absolute_link_resolves_inside_the_driver_root(recipe, tmp_path):
+    lib = tmp_path / "usr/lib64"
+    lib.mkdir(parents=True)
+    (lib / "libcuda.so.535.104.05").write_text("x")
+    os.symlink("/usr/lib64/libcuda.so.535.104.05", lib / "libcuda.so.1")  # absolute: the driver root's /
+    entries = [gpu.CacheEntry(name="libcuda.so.1", bits=64, path="/usr/lib64/libcuda.so.1")]
+    libs, _ = gpu.select_libraries(entries, recipe, "535.104.05", str(tmp_path))
+    assert [lib.host for lib in libs] == [str(tmp_path) + "/usr/lib64/libcuda.so.535.104.05"]
+
+
+def test_binaries_found_in_the_driver_root(recipe, tmp_path):
+    bindir = tmp_path / "usr/bin"
+    bindir.mkdir(parents=True)
+    for name, mode in (("nvidia-smi", 0o755), ("nvidia-debugdump", 0o644)):
+        (bindir / name).write_text("#!/bin/sh\n")
+        os.chmod(bindir / name, mode)
+    assert gpu.find_binaries(recipe, str(tmp_path)) == [("nvidia-smi", str(bindir / "nvidia-smi"))]
+
+
+def test_discover_says_exactly_what_is_missing(recipe, tmp_path):
+    found = gpu.discover(recipe, str(tmp_path))
+    assert found.version is None and found.libraries == []
+    assert any(p.endswith("/proc/driver/nvidia/version: No such file or directory (is the nvidia kernel driver "
+                          "loaded?)") for p in found.problems)
+
+
+def test_discover_with_a_loader_cache_lacking_libcuda(recipe, tmp_path):
+    (tmp_path / "proc/driver/nvidia").mkdir(parents=True)
+    (tmp_path / "proc/driver/nvidia/version").write_text(_read("version-proprietary.txt"))
+    (tmp_path / "etc").mkdir()
+    found = gpu.discover(recipe, str(tmp_path))
+    assert found.version == "535.104.05"
+    assert any("ld.so.cache" in p for p in found.problems)  # no cache at all: ldconfig says so
+
+
+@pytest.mark.parametrize("text, ids", [("0", [0]), ("0,2", [0, 2]), ("3,1,1", [1, 3]), ("0-3", [0, 1, 2, 3]),
+                                       ("", []), ("1-2,5", [1, 2, 5])])
+def test_gpu_ids(text, ids):
+    assert gpu.parse_gpu_ids(text) == ids
+
+
+@pytest.mark.parametrize("text", ["a", "0,x", "-1", "3-1", "0-", "٣", "0-99999"])
+def test_bad_gpu_ids(text):
+    with pytest.raises(ShifterError, match="invalid GPU"):
+        gpu.parse_gpu_ids(text)
+
+
+def _discovery(recipe, gpus: dict[int, str], problems: list[str] | None = None) -> gpu.Discovery:
+    lib64 = gpu.Library(bits=64, host="/x/libcuda.so.1.2", file="libcuda.so.1.2", links=["libcuda.so.1"],
+                        capability="compute")
+    lib32 = gpu.Library(bits=32, host="/y/libcuda.so.1.2", file="libcuda.so.1.2", links=[], capability="compute")
+    return gpu.Discovery(recipe=recipe, version="1.2", libraries=[lib64, lib32], binaries=[("nvidia-smi", "/b")],
+                         gpus=gpus, control=["/dev/nvidiactl", "/dev/nvidia-uvm"], capability_dirs=["/dev/nvidia-caps"],
+                         stale=[], problems=problems or [])
+
+
+def test_environment_and_hidden_devices_follow_the_allocation(recipe):
+    node = {0: "/dev/nvidia0", 1: "/dev/nvidia1", 2: "/dev/nvidia2"}
+    inj = gpu.plan_injection(_discovery(recipe, node), [0, 2], True, "/opt/shifter/site-resources/", "/h", "/d")
+    assert gpu.environment_operations(inj) == [
+        ("=", "NVIDIA_VISIBLE_DEVICES", "0,2"), ("=", "NVIDIA_DRIVER_CAPABILITIES", "compute,utility"),
+        ("^", "LD_LIBRARY_PATH", "/opt/shifter/site-resources/lib64:/opt/shifter/site-resources/lib32"),
+        ("^", "PATH", "/opt/shifter/site-resources/bin")]
+    assert gpu.hidden_devices(inj) == (["/dev/nvidia1"], [])
+    devices_only = gpu.plan_injection(_discovery(recipe, node), [1], False, "/sr", "/h", "/d")
+    assert gpu.environment_operations(devices_only) == [("=", "NVIDIA_VISIBLE_DEVICES", "1")]
+    none = gpu.plan_injection(_discovery(recipe, node), [], True, "/sr", "/h", "/d")
+    assert gpu.environment_operations(none) == []
+    assert gpu.hidden_devices(none) == (["/dev/nvidia0", "/dev/nvidia1", "/dev/nvidia2", "/dev/nvidiactl",
+                                         "/dev/nvidia-uvm"], ["/dev/nvidia-caps"])
+
+
+def test_an_allocation_the_node_cannot_serve_is_the_nodes_fault(recipe):
+    with pytest.raises(NodeError, match=r"allocated GPU\(s\) 3 have no device node"):
+        gpu.plan_injection(_discovery(recipe, {0: "/dev/nvidia0"}), [0, 3], True, "/sr", "/h", "/d")
+    with pytest.raises(NodeError, match="without a usable nvidia driver: no libcuda"):
+        gpu.plan_injection(_discovery(recipe, {0: "/dev/nvidia0"}, ["no libcuda"]), [0], True, "/sr", "/h", "/d")
+    # without GPUs the job needs nothing of the driver
+    gpu.plan_injection(_discovery(recipe, {}, ["no libcuda"]), [], True, "/sr", "/h", "/d")
