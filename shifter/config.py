@@ -25,6 +25,9 @@ Deliberate differences from the original:
   and rootfsType.  The original also required modprobePath, insmodPath, cpPath,
   mvPath, chmodPath and ddPath; they are accepted (so existing files parse) but
   not required, because this implementation never executes those tools;
+* ``siteResources`` (the directory created in the container for site resources, as in the
+  original's GPU documentation) is accepted, and ``gpuRecipe``/``gpuDriverRoot`` are new: GPU
+  support is data (``shifter/recipes/<name>.json``) instead of the original's site script;
 * the deprecated keys optionalSshdAsRoot, autoLoadKernelModule, kmodBasePath,
   kmodCacheFile and nodeContextPrefix are accepted and ignored.
 """
@@ -91,7 +94,7 @@ class UdiRootConfig(Record):
         "image_gateway_user", "site_fs", "site_env", "site_env_append", "site_env_prepend", "site_env_unset",
         "image_gateways", "batch_type", "system", "default_image_type", "default_modules", "modules",
         "mkfs_xfs_path", "modprobe_path", "insmod_path", "cp_path", "mv_path", "chmod_path", "dd_path",
-        "source",
+        "site_resources", "gpu_recipe", "gpu_driver_root", "source",
     )
     _defaults = {
         "per_node_cache_path": None, "per_node_cache_size_limit": DEFAULT_PER_NODE_CACHE_SIZE_LIMIT,
@@ -104,7 +107,7 @@ class UdiRootConfig(Record):
         "image_gateways": [], "batch_type": None, "system": None, "default_image_type": "docker",
         "default_modules": [], "modules": {}, "mkfs_xfs_path": None, "modprobe_path": None,
         "insmod_path": None, "cp_path": None, "mv_path": None, "chmod_path": None, "dd_path": None,
-        "source": "<string>",
+        "site_resources": None, "gpu_recipe": None, "gpu_driver_root": "/", "source": "<string>",
     }
     udi_mount: str
     loop_mount: str
@@ -146,6 +149,9 @@ class UdiRootConfig(Record):
     mv_path: str | None
     chmod_path: str | None
     dd_path: str | None
+    site_resources: str | None  # a path inside the container
+    gpu_recipe: str | None  # shifter/recipes/<name>.json; None: no GPU support
+    gpu_driver_root: str
     source: str
 
 
@@ -223,6 +229,38 @@ def _module_list(value: str) -> list[str]:
     return [name.strip() for name in value.split(",") if name.strip()]
 
 
+# where the container's own content lives: siteResources there would hide or be hidden by it
+_RESERVED_CONTAINER_DIRS = ("/dev", "/proc", "/sys", "/tmp", "/etc", "/var", "/var/tmp")
+
+
+def _container_dir(value: str) -> str:
+    """A directory setupRoot creates inside the container (siteResources)."""
+    if not value.startswith("/"):
+        raise ShifterError(f"must be an absolute path inside the container, got {value!r}")
+    parts = [p for p in value.split("/") if p]
+    if not parts or any(p in (".", "..") for p in parts):
+        raise ShifterError(f"must name a directory below / without '.' or '..', got {value!r}")
+    clean = "/" + "/".join(parts)
+    if any(clean == d or clean.startswith(d + "/") for d in _RESERVED_CONTAINER_DIRS):
+        raise ShifterError(f"{clean} is where the container's own files are; use a path such as "
+                           "/opt/shifter/site-resources")
+    return clean
+
+
+def _gpu_recipe(value: str) -> str | None:
+    """``none`` turns GPU support off; any other name must be a recipe shipped with the package."""
+    if value == "none":
+        return None
+    recipes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
+    try:
+        known = sorted(n[:-5] for n in os.listdir(recipes) if n.endswith(".json"))
+    except OSError:
+        known = []
+    if value not in known:
+        raise ShifterError(f"unknown GPU recipe {value!r} (known: {', '.join(known + ['none'])})")
+    return value
+
+
 def _gateways(value: str) -> list[str]:
     urls = value.split()
     for url in urls:
@@ -272,6 +310,9 @@ _KEYS: dict[str, tuple[str, Callable[[str], object], bool]] = {
     "mvPath": ("mv_path", _path, False),
     "chmodPath": ("chmod_path", _path, False),
     "ddPath": ("dd_path", _path, False),
+    "siteResources": ("site_resources", _container_dir, False),
+    "gpuRecipe": ("gpu_recipe", _gpu_recipe, False),
+    "gpuDriverRoot": ("gpu_driver_root", _path, False),
 }
 
 _MODULE_KEYS: dict[str, tuple[str, Callable[[str], object], bool]] = {
@@ -379,6 +420,9 @@ def parse_config(text: str, source: str = "<string>") -> UdiRootConfig:
     for name in values.get("default_modules", []):  # type: ignore[union-attr]
         if name != "none" and name not in values["modules"]:  # type: ignore[operator]
             raise ShifterError(f"{source}: defaultModules names unknown module '{name}'")
+    if values.get("gpu_recipe") and not values.get("site_resources"):
+        raise ShifterError(f"{source}: gpuRecipe={values['gpu_recipe']} needs siteResources (the directory in "
+                           "the container that receives the driver's libraries and tools)")
     values["source"] = source
     return UdiRootConfig(**values)
 

@@ -332,3 +332,31 @@ def test_format_modules_import_light_under_isolated_python():
     argv = [sys.executable, "-I", "-S", "-c", code]
     result = subprocess.run(argv, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+def test_site_resources_and_gpu_recipe():
+    """The original's documented GPU setting loads; the recipe names shipped data."""
+    config = parse_config(REQUIRED + "siteResources=/opt/shifter/site-resources/\ngpuRecipe=nvidia\n"
+                          "gpuDriverRoot=/run/nvidia/driver\n")
+    assert config.site_resources == "/opt/shifter/site-resources"
+    assert config.gpu_recipe == "nvidia" and config.gpu_driver_root == "/run/nvidia/driver"
+    plain = parse_config(REQUIRED + "siteResources=/opt/shifter/site-resources\n")
+    assert plain.gpu_recipe is None and plain.gpu_driver_root == "/"
+    assert parse_config(REQUIRED + "siteResources=/sr\ngpuRecipe=none\n").gpu_recipe is None
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("siteResources=opt/x\n", "line 7: bad value for 'siteResources': must be an absolute path inside the container"),
+    ("siteResources=/opt/../etc\n", "without '.' or '..'"),
+    ("siteResources=/\n", "must name a directory below /"),
+    ("siteResources=/dev/gpu\n", "/dev/gpu is where the container's own files are"),
+    ("siteResources=/etc\n", "/etc is where the container's own files are"),
+    ("siteResources=/sr\ngpuRecipe=cuda\n", "line 8: bad value for 'gpuRecipe': unknown GPU recipe 'cuda' "
+                                            "(known: nvidia, none)"),
+    ("gpuRecipe=nvidia\n", "gpuRecipe=nvidia needs siteResources"),
+    ("siteResources=/sr\ngpuRecipe=nvidia\ngpuDriverRoot=run/nvidia\n", "'gpuDriverRoot': must be an absolute path"),
+])
+def test_bad_gpu_settings_are_one_line_errors(extra, message):
+    with pytest.raises(ShifterError) as info:
+        parse_config(REQUIRED + extra, source="udiRoot.conf")
+    assert message in str(info.value) and "\n" not in str(info.value)
