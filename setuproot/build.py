@@ -197,8 +197,31 @@ def _mount_image(image_file: str, target: str) -> None:
     linux.mount(None, target, None, linux.MS_PRIVATE)
 
 
+def plan_gpus(config: UdiRootConfig, request: SetupRequest, job: JobEnv):
+    """The job's GPU injection (shifter/gpu.py), decided before anything is mounted.
+
+    ``--module=none`` keeps the allocated devices but injects none of the driver's libraries
+    and tools: the job brings its own user-space.  What the node lacks is the node's fault.
+    """
+    from shifter import gpu
+
+    with request_checks():
+        gpus = gpu.parse_gpu_ids(request.gpus)
+        userspace = "none" not in (request.modules or "").split(",")
+    try:
+        recipe = gpu.load_recipe(config.gpu_recipe)
+        discovery = gpu.discover(recipe, config.gpu_driver_root, userspace=bool(gpus) and userspace)
+        return gpu.plan_injection(discovery, gpus, userspace, config.site_resources, job.gpu_hide,
+                                  job.gpu_hide + ".d")
+    except NodeError:
+        raise
+    except (ShifterError, OSError) as err:
+        raise NodeError(f"GPU recipe {config.gpu_recipe}: {describe(err)}") from None
+
+
 def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest, account: container.Account,
-                      identifier: str, image_file: str, modules: list, plan: list[str] | None) -> None:
+                      identifier: str, image_file: str, modules: list, plan: list[str] | None,
+                      gpu_injection=None) -> None:
     """Everything of docs/internals.md "Per-job environment on a node", in order."""
     from shifter.volumemap import check_per_node_caches, parse_volume_map, volume_signature
 
@@ -233,8 +256,14 @@ def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest,
         linux.mount(config.rootfs_type, job.root, config.rootfs_type, linux.MS_NOSUID | linux.MS_NODEV,
                     "mode=0755")
         linux.mount(None, job.root, None, linux.MS_PRIVATE)
+    if gpu_injection is not None:
+        from shifter import gpu
+
+        with node_step("the job's GPU device covers"):
+            gpu.make_hide_sources(gpu_injection.hide_file, gpu_injection.hide_dir)
     spec = container.RootSpec(root=job.root, image_dir=image_dir, account=account, modules=modules,
-                              user_volumes=user_volumes, hostsfile=hostsfile, cache_tag=f"job{job.jobid}")
+                              user_volumes=user_volumes, hostsfile=hostsfile, cache_tag=f"job{job.jobid}",
+                              gpu=gpu_injection)
     container.build_root(config, spec)
     if request.image_type != "local":
         filecopy.copy_file(image_file + ".meta", job.meta, mode=0o644)
@@ -265,6 +294,10 @@ def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest,
         fd = os.open(job.marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         with os.fdopen(fd, "w") as fh:
             fh.write(marker)
+        if gpu_injection is not None:
+            from shifter.gpu import environment_operations
+
+            launchplan.write_plan(job.gpu_env, launchplan.encode_operations(environment_operations(gpu_injection)))
         if plan is not None:
             launchplan.write_plan(job.plan, plan)
         if not config.mount_udi_root_writable:
@@ -292,16 +325,21 @@ def setup_job(request: SetupRequest) -> None:
         identifier, image_file = resolve_image(config, request)
         meta = None if request.image_type == "local" else load_image_meta(identifier, image_file, account)
         modules = select_modules(config, request.modules)
+    gpu_injection = plan_gpus(config, request, job) if config.gpu_recipe else None
+    with request_checks():
         plan = None
         if config_info and meta is not None and not any(module.userhook for module in modules):
+            from shifter.gpu import environment_operations
+
+            gpu_ops = environment_operations(gpu_injection) if gpu_injection is not None else []
             plan = launchplan.plan_records(config_info, account.uid, identifier, ";".join(request.volumes),
-                                           request.modules or "", meta, modules, config)
+                                           request.modules or "", meta, modules, config, gpu_ops)
     try:
         teardown.destroy(config, job, request.memory_cgroup)  # a stale environment of the same job (#249)
     except ShifterError as err:
         raise NodeError(f"cannot remove a stale environment of job {job.jobid}: {err}") from None
     try:
-        build_environment(config, job, request, account, identifier, image_file, modules, plan)
+        build_environment(config, job, request, account, identifier, image_file, modules, plan, gpu_injection)
     except BaseException as err:
         try:
             teardown.destroy(config, job, request.memory_cgroup)

@@ -46,8 +46,9 @@ class RootSpec(Record):
     """Everything a root is built from, besides the site configuration."""
 
     __slots__ = ("root", "image_dir", "account", "modules", "user_volumes", "hostsfile", "cache_tag",
-                 "privileged")
-    _defaults = {"modules": [], "user_volumes": [], "hostsfile": None, "cache_tag": "", "privileged": True}
+                 "privileged", "gpu")
+    _defaults = {"modules": [], "user_volumes": [], "hostsfile": None, "cache_tag": "", "privileged": True,
+                 "gpu": None}
     root: str
     image_dir: str
     account: Account
@@ -56,6 +57,7 @@ class RootSpec(Record):
     hostsfile: str | None
     cache_tag: str
     privileged: bool  # False: built by the user in a user namespace (the launcher's fresh path)
+    gpu: object  # shifter.gpu.Injection, or None: no GPU recipe on this node
 
 
 def _check_root_only(path: str, what: str) -> None:
@@ -542,6 +544,10 @@ def build_root(config: UdiRootConfig, spec: RootSpec) -> None:
         if module.roothook:
             run_hook(module.roothook, root, f"module {module.name} roothook")
     _mount_kernel_filesystems(config, root, spec.privileged)
+    if spec.gpu is not None:  # after /dev, before the image's directories: siteResources is the site's
+        from shifter import gpu
+
+        gpu.inject(spec.gpu, root, tmpfs_dev, _propagation(config))
     for relpath in ("", "var", "opt"):
         _bind_image_dir(config, spec, relpath)
     _copy_image_etc(spec)

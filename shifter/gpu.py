@@ -270,18 +270,26 @@ def node_gpus(recipe: Recipe) -> dict[int, str]:
     return found
 
 
-def discover(recipe: Recipe, driver_root: str = "/", ldconfig: str = LDCONFIG) -> Discovery:
-    """Everything the node offers for ``recipe``; never raises for a missing part, lists it instead."""
+def discover(recipe: Recipe, driver_root: str = "/", ldconfig: str = LDCONFIG, userspace: bool = True
+             ) -> Discovery:
+    """Everything the node offers for ``recipe``; never raises for a missing part, lists it instead.
+
+    Without ``userspace`` only the device nodes are looked at (a job without GPUs, or one that
+    brings its own driver libraries): no loader cache is read.
+    """
     problems: list[str] = []
     version = None
     version_path = _under(driver_root, recipe.version_file)
-    try:
-        with open(version_path) as fh:
-            version = driver_version(fh.read(), recipe)
-        if version is None:
-            problems.append(f"{version_path}: no driver version found in it")
-    except OSError as exc:
-        problems.append(f"{version_path}: {exc.strerror} (is the {recipe.name} kernel driver loaded?)")
+    if userspace:
+        try:
+            with open(version_path) as fh:
+                version = driver_version(fh.read(), recipe)
+            if version is None:
+                problems.append(f"{version_path}: no driver version found in it")
+        except FileNotFoundError as exc:
+            problems.append(f"{version_path}: {exc.strerror} (is the {recipe.name} kernel driver loaded?)")
+        except OSError as exc:
+            problems.append(f"{version_path}: {exc.strerror}")
     libraries: list[Library] = []
     stale: list[str] = []
     if version is not None:
@@ -303,7 +311,7 @@ def discover(recipe: Recipe, driver_root: str = "/", ldconfig: str = LDCONFIG) -
     if not gpus:
         problems.append(f"no GPU device nodes matching {recipe.gpu_dir}/{recipe.gpu_pattern}")
     return Discovery(recipe=recipe, version=version, libraries=libraries,
-                     binaries=find_binaries(recipe, driver_root), gpus=gpus, control=control,
+                     binaries=find_binaries(recipe, driver_root) if userspace else [], gpus=gpus, control=control,
                      capability_dirs=[p for p in recipe.capability_directories if os.path.isdir(p)],
                      stale=stale, problems=problems)
 
@@ -342,7 +350,7 @@ def plan_injection(discovery: Discovery, gpus: list[int], userspace: bool, site_
     from shifter.errors import NodeError
 
     if gpus:
-        if discovery.problems and (userspace or not discovery.gpus):
+        if discovery.problems:
             raise NodeError(f"GPU job on a node without a usable {discovery.recipe.name} driver: "
                             + "; ".join(discovery.problems))
         missing = [index for index in gpus if index not in discovery.gpus]

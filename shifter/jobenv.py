@@ -28,7 +28,8 @@ def check_jobid(text: str | None) -> str:
 class JobEnv:
     """The paths of one job's environment on this node."""
 
-    __slots__ = ("jobid", "dir", "root", "userns", "marker", "meta", "loop_mount", "error", "plan")
+    __slots__ = ("jobid", "dir", "root", "userns", "marker", "meta", "loop_mount", "error", "plan",
+                 "gpu_env", "gpu_hide")
 
     def __init__(self, config: UdiRootConfig, jobid: str | None) -> None:
         self.jobid = check_jobid(jobid)
@@ -43,6 +44,9 @@ class JobEnv:
         self.error = f"{self.dir}/setup.error"
         # what the interpreter-free launcher needs to enter this environment (shifter/launchplan.py)
         self.plan = f"{self.dir}/launch.plan"
+        # the job's GPU environment (shifter/gpu.py), for the Python launcher; what covers hidden devices
+        self.gpu_env = f"{self.dir}/gpu.env"
+        self.gpu_hide = f"{self.dir}/gpu-hidden"
 
     def __repr__(self) -> str:
         return f"JobEnv({self.dir!r})"

@@ -161,13 +161,19 @@ def _user_name() -> str:
 
 
 def prepare_exec(opts: Options, environ: dict[str, str], request: Request, meta, config,
-                 modules: list) -> tuple[list[str], dict[str, str], str]:
-    """(argv, environment, caller's cwd) for the command: everything decided before the chroot."""
+                 modules: list, gpu_ops: list | None = None) -> tuple[list[str], dict[str, str], str]:
+    """(argv, environment, caller's cwd) for the command: everything decided before the chroot.
+
+    ``gpu_ops``: the job's GPU environment as setupRoot recorded it, applied last.
+    """
     from shifter.command import select_command
-    from shifter.environment import build_environment
+    from shifter.environment import apply_operations, build_environment
+    from shifter.launchplan import image_env
 
     env = build_environment({} if opts.clearenv else environ, request.ref_text, request.identifier,
-                            meta.env, _env_file_entries(opts), opts.envs, modules, config)
+                            image_env(meta.env, config), _env_file_entries(opts), opts.envs, modules, config)
+    if gpu_ops:
+        apply_operations(env, gpu_ops)
     argv = _script_by_descriptor(select_command(opts.command, opts.entrypoint, meta.entrypoint, meta.cmd, None))
     try:
         cwd = os.getcwd()
@@ -201,7 +207,16 @@ def enter_prepared(job, meta, opts: Options, environ: dict[str, str], request: R
     """Join the job's namespace, chroot into its root, drop privileges and exec (never returns)."""
     from shifter import userns
 
-    argv, env, cwd = prepare_exec(opts, environ, request, meta, config, modules)
+    gpu_ops = None
+    if getattr(config, "gpu_recipe", None):
+        from shifter.launchplan import decode_operations
+
+        try:
+            with open(job.gpu_env, "rb") as fh:
+                gpu_ops = decode_operations(fh.read())
+        except FileNotFoundError:
+            pass
+    argv, env, cwd = prepare_exec(opts, environ, request, meta, config, modules, gpu_ops)
     try:
         userns.enter_user_namespace(job.userns)
         os.chroot(job.root)

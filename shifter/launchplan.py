@@ -45,12 +45,43 @@ def config_identity(info: os.stat_result) -> str:
 
 
 def plan_records(config_info: os.stat_result, uid: int, identifier: str, volumes: str, modules_request: str,
-                 meta: ImageMeta, modules: list, config: UdiRootConfig) -> list[str]:
+                 meta: ImageMeta, modules: list, config: UdiRootConfig,
+                 gpu_ops: list[tuple[str, str, str]] | None = None) -> list[str]:
+    """``gpu_ops`` (shifter/gpu.py) come last; with a GPU recipe the image's device-selection
+    variables are dropped, so an image never changes which GPUs a task uses."""
     records = [VERSION, "c" + config_identity(config_info), f"u{uid}", "i" + identifier, "v" + volumes,
                "m" + modules_request, "w" + (meta.workdir or "")]
-    ops = image_operations(meta.env) + site_operations(modules, config)
-    records += [f"-{name}" if kind == "-" else f"{kind}{name}={value}" for kind, name, value in ops]
+    ops = image_operations(image_env(meta.env, config)) + site_operations(modules, config) + (gpu_ops or [])
+    records += encode_operations(ops)
     return records
+
+
+def image_env(env: list[str], config: UdiRootConfig) -> list[str]:
+    """The image's ENV without the variables only the GPU allocation decides (when GPUs are configured)."""
+    if not getattr(config, "gpu_recipe", None):
+        return env
+    from shifter.gpu import ALLOCATION_VARIABLES
+
+    return [item for item in env if item.partition("=")[0] not in ALLOCATION_VARIABLES]
+
+
+def encode_operations(ops: list[tuple[str, str, str]]) -> list[str]:
+    return [f"-{name}" if kind == "-" else f"{kind}{name}={value}" for kind, name, value in ops]
+
+
+def decode_operations(data: bytes) -> list[tuple[str, str, str]]:
+    """The inverse of :func:`encode_operations` over NUL-terminated records (the Python launcher's view)."""
+    ops = []
+    for raw in data.split(b"\0"):
+        record = raw.decode("utf-8", "surrogateescape")
+        if not record or record[0] not in "=+^-":
+            continue
+        if record[0] == "-":
+            ops.append(("-", record[1:], ""))
+        else:
+            name, _, value = record[1:].partition("=")
+            ops.append((record[0], name, value))
+    return ops
 
 
 def write_plan(path: str, records: list[str]) -> None:

@@ -197,6 +197,7 @@ class JobRequest:
     modules: str | None
     ssh_pubkey: str | None
     node_spec: str
+    gpus: str = ""  # SLURM_JOB_GPUS: the job's GPU indices on this node (Slurm 22.05 sets it in the prolog)
 
 
 def job_request(opts: dict[str, str], env: dict[str, str], conf: PlugstackArgs) -> JobRequest:
@@ -229,6 +230,7 @@ def job_request(opts: dict[str, str], env: dict[str, str], conf: PlugstackArgs) 
         modules=env.get("SPANK_SHIFTER_MODULE") or None,
         ssh_pubkey=env.get("SPANK_SHIFTER_SSH_PUBKEY") if conf.enable_sshd else None,
         node_spec=node_spec,
+        gpus=env.get("SLURM_JOB_GPUS", ""),
     )
 
 
@@ -270,7 +272,7 @@ def _primary_gid(uid: int) -> int:
 
 
 def setuproot_argv(conf: PlugstackArgs, req: JobRequest) -> list[str]:
-    """The original's setupRoot argv contract, plus --config, --job-id, --memory-cgroup, --defer-sshd."""
+    """The original's setupRoot argv contract, plus --config, --job-id, --memory-cgroup, --defer-sshd, --gpus."""
     _check_image(req.image_type, req.image)
     argv = [os.path.join(buildinfo.PREFIX, "sbin", "setupRoot"), "--config", conf.shifter_config,
             "--job-id", req.job_id, "-U", str(req.uid), "-G", str(req.gid), "-u", req.user]
@@ -285,6 +287,8 @@ def setuproot_argv(conf: PlugstackArgs, req: JobRequest) -> list[str]:
         argv += ["-v", volume]
     if req.modules:
         argv += ["-m", req.modules]
+    if req.gpus:
+        argv += ["--gpus", req.gpus]
     return argv + ["--", req.image_type, req.image]  # "--": an image named "--config=..." stays an image
 
 

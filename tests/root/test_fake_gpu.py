@@ -1,0 +1,229 @@
+"""GPU injection with real mounts on a fake GPU node (no GPU here: the driver and the devices are fakes).
+
+What stands in (and only that): a driver tree built by the test (versioned shared objects made
+from tests/root/fake_gpu/*.c, a loader cache made by the host's ldconfig, a driver version
+file, an ``nvidia-smi`` that prints what it sees) and a node /dev whose NVIDIA nodes are made
+with mknod (major 195) in a private mount namespace (tests/root/fake_gpu/node.py).  setupRoot,
+the launchers and unsetupRoot are the real ones, with real mounts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from shifter.meta import ImageMeta, write_meta
+from tests.root.conftest import PYTHON, REPO
+
+HERE = os.path.join(REPO, "tests", "root", "fake_gpu")
+VERSION = "535.104.05"
+GPU_IMAGE_ID = "9" * 64
+SITE_RESOURCES = "/opt/shifter/site-resources"
+LIBDIR = "usr/lib/x86_64-linux-gnu"
+
+
+def _gcc(*args: str) -> None:
+    subprocess.run(["gcc", "-O1", "-Wall", "-Werror", *args], check=True)
+
+
+def _fake_library(path: str, soname: str, version: str) -> None:
+    _gcc("-shared", "-fPIC", f'-DFAKE_VERSION="{version}"', f"-Wl,-soname,{soname}",
+         os.path.join(HERE, "libfake.c"), "-o", path)
+
+
+def _build_driver(root: str) -> None:
+    """A driver tree shaped like a real one: versioned libraries, soname links, loader cache, tools."""
+    lib = os.path.join(root, LIBDIR)
+    os.makedirs(lib)
+    for name in ("libcuda", "libnvidia-ml", "libnvidia-ptxjitcompiler", "libnvidia-glcore"):
+        _fake_library(os.path.join(lib, f"{name}.so.{VERSION}"), f"{name}.so.1", VERSION)
+    _fake_library(os.path.join(lib, "libnvidia-cfg.so.470.82.01"), "libnvidia-cfg.so.1", "470.82.01")  # stale
+    os.makedirs(os.path.join(root, "etc"))
+    with open(os.path.join(root, "etc/ld.so.conf"), "w") as fh:
+        fh.write(f"/{LIBDIR}\n")
+    subprocess.run(["ldconfig", "-r", root], check=True)  # the cache and the soname links
+    os.makedirs(os.path.join(root, "usr/bin"))
+    _gcc(os.path.join(HERE, "nvidia-smi.c"), os.path.join(lib, f"libnvidia-ml.so.{VERSION}"),
+         "-o", os.path.join(root, "usr/bin/nvidia-smi"))
+    os.makedirs(os.path.join(root, "proc/driver/nvidia"))
+    with open(os.path.join(root, "proc/driver/nvidia/version"), "w") as fh:
+        fh.write(f"NVRM version: NVIDIA UNIX x86_64 Kernel Module  {VERSION}  Sat Aug 19 01:15:15 UTC 2023\n"
+                 "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n")
+
+
+def _build_image(work: str, images: str) -> None:
+    """An image with no driver: glibc, busybox, a program that loads libcuda.so.1, and a CUDA stub."""
+    tree = os.path.join(work, "tree-fake-gpu")
+    for sub in ("bin", "usr/bin", "lib64", "lib/x86_64-linux-gnu", "usr/local/cuda/lib64/stubs", "etc", "opt"):
+        os.makedirs(os.path.join(tree, sub))
+    shutil.copy("/bin/busybox", os.path.join(tree, "bin/busybox"))
+    for applet in ("sh", "cat", "ls", "env", "stat", "readlink"):
+        os.symlink("busybox", os.path.join(tree, "bin", applet))
+    shutil.copy(os.path.realpath("/lib64/ld-linux-x86-64.so.2"), os.path.join(tree, "lib64/ld-linux-x86-64.so.2"))
+    shutil.copy(os.path.realpath("/lib/x86_64-linux-gnu/libc.so.6"), os.path.join(tree, "lib/x86_64-linux-gnu"))
+    _gcc(os.path.join(HERE, "gpuprobe.c"), "-o", os.path.join(tree, "usr/bin/gpuprobe"))
+    _fake_library(os.path.join(tree, "usr/local/cuda/lib64/stubs/libcuda.so.1"), "libcuda.so.1", "image-stub")
+    subprocess.run(["mksquashfs", tree, os.path.join(images, f"{GPU_IMAGE_ID}.squashfs"), "-noappend", "-quiet",
+                    "-all-root"], check=True, stdout=subprocess.DEVNULL)
+    shutil.rmtree(tree)
+    write_meta(os.path.join(images, f"{GPU_IMAGE_ID}.meta"), ImageMeta(format="squashfs", env=[
+        "PATH=/usr/bin:/bin", "LD_LIBRARY_PATH=/usr/local/cuda/lib64/stubs", "NVIDIA_VISIBLE_DEVICES=all",
+        "CUDA_VISIBLE_DEVICES=0,1,2,3"]))
+
+
+@pytest.fixture
+def fake_gpu_site(clean_site):
+    site = clean_site
+    driver = os.path.join(site.base, "fake_gpu_driver")
+    if not os.path.isdir(driver):
+        _build_driver(driver)
+        _build_image(site.base, site.images)
+    site.write_config(f"siteResources={SITE_RESOURCES}\ngpuRecipe=nvidia\ngpuDriverRoot={driver}\n")
+    return site
+
+
+class FakeGpuNode:
+    """Steps run in one private mount namespace with a fake GPU /dev (tests/root/fake_gpu/node.py)."""
+
+    def __init__(self, site) -> None:
+        self.site = site
+        self.steps: list[dict] = []
+
+    def setup(self, jobid: str, user, *args: str) -> int:
+        argv = [os.path.join(self.site.bin, "setupRoot"), "--config", self.site.conf, "--job-id", jobid,
+                "-U", str(user.uid), "-G", str(user.gid), "-u", user.name, *args, "id", GPU_IMAGE_ID]
+        self.steps.append({"argv": argv, "env": {"PATH": "/usr/bin:/bin"}})
+        return len(self.steps) - 1
+
+    def shifter(self, jobid: str, user, *argv: str, launcher: str = "shifter", **env: str) -> int:
+        job_env = self.site.job_env(jobid, SHIFTER_IMAGE=GPU_IMAGE_ID, **env)
+        self.steps.append({"argv": [os.path.join(self.site.bin, launcher), *argv], "env": job_env,
+                           "uid": user.uid, "gid": user.gid, "groups": list(user.groups)})
+        return len(self.steps) - 1
+
+    def unsetup(self, *args: str) -> int:
+        self.steps.append({"argv": [os.path.join(self.site.bin, "unsetupRoot"), "--config", self.site.conf, *args],
+                           "env": {"PATH": "/usr/bin:/bin"}})
+        return len(self.steps) - 1
+
+    def run(self, gpus: int = 4) -> list[dict]:
+        spec = os.path.join(self.site.base, "fake_gpu_spec.json")
+        with open(spec, "w") as fh:
+            json.dump({"gpus": gpus, "steps": self.steps, "watch": self.site.udi_mount}, fh)
+        out = subprocess.run(["unshare", "--mount", "--propagation", "private", PYTHON,
+                              os.path.join(HERE, "node.py"), spec], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+
+def _ok(result: dict) -> str:
+    assert result["rc"] == 0, result["stderr"]
+    return result["stdout"]
+
+
+def _env(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+def test_fake_gpu_job_sees_only_its_gpus_and_the_drivers_libraries(fake_gpu_site, users):
+    site, user = fake_gpu_site, users[0]
+    node = FakeGpuNode(site)
+    setup = node.setup("701", user, "--gpus", "1,3")
+    smi = node.shifter("701", user, "nvidia-smi")
+    probe = node.shifter("701", user, "gpuprobe")
+    env_fast = node.shifter("701", user, "env", CUDA_VISIBLE_DEVICES="0,1")
+    env_python = node.shifter("701", user, "env", CUDA_VISIBLE_DEVICES="0,1", launcher="shifter-python")
+    listing = node.shifter("701", user, "ls", f"{SITE_RESOURCES}/lib64", f"{SITE_RESOURCES}/bin")
+    link = node.shifter("701", user, "readlink", f"{SITE_RESOURCES}/lib64/libcuda.so.1")
+    write = node.shifter("701", user, "sh", "-c", f"echo x > {SITE_RESOURCES}/lib64/libcuda.so.1")
+    unsetup = node.unsetup("--job-id", "701")
+    results = node.run()
+
+    _ok(results[setup])
+    assert _ok(results[smi]).splitlines() == [
+        f"driver {VERSION} from {SITE_RESOURCES}/lib64/libnvidia-ml.so.1",
+        "/dev/nvidia0 hidden Permission denied",
+        "/dev/nvidia1 char 195:1",
+        "/dev/nvidia2 hidden Permission denied",
+        "/dev/nvidia3 char 195:3",
+        "/dev/nvidiactl char 195:255",
+        "/dev/nvidia-uvm char 509:0",
+    ]
+    # the host driver's libcuda wins over the image's stub on the image's own LD_LIBRARY_PATH
+    assert _ok(results[probe]) == f"libcuda {VERSION} from {SITE_RESOURCES}/lib64/libcuda.so.1\n"
+    for index in (env_fast, env_python):
+        env = _env(_ok(results[index]))
+        assert env["NVIDIA_VISIBLE_DEVICES"] == "1,3"  # the allocation, not the image's "all"
+        assert env["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
+        assert env["CUDA_VISIBLE_DEVICES"] == "0,1"  # Slurm's value for the task, not the image's
+        assert env["LD_LIBRARY_PATH"] == f"{SITE_RESOURCES}/lib64:/usr/local/cuda/lib64/stubs"
+        assert env["PATH"].startswith(f"{SITE_RESOURCES}/bin:")
+    assert sorted(_ok(results[listing]).split()) == sorted([
+        f"{SITE_RESOURCES}/bin:", f"{SITE_RESOURCES}/lib64:", "nvidia-smi",
+        "libcuda.so.1", f"libcuda.so.{VERSION}", "libnvidia-ml.so.1", f"libnvidia-ml.so.{VERSION}",
+        "libnvidia-ptxjitcompiler.so.1", f"libnvidia-ptxjitcompiler.so.{VERSION}"])  # no stale cfg, no glcore
+    assert _ok(results[link]) == f"libcuda.so.{VERSION}\n"
+    assert results[write]["rc"] != 0  # bound read-only
+    _ok(results[unsetup])
+    assert results[unsetup]["mounts"] == [], "left behind after unsetupRoot"
+    assert os.listdir(site.udi_mount) == []
+
+
+def test_fake_gpu_job_without_gpus_gets_nothing(fake_gpu_site, users):
+    site, user = fake_gpu_site, users[0]
+    node = FakeGpuNode(site)
+    setup = node.setup("702", user)
+    devices = node.shifter("702", user, "stat", "-c", "%n %F", "/dev/nvidia0", "/dev/nvidia3", "/dev/nvidiactl",
+                           "/dev/nvidia-uvm-tools", "/dev/nvidia-caps")
+    probe = node.shifter("702", user, "gpuprobe")
+    env = node.shifter("702", user, "env")
+    resources = node.shifter("702", user, "ls", SITE_RESOURCES)
+    unsetup = node.unsetup("--job-id", "702")
+    results = node.run()
+
+    _ok(results[setup])
+    assert _ok(results[devices]).splitlines() == [
+        "/dev/nvidia0 regular empty file", "/dev/nvidia3 regular empty file", "/dev/nvidiactl regular empty file",
+        "/dev/nvidia-uvm-tools regular empty file", "/dev/nvidia-caps directory"]
+    assert _ok(results[probe]) == "libcuda image-stub from /usr/local/cuda/lib64/stubs/libcuda.so.1\n"
+    job_env = _env(_ok(results[env]))
+    assert not {"NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES"} & set(job_env)
+    assert job_env["LD_LIBRARY_PATH"] == "/usr/local/cuda/lib64/stubs"
+    assert results[resources]["rc"] != 0
+    _ok(results[unsetup])
+    assert results[unsetup]["mounts"] == []
+
+
+def test_fake_gpu_module_none_keeps_devices_but_not_the_driver(fake_gpu_site, users):
+    site, user = fake_gpu_site, users[0]
+    node = FakeGpuNode(site)
+    setup = node.setup("703", user, "--gpus", "0", "-m", "none")
+    devices = node.shifter("703", user, "stat", "-c", "%n %F", "/dev/nvidia0", "/dev/nvidia1", SHIFTER_MODULE="none")
+    probe = node.shifter("703", user, "gpuprobe", SHIFTER_MODULE="none")
+    env = node.shifter("703", user, "env", SHIFTER_MODULE="none")
+    unsetup = node.unsetup("--job-id", "703")
+    results = node.run(gpus=2)
+
+    _ok(results[setup])
+    assert _ok(results[devices]).splitlines() == ["/dev/nvidia0 character special file",
+                                                  "/dev/nvidia1 regular empty file"]
+    assert "image-stub" in _ok(results[probe])
+    job_env = _env(_ok(results[env]))
+    assert job_env["NVIDIA_VISIBLE_DEVICES"] == "0" and "NVIDIA_DRIVER_CAPABILITIES" not in job_env
+    _ok(results[unsetup])
+
+
+def test_fake_gpu_allocation_the_node_lacks_fails_cleanly(fake_gpu_site, users):
+    site, user = fake_gpu_site, users[0]
+    node = FakeGpuNode(site)
+    missing = node.setup("704", user, "--gpus", "5")
+    bad = node.setup("705", user, "--gpus", "0,x")
+    results = node.run(gpus=2)
+    assert results[missing]["rc"] != 0
+    assert "allocated GPU(s) 5 have no device node in /dev" in results[missing]["stderr"]
+    assert results[bad]["rc"] != 0 and "invalid GPU list '0,x'" in results[bad]["stderr"]
+    assert results[bad]["mounts"] == [] and os.listdir(site.udi_mount) == []
