@@ -156,6 +156,42 @@ def _check_gateway(report: Report, config) -> None:
         report.line(FAIL, "munge", str(exc), "start munged and check its key")
 
 
+def _check_gpu(report: Report, config) -> None:
+    """What GPU jobs would get on this node (shifter/gpu.py), or exactly what is missing."""
+    if not config.gpu_recipe:
+        report.line(OK, "GPU", "gpuRecipe not set: jobs get no GPU devices or driver from the site")
+        return
+    from shifter import gpu
+    from shifter.errors import ShifterError
+
+    try:
+        found = gpu.discover(gpu.load_recipe(config.gpu_recipe), config.gpu_driver_root)
+    except (ShifterError, OSError) as exc:
+        report.line(FAIL, "GPU", str(exc), "reinstall shifter-slurm (its recipes are missing)")
+        return
+    root = config.gpu_driver_root
+    if found.version:
+        report.line(OK, "GPU driver", f"{config.gpu_recipe} {found.version} (driver root {root}, siteResources "
+                                      f"{config.site_resources})")
+    if found.gpus:
+        nodes = [found.gpus[i] for i in sorted(found.gpus)]
+        report.line(OK, "GPU devices", f"{len(nodes)} GPU(s): {' '.join(nodes)}; control: {' '.join(found.control)}"
+                    + (f"; MIG capabilities: {' '.join(found.capability_dirs)}" if found.capability_dirs else ""))
+    for bits in (64, 32):
+        names = [lib.file for lib in found.libraries if lib.bits == bits]
+        if names:
+            report.line(OK, f"GPU libraries ({bits}-bit)", " ".join(names))
+    if found.stale:
+        report.line(WARN, "GPU libraries", f"of another driver version, not used: {' '.join(found.stale)}",
+                    "remove them and run ldconfig")
+    if found.version:
+        names = [f"{name} ({path})" for name, path in found.binaries]
+        report.line(OK if names else WARN, "GPU binaries", " ".join(names) or "none of the recipe's programs found",
+                    "install the driver's utilities (nvidia-smi)")
+    for problem in found.problems:
+        report.line(FAIL, "GPU", problem, "GPU jobs on this node fail until this is fixed")
+
+
 def run(config_path: str) -> int:
     report = Report()
     config = _check_config(report, config_path)
@@ -167,5 +203,6 @@ def run(config_path: str) -> int:
     _check_cgroup(report)
     if config is not None:
         _check_gateway(report, config)
+        _check_gpu(report, config)
     sys.stdout.flush()
     return 1 if report.failed else 0

@@ -141,6 +141,7 @@ def test_fake_gpu_job_sees_only_its_gpus_and_the_drivers_libraries(fake_gpu_site
     link = node.shifter("701", user, "readlink", f"{SITE_RESOURCES}/lib64/libcuda.so.1")
     write = node.shifter("701", user, "sh", "-c", f"echo x > {SITE_RESOURCES}/lib64/libcuda.so.1")
     unsetup = node.unsetup("--job-id", "701")
+    doctor = node.shifter("701", user, "doctor")
     results = node.run()
 
     _ok(results[setup])
@@ -171,6 +172,35 @@ def test_fake_gpu_job_sees_only_its_gpus_and_the_drivers_libraries(fake_gpu_site
     _ok(results[unsetup])
     assert results[unsetup]["mounts"] == [], "left behind after unsetupRoot"
     assert os.listdir(site.udi_mount) == []
+    report = results[doctor]["stdout"].splitlines()
+    driver = os.path.join(site.base, "fake_gpu_driver")
+    lib = f"{driver}/{LIBDIR}"
+    assert f"ok   GPU driver: nvidia {VERSION} (driver root {driver}, siteResources {SITE_RESOURCES})" in report
+    assert ("ok   GPU devices: 4 GPU(s): /dev/nvidia0 /dev/nvidia1 /dev/nvidia2 /dev/nvidia3; control: /dev/nvidiactl "
+            "/dev/nvidia-uvm /dev/nvidia-uvm-tools /dev/nvidia-modeset; MIG capabilities: /dev/nvidia-caps") in report
+    assert (f"ok   GPU libraries (64-bit): libcuda.so.{VERSION} libnvidia-ml.so.{VERSION} "
+            f"libnvidia-ptxjitcompiler.so.{VERSION}") in report
+    assert (f"WARN GPU libraries: of another driver version, not used: {lib}/libnvidia-cfg.so.470.82.01 "
+            "-> remove them and run ldconfig") in report
+    assert f"ok   GPU binaries: nvidia-smi ({driver}/usr/bin/nvidia-smi)" in report
+    assert not [line for line in report if line.startswith("FAIL GPU")]
+
+
+def test_fake_gpu_doctor_names_what_is_missing(fake_gpu_site, users):
+    """On a node without the driver (this host: no NVIDIA nodes in /dev, an empty driver root)."""
+    site = fake_gpu_site
+    empty = os.path.join(site.base, "no_driver")
+    os.makedirs(empty, exist_ok=True)
+    site.write_config(f"siteResources={SITE_RESOURCES}\ngpuRecipe=nvidia\ngpuDriverRoot={empty}\n")
+    out = site.shifter(users[0], "doctor", env={"PATH": "/usr/bin:/bin", "SHIFTER_UDIROOT_CONF": site.conf})
+    assert out.returncode == 1
+    report = [line for line in out.stdout.splitlines() if " GPU" in line]
+    assert report == [
+        f"FAIL GPU: {empty}/proc/driver/nvidia/version: No such file or directory (is the nvidia kernel driver "
+        "loaded?) -> GPU jobs on this node fail until this is fixed",
+        "FAIL GPU: /dev/nvidiactl: missing or not a character device -> GPU jobs on this node fail until this is fixed",
+        "FAIL GPU: no GPU device nodes matching /dev/nvidia([0-9]+) -> GPU jobs on this node fail until this is fixed",
+    ]
 
 
 def test_fake_gpu_job_without_gpus_gets_nothing(fake_gpu_site, users):

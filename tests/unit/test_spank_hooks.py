@@ -118,3 +118,12 @@ def test_extern_sshd_stays_in_the_step_cgroup_on_a_fake_cgroup_v2_tree(tmp_path)
     assert sshd_cgroup(str(v2), 1000, "7") is None
     assert sshd_cgroup(str(v1), 1000, "7") == f"{v1}/shifter/uid_1000/job_7"
     assert sshd_cgroup(None, 1000, "7") is None
+
+
+def test_the_jobs_gpus_from_the_prolog_environment_reach_setuproot() -> None:
+    """Slurm 22.05 gives the prolog SLURM_JOB_GPUS (slurm.conf(5), "Prolog and Epilog" environment)."""
+    argv = argv_for([], {**PROLOG_ENV, "SLURM_JOB_GPUS": "0,2"})
+    assert argv[argv.index("--gpus") + 1] == "0,2" and argv.index("--gpus") < argv.index("--")
+    assert parse_args(argv[1:], None).gpus == "0,2"
+    without = argv_for([], PROLOG_ENV)
+    assert "--gpus" not in without and parse_args(without[1:], None).gpus == ""
