@@ -211,11 +211,18 @@ def enter_prepared(job, meta, opts: Options, environ: dict[str, str], request: R
     if getattr(config, "gpu_recipe", None):
         from shifter.launchplan import decode_operations
 
-        try:
-            with open(job.gpu_env, "rb") as fh:
-                gpu_ops = decode_operations(fh.read())
+        try:  # in the user's job directory: only setupRoot's own file counts
+            fd = os.open(job.gpu_env, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
-            pass
+            fd = -1
+        except OSError as exc:
+            raise ShifterError(f"{job.gpu_env}: {exc.strerror}") from None
+        if fd >= 0:
+            with os.fdopen(fd, "rb") as fh:
+                info = os.fstat(fh.fileno())
+                if info.st_uid != 0 or (info.st_mode & 0o170000) != 0o100000:
+                    raise ShifterError(f"{job.gpu_env} was not written by setupRoot")
+                gpu_ops = decode_operations(fh.read())
     argv, env, cwd = prepare_exec(opts, environ, request, meta, config, modules, gpu_ops)
     try:
         userns.enter_user_namespace(job.userns)
