@@ -1,9 +1,10 @@
 """GPU injection with real mounts on a fake GPU node (no GPU here: the driver and the devices are fakes).
 
-What stands in (and only that): a driver tree built by the test (versioned shared objects made
-from tests/root/fake_gpu/*.c, a loader cache made by the host's ldconfig, a driver version
-file, an ``nvidia-smi`` that prints what it sees) and a node /dev whose NVIDIA nodes are made
-with mknod (major 195) in a private mount namespace (tests/root/fake_gpu/node.py).  setupRoot,
+What stands in (and only that), from localcluster/fakegpu.py: a driver tree built by the test
+(versioned shared objects made from localcluster/fake_gpu/*.c, a loader cache made by the
+host's ldconfig, a driver version file, an ``nvidia-smi`` that prints what it sees) and a node
+/dev whose NVIDIA nodes are made with mknod (major 195) in a private mount namespace
+(tests/root/fake_gpu/node.py).  setupRoot,
 the launchers and unsetupRoot are the real ones, with real mounts.
 """
 
@@ -16,43 +17,15 @@ import subprocess
 
 import pytest
 
+from localcluster import fakegpu
 from shifter.meta import ImageMeta, write_meta
 from tests.root.conftest import PYTHON, REPO
 
 HERE = os.path.join(REPO, "tests", "root", "fake_gpu")
-VERSION = "535.104.05"
+VERSION = fakegpu.VERSION
 GPU_IMAGE_ID = "9" * 64
 SITE_RESOURCES = "/opt/shifter/site-resources"
-LIBDIR = "usr/lib/x86_64-linux-gnu"
-
-
-def _gcc(*args: str) -> None:
-    subprocess.run(["gcc", "-O1", "-Wall", "-Werror", *args], check=True)
-
-
-def _fake_library(path: str, soname: str, version: str) -> None:
-    _gcc("-shared", "-fPIC", f'-DFAKE_VERSION="{version}"', f"-Wl,-soname,{soname}",
-         os.path.join(HERE, "libfake.c"), "-o", path)
-
-
-def _build_driver(root: str) -> None:
-    """A driver tree shaped like a real one: versioned libraries, soname links, loader cache, tools."""
-    lib = os.path.join(root, LIBDIR)
-    os.makedirs(lib)
-    for name in ("libcuda", "libnvidia-ml", "libnvidia-ptxjitcompiler", "libnvidia-glcore"):
-        _fake_library(os.path.join(lib, f"{name}.so.{VERSION}"), f"{name}.so.1", VERSION)
-    _fake_library(os.path.join(lib, "libnvidia-cfg.so.470.82.01"), "libnvidia-cfg.so.1", "470.82.01")  # stale
-    os.makedirs(os.path.join(root, "etc"))
-    with open(os.path.join(root, "etc/ld.so.conf"), "w") as fh:
-        fh.write(f"/{LIBDIR}\n")
-    subprocess.run(["ldconfig", "-r", root], check=True)  # the cache and the soname links
-    os.makedirs(os.path.join(root, "usr/bin"))
-    _gcc(os.path.join(HERE, "nvidia-smi.c"), os.path.join(lib, f"libnvidia-ml.so.{VERSION}"),
-         "-o", os.path.join(root, "usr/bin/nvidia-smi"))
-    os.makedirs(os.path.join(root, "proc/driver/nvidia"))
-    with open(os.path.join(root, "proc/driver/nvidia/version"), "w") as fh:
-        fh.write(f"NVRM version: NVIDIA UNIX x86_64 Kernel Module  {VERSION}  Sat Aug 19 01:15:15 UTC 2023\n"
-                 "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n")
+LIBDIR = fakegpu.LIBDIR
 
 
 def _build_image(work: str, images: str) -> None:
@@ -65,8 +38,8 @@ def _build_image(work: str, images: str) -> None:
         os.symlink("busybox", os.path.join(tree, "bin", applet))
     shutil.copy(os.path.realpath("/lib64/ld-linux-x86-64.so.2"), os.path.join(tree, "lib64/ld-linux-x86-64.so.2"))
     shutil.copy(os.path.realpath("/lib/x86_64-linux-gnu/libc.so.6"), os.path.join(tree, "lib/x86_64-linux-gnu"))
-    _gcc(os.path.join(HERE, "gpuprobe.c"), "-o", os.path.join(tree, "usr/bin/gpuprobe"))
-    _fake_library(os.path.join(tree, "usr/local/cuda/lib64/stubs/libcuda.so.1"), "libcuda.so.1", "image-stub")
+    fakegpu.build_program("gpuprobe", os.path.join(tree, "usr/bin/gpuprobe"))
+    fakegpu.fake_library(os.path.join(tree, "usr/local/cuda/lib64/stubs/libcuda.so.1"), "libcuda.so.1", "image-stub")
     subprocess.run(["mksquashfs", tree, os.path.join(images, f"{GPU_IMAGE_ID}.squashfs"), "-noappend", "-quiet",
                     "-all-root"], check=True, stdout=subprocess.DEVNULL)
     shutil.rmtree(tree)
@@ -80,7 +53,7 @@ def fake_gpu_site(clean_site):
     site = clean_site
     driver = os.path.join(site.base, "fake_gpu_driver")
     if not os.path.isdir(driver):
-        _build_driver(driver)
+        fakegpu.build_driver(driver)
         _build_image(site.base, site.images)
     site.write_config(f"siteResources={SITE_RESOURCES}\ngpuRecipe=nvidia\ngpuDriverRoot={driver}\n")
     return site
