@@ -19,7 +19,7 @@ def _requested(args: argparse.Namespace) -> Settings:
     prefix = Path(args.prefix)
     return Settings(state_dir=Path(args.state_dir), prefix=prefix,
                     sysconfdir=Path(args.sysconfdir) if args.sysconfdir else prefix / "etc",
-                    nodes=args.nodes, gateway_port=args.gateway_port)
+                    nodes=args.nodes, gateway_port=args.gateway_port, fake_gpus=args.fake_gpus)
 
 
 def _running(args: argparse.Namespace) -> Settings:
@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gateway-port", type=int,
                         default=int(os.environ.get("GATEWAY_PORT", str(DEFAULT_GATEWAY_PORT))),
                         help="the gateway's port on 10.254.0.1 and 127.0.0.1 (default %(default)s)")
+    parser.add_argument("--fake-gpus", type=int, default=int(os.environ.get("FAKE_GPUS", "0") or 0),
+                        help="fake NVIDIA GPUs per node as Slurm GRES (localcluster/fakegpu.py; default 0)")
     parser.add_argument("--debian", action="store_true",
                         default=os.environ.get("DEBIAN_IMAGE", "0") not in ("", "0"),
                         help="also build and push demo/debian:bookworm (debootstrap, minutes the first time)")

@@ -55,7 +55,8 @@ def _write_udiroot_conf(settings: Settings) -> None:
               image_path=settings.image_path, prefix=settings.prefix, etc_path=settings.etc_path,
               opt_udi_image=opt_udi_image if opt_udi_image.is_dir() else None,
               per_node_cache=settings.per_node_cache, site_fs=hostdirs.site_fs(settings),
-              gateway_url=settings.gateway_url)
+              gateway_url=settings.gateway_url,
+              fake_gpu_driver=settings.fake_gpu_driver if settings.fake_gpus else None)
     os.chown(settings.udiroot_conf, 0, 0)
 
 
@@ -223,6 +224,11 @@ def up(settings: Settings, debian: bool) -> None:
     users.ensure_test_users()
     hostdirs.ensure(settings)
     users.write_site_etc(settings)
+    if settings.fake_gpus and not settings.fake_gpu_driver.is_dir():
+        from . import fakegpu
+
+        log(f"building the fake GPU driver in {settings.fake_gpu_driver} ({settings.fake_gpus} GPUs per node)")
+        fakegpu.build_driver(str(settings.fake_gpu_driver))
     _write_udiroot_conf(settings)
     _announce(pids, munge.NAME, "munged")
     munge.start(settings, pids)

@@ -33,12 +33,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shared-root", metavar="PIDFILE",
                         help="make every mount shared, as systemd does, and start a peer mount namespace "
                              "(like a PrivateTmp service's) whose pid goes to PIDFILE")
+    parser.add_argument("--fake-gpus", type=int, default=0, metavar="N",
+                        help="replace /dev by a copy with N fake NVIDIA GPUs (localcluster/fakegpu.py)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- program and arguments to exec")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("missing the command to exec")
     socket.sethostname(args.hostname)
+    if args.fake_gpus:  # first: the --tmpfs /dev/shm below goes on the node's new /dev
+        from localcluster.fakegpu import make_dev
+
+        try:
+            make_dev(args.fake_gpus)
+        except OSError as exc:
+            sys.exit(f"nodeinit: fake GPUs: {exc}")
     for spec in args.tmpfs:
         path, _, mode = spec.partition("=")
         os.makedirs(path, exist_ok=True)

@@ -24,6 +24,7 @@ DEFAULT_GATEWAY_PORT = 5555
 MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
 TEST_USERS = ("shifter-u1", "shifter-u2")
 MAX_NODES = 200
+MAX_FAKE_GPUS = 8
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,13 @@ class Settings:
     nodes: int = 2
     controller_host: str = ""
     gateway_port: int = DEFAULT_GATEWAY_PORT
+    fake_gpus: int = 0  # per node: fake NVIDIA GPUs (localcluster/fakegpu.py) as Slurm GRES, 0 none
 
     def __post_init__(self) -> None:
         if not 1 <= self.nodes <= MAX_NODES:
             raise ValueError(f"NODES must be between 1 and {MAX_NODES}, got {self.nodes}")
+        if not 0 <= self.fake_gpus <= MAX_FAKE_GPUS:
+            raise ValueError(f"FAKE_GPUS must be between 0 and {MAX_FAKE_GPUS}, got {self.fake_gpus}")
         if not self.controller_host:
             object.__setattr__(self, "controller_host", socket.gethostname())
 
@@ -144,6 +148,11 @@ class Settings:
         return self.state_dir / "node" / "perNodeCache"
 
     @property
+    def fake_gpu_driver(self) -> Path:
+        """The fake GPU driver tree (gpuDriverRoot) when fake_gpus is set."""
+        return self.state_dir / "fake_gpu_driver"
+
+    @property
     def udiroot_conf(self) -> Path:
         return self.sysconfdir / "udiRoot.conf"
 
@@ -186,4 +195,5 @@ class Settings:
             nodes=int(data["nodes"]),
             controller_host=data["controller_host"],
             gateway_port=int(data.get("gateway_port", DEFAULT_GATEWAY_PORT)),
+            fake_gpus=int(data.get("fake_gpus", 0)),
         )

@@ -52,8 +52,9 @@ def write_config(settings: Settings) -> str:
               state_dir=settings.state_dir, plugstack_conf=settings.plugstack_conf,
               node_tmp=settings.node_tmp, nodes=nodes,
               node_range=f"n[1-{settings.nodes}]" if settings.nodes > 1 else "n1",
-              cpus=2)
+              cpus=2, fake_gpus=settings.fake_gpus)
     render_to(settings.slurm_dir / "cgroup.conf", "cgroup.conf.j2")
+    render_to(settings.slurm_dir / "gres.conf", "gres.conf.j2", fake_gpus=settings.fake_gpus)
     render_to(settings.plugstack_conf, "plugstack.conf.j2", plugin=plugin,
               expected_plugin=settings.plugin_so, udiroot_conf=settings.udiroot_conf,
               plugin_args=features.plugstack_args(settings))
@@ -62,7 +63,8 @@ def write_config(settings: Settings) -> str:
     hosts += [f"{n['addr']}\t{n['name']}" for n in nodes]
     write_file(settings.node_hosts_file, "\n".join(hosts) + "\n")
     digest = hashlib.sha256()
-    for path in (settings.slurm_conf, settings.slurm_dir / "cgroup.conf", settings.plugstack_conf):
+    for path in (settings.slurm_conf, settings.slurm_dir / "cgroup.conf", settings.slurm_dir / "gres.conf",
+                 settings.plugstack_conf):
         digest.update(path.read_bytes())
     if plugin is not None:
         digest.update(plugin.read_bytes())
@@ -131,6 +133,8 @@ def start_node(settings: Settings, pids: PidRegistry, node: str,
             nodeinit += ["--memory-cgroup", str(memory_cgroup)]
         if node == features.SHARED_ROOT_NODE:
             nodeinit += ["--shared-root", str(features.peer_pidfile(settings, node))]
+        if settings.fake_gpus:
+            nodeinit += ["--fake-gpus", str(settings.fake_gpus)]
         argv = ["nsenter", net, "--", "unshare", "--mount", "--uts", "--ipc", "--propagation", "private", "--",
                 *nodeinit,
                 "--tmpfs", f"{settings.udi_mount}=0755", "--tmpfs", f"{settings.loop_mount}=0700",
