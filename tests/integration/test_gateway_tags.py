@@ -12,7 +12,6 @@ import http.client
 import http.server
 import json
 import os
-import pwd
 import sqlite3
 import subprocess
 import threading
@@ -37,6 +36,7 @@ from fixtures_registry import (
 from localcluster import oci
 from shifter import munge
 from shifter.meta import read_meta
+from tests.root.conftest import USERS, Account, Users
 
 missing = have("munged", "docker-registry", "tar2sqfs", "mksquashfs")
 pytestmark = [
@@ -49,12 +49,18 @@ BLOB_LOGIN = ("bob", "blobpass")
 NOBODY = 65534
 
 
-def _user(name: str) -> tuple[int, int]:
-    entry = pwd.getpwnam(name)
-    return entry.pw_uid, entry.pw_gid
+RT1 = RT2 = (-1, -1)  # (uid, gid) of the runtime tests' two users; set by _rt_users before any test runs
 
 
-RT1, RT2 = _user("shifter-rt1"), _user("shifter-rt2")
+@pytest.fixture(scope="module", autouse=True)
+def _rt_users() -> Iterator[None]:
+    """Two unprivileged users, made here on a fresh machine (the runtime tests make them only later)."""
+    global RT1, RT2
+    made = Users()
+    made.ensure()
+    RT1, RT2 = ((account.uid, account.gid) for account in map(Account, USERS))
+    yield
+    made.remove()
 
 
 class BlobAuthFront:
