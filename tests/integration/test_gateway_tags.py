@@ -12,8 +12,10 @@ import http.client
 import http.server
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
@@ -189,12 +191,11 @@ def _image(payload: bytes, env: list[str] | None = None, labels: dict[str, str] 
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    root = tmp_path_factory.mktemp("tags")
+def site() -> Iterator[Site]:
+    # not under pytest's base directory: the import users must reach their files, and every pytest
+    # session makes /tmp/pytest-of-root 0700 again
+    root = Path(tempfile.mkdtemp(prefix="shifter-tags-", dir="/tmp"))
     os.chmod(root, 0o755)
-    for parent in root.parents:  # the import users must reach their files under it
-        if str(parent).startswith("/tmp/") and parent.stat().st_mode & 0o005 != 0o005:
-            os.chmod(parent, parent.stat().st_mode | 0o005)
     munged = Munged().start()
     public = Registry(root, "public").start()
     private = Registry(root, "private", htpasswd=LOGIN).start()
@@ -223,6 +224,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         private.stop()
         public.stop()
         munged.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _squashfs(site: Site, name: str, owner: tuple[int, int], data: bytes = b"") -> Path:
