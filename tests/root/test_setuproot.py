@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -260,17 +261,22 @@ def test_request_error_is_recorded_on_a_node_that_never_built_a_job(clean_site, 
     from spank_plugin.hooks import JobRequest, PlugstackArgs, record_setup_error
 
     site, user, other = clean_site, users[0], users[1]
-    if os.path.isdir(site.udi_mount):
-        os.rmdir(site.udi_mount)  # nothing ran here yet (clean_site leaves it empty)
+    udi_mount = os.path.join(site.base, "first-job-udi")  # this node never ran a job: no udiMount yet
+    conf = os.path.join(site.base, "first-job.conf")
+    with open(site.conf) as fh, open(conf, "w") as out:
+        out.write(fh.read().replace(f"udiMount={site.udi_mount}\n", f"udiMount={udi_mount}\n"))
     req = JobRequest(job_id="112", uid=user.uid, gid=user.gid, user=user.name, image_type="id", image=IMAGE_ID,
                      volumes=[], modules=None, ssh_pubkey=None, node_spec="")
-    record_setup_error(PlugstackArgs(shifter_config=site.conf), req, "volume /x: not allowed")
-    error = os.path.join(site.udi_mount, "112", "setup.error")
-    assert os.stat(site.udi_mount).st_uid == 0 and os.stat(error).st_uid == 0
-    read = subprocess.run(["cat", error], user=user.uid, group=user.gid, capture_output=True, text=True)
-    assert read.stdout == "volume /x: not allowed\n"
-    assert subprocess.run(["cat", error], user=other.uid, group=other.gid, capture_output=True).returncode != 0
-    out = site.shifter(user, "true", env=site.job_env("112"))
-    assert out.returncode != 0 and "volume /x: not allowed" in out.stderr and "Traceback" not in out.stderr
-    assert site.unsetup("--job-id", "112").returncode == 0
-    assert not os.path.lexists(os.path.join(site.udi_mount, "112"))
+    try:
+        record_setup_error(PlugstackArgs(shifter_config=conf), req, "volume /x: not allowed")
+        error = os.path.join(udi_mount, "112", "setup.error")
+        assert os.stat(udi_mount).st_uid == 0 and os.stat(error).st_uid == 0
+        read = subprocess.run(["cat", error], user=user.uid, group=user.gid, capture_output=True, text=True)
+        assert read.stdout == "volume /x: not allowed\n"
+        assert subprocess.run(["cat", error], user=other.uid, group=other.gid, capture_output=True).returncode != 0
+        out = site.shifter(user, "true", env=site.job_env("112", SHIFTER_UDIROOT_CONF=conf))
+        assert out.returncode != 0 and "volume /x: not allowed" in out.stderr and "Traceback" not in out.stderr
+        assert site.unsetup("--job-id", "112").returncode == 0
+    finally:
+        subprocess.run([os.path.join(site.bin, "unsetupRoot"), "--config", conf, "--job-id", "112"], check=True)
+        shutil.rmtree(udi_mount)

@@ -353,6 +353,7 @@ def test_ccm_task_reads_no_root_only_file_while_the_user_swaps_setup_error(clean
                      volumes=[], modules=None, ssh_pubkey=None, node_spec="")
     record_setup_error(PlugstackArgs(shifter_config=site.conf), req, "the real reason")
     job_dir = os.path.join(site.udi_mount, "332")
+    os.chown(job_dir, user.uid, user.gid)  # the layout without POSIX ACLs: the user owns the job directory
     decoy = os.path.join(job_dir, "decoy")
     os.symlink(canary, decoy)
     os.lchown(decoy, user.uid, user.gid)
