@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator
 
 from setuproot.args import SetupRequest, default_config_path
-from shifter import container, filecopy, launchplan, linux, loopdev, teardown, userns
+from shifter import container, filecopy, jobdir, launchplan, linux, loopdev, teardown, userns
 from shifter.config import UdiRootConfig, load_config
 from shifter.errors import NodeError, RequestError, ShifterError
 from shifter.jobenv import JobEnv
@@ -128,16 +128,6 @@ def _make_dir(path: str, mode: int, uid: int = 0, gid: int = 0) -> None:
     os.chmod(path, mode)
 
 
-def _ensure_base(path: str, mode: int) -> None:
-    """The shared parent (udiMount, loopMount): root-owned and not writable by anyone else."""
-    os.makedirs(path, mode, exist_ok=True)
-    info = os.lstat(path)
-    if info.st_uid != 0 or not os.path.isdir(path) or os.path.islink(path):
-        raise NodeError(f"{path} must be a directory owned by root")
-    if info.st_mode & 0o777 != mode:
-        os.chmod(path, mode)
-
-
 def _propagation_fields(path: str) -> list[str] | None:
     """The optional fields (``shared:N``, ``master:N``...) of the topmost mount on ``path``, or None."""
     from shifter.mounts import unescape
@@ -237,12 +227,12 @@ def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest,
         marker = marker_text(identifier, account.user, volume_signature(user_volumes), [m.name for m in modules])
 
     with node_step("udiMount and loopMount"):
-        _ensure_base(config.udi_mount, 0o755)
-        _ensure_base(config.loop_mount, 0o700)
+        jobdir.ensure_base(config.udi_mount, 0o755)
+        jobdir.ensure_base(config.loop_mount, 0o700)
         _isolate_base(config.udi_mount)
         _isolate_base(config.loop_mount)
-        # root's until the end, so the user cannot swap paths under the mounts being made; 0711 lets the
-        # user volumes be resolved with the user's own permissions meanwhile
+        # root's for good (shifter/jobdir.py), so the user cannot swap paths under the mounts being made;
+        # 0711 lets the user volumes be resolved with the user's own permissions meanwhile
         _make_dir(job.dir, 0o711)
         _make_dir(job.root, 0o755)
         if request.image_type != "local":
@@ -303,8 +293,11 @@ def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest,
         if not config.mount_udi_root_writable:
             linux.mount(None, job.root, None,
                         linux.MS_REMOUNT | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_RDONLY)
-        os.chown(job.dir, account.uid, account.gid)  # now only the job's user may enter
-        os.chmod(job.dir, 0o700)
+        dir_fd = os.open(job.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            jobdir.admit_user(dir_fd, account.uid, account.gid)  # now the job's user, and only it, may enter
+        finally:
+            os.close(dir_fd)
 
 
 def setup_job(request: SetupRequest) -> None:

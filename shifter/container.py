@@ -131,8 +131,11 @@ def _bind_site_volume(config: UdiRootConfig, spec: RootSpec, mount: VolumeMount,
     if mount.per_node_cache is not None:
         if not spec.privileged:
             raise ShifterError(f"site volume {mount.target}: perNodeCache needs the prepared environment")
-        target = _make_path(spec.root, mount.target, True, tmpfs_dev)
-        mount_per_node_cache(config, spec, mount, target)
+        target_fd = fdpath.open_dir(_make_path(spec.root, mount.target, True, tmpfs_dev))
+        try:
+            mount_per_node_cache(config, spec, mount, target_fd)
+        finally:
+            os.close(target_fd)
         return
     try:
         source_is_dir = os.path.isdir(mount.source)
@@ -147,14 +150,13 @@ def _bind_site_volume(config: UdiRootConfig, spec: RootSpec, mount: VolumeMount,
         raise ShifterError(f"site volume {mount.source}:{mount.target}: {exc.strerror}") from None
 
 
-def mount_per_node_cache(config: UdiRootConfig, spec: RootSpec, mount: VolumeMount, target: str,
-                         final: str | None = None) -> None:
-    """A sparse xfs file, loop-mounted on ``target`` for the job, unlinked at once.
+def mount_per_node_cache(config: UdiRootConfig, spec: RootSpec, mount: VolumeMount, target_fd: int) -> None:
+    """A sparse xfs file, loop-mounted on ``target_fd`` for the job, unlinked at once.
 
     Unlinking right after the mount makes the cache anonymous: it disappears with the unmount.
     The file name carries the job's tag so a crash between creating and unlinking it is still
-    cleaned up by unsetupRoot.  ``target`` may be a /proc/self/fd reference; ``final`` is then
-    the path, reopened after the mount to reach the new filesystem's root.
+    cleaned up by unsetupRoot.  The filesystem is chowned to the user through its own mount
+    descriptor before it is attached (fdpath.mount_new_fs): no path is looked up again.
     """
     import subprocess
     import tempfile
@@ -183,19 +185,12 @@ def mount_per_node_cache(config: UdiRootConfig, spec: RootSpec, mount: VolumeMou
             raise ShifterError(f"perNodeCache on {mount.target}: mkfs.xfs failed: {lines[0] if lines else ''}")
         device, dev_fd = loopdev.attach(backing, read_only=False)
         try:
-            linux.mount(device, target, "xfs", linux.MS_NOSUID | linux.MS_NODEV)
+            fdpath.mount_new_fs("xfs", device, target_fd, owner=(spec.account.uid, spec.account.gid),
+                                propagation=_propagation(config, mount))
         except OSError as exc:
             raise ShifterError(f"perNodeCache on {mount.target}: {exc.strerror}") from None
         finally:
             os.close(dev_fd)
-        mounted_fd = pathsafe.open_inside(spec.root, final or target, os.O_PATH | os.O_DIRECTORY)
-        try:
-            if os.fstat(mounted_fd).st_dev != os.stat(device).st_rdev:  # a swap between mount and reopen
-                raise ShifterError(f"perNodeCache on {mount.target}: the target changed while it was mounted")
-            os.chown(f"/proc/self/fd/{mounted_fd}", spec.account.uid, spec.account.gid)
-            linux.mount(None, f"/proc/self/fd/{mounted_fd}", None, _propagation(config, mount))
-        finally:
-            os.close(mounted_fd)
     finally:
         if fd >= 0:
             os.close(fd)
@@ -494,7 +489,7 @@ def _bind_user_volume(config: UdiRootConfig, spec: RootSpec, mount: VolumeMount,
         if mount.per_node_cache is not None:
             if not spec.privileged:
                 raise ShifterError(f"{what}: perNodeCache needs the prepared environment (set up by the prolog)")
-            mount_per_node_cache(config, spec, mount, fdpath.proc_path(target_fd), spec.root + inside)
+            mount_per_node_cache(config, spec, mount, target_fd)
             return
         try:
             with _AsUser(spec.account) if spec.privileged else _AsSelf():

@@ -198,18 +198,25 @@ def _remove_entry(parent_fd: int, name: str, device: int) -> None:
     raise OSError(errno.EAGAIN, f"{name} keeps changing while it is removed")
 
 
-_SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_MOUNT_SETATTR = 428, 429, 442
+_SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_FSOPEN, _SYS_FSCONFIG, _SYS_FSMOUNT, _SYS_MOUNT_SETATTR = (
+    428, 429, 430, 431, 432, 442)
 _OPEN_TREE_CLONE = 1
 _AT_EMPTY_PATH = 0x1000
 _AT_RECURSIVE = 0x8000
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _MOVE_MOUNT_T_EMPTY_PATH = 0x40
+_FSOPEN_CLOEXEC = _FSMOUNT_CLOEXEC = 0x1
+_FSCONFIG_SET_STRING, _FSCONFIG_CMD_CREATE = 1, 6
 _MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
 _open_tree = linux._function("syscall", linux._ULong, linux._Int, linux._CharP, linux._ULong)
 _move_mount = linux._function("syscall", linux._ULong, linux._Int, linux._CharP, linux._Int, linux._CharP,
                               linux._ULong)
 _mount_setattr = linux._function("syscall", linux._ULong, linux._Int, linux._CharP, linux._ULong, linux._CharP,
                                  linux._ULong)
+_fsopen = linux._function("syscall", linux._ULong, linux._CharP, linux._ULong)
+_fsconfig = linux._function("syscall", linux._ULong, linux._Int, linux._ULong, linux._CharP, linux._CharP,
+                            linux._Int)
+_fsmount = linux._function("syscall", linux._ULong, linux._Int, linux._ULong, linux._ULong)
 
 
 def _check(result: int, what: str) -> int:
@@ -217,6 +224,20 @@ def _check(result: int, what: str) -> int:
         err = _ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
     return result
+
+
+def _restrict(tree: int, *, readonly: bool, nodev: bool, propagation: int, recursive_flag: int) -> None:
+    """nosuid (nodev, read-only) and the propagation on a detached mount, before anyone can see it."""
+    attr_set = _MOUNT_ATTR_NOSUID | (_MOUNT_ATTR_NODEV if nodev else 0) | (_MOUNT_ATTR_RDONLY if readonly else 0)
+    attr = b"".join(value.to_bytes(8, sys.byteorder) for value in (attr_set, 0, propagation, 0))
+    _check(_mount_setattr(_SYS_MOUNT_SETATTR, tree, b"", _AT_EMPTY_PATH | recursive_flag, attr, len(attr)),
+           "mount_setattr")
+
+
+def _attach(tree: int, target_fd: int) -> None:
+    _check(_move_mount(_SYS_MOVE_MOUNT, tree, b"", target_fd, b"",
+                       _MOVE_MOUNT_F_EMPTY_PATH | _MOVE_MOUNT_T_EMPTY_PATH),
+           f"move_mount onto {real_path(target_fd)}")
 
 
 def bind_fd(source_fd: int, target_fd: int, *, readonly: bool = False, recursive: bool = False,
@@ -232,12 +253,32 @@ def bind_fd(source_fd: int, target_fd: int, *, readonly: bool = False, recursive
     tree = _check(_open_tree(_SYS_OPEN_TREE, source_fd, b"",
                              _OPEN_TREE_CLONE | os.O_CLOEXEC | _AT_EMPTY_PATH | recursive_flag), "open_tree")
     try:
-        attr_set = _MOUNT_ATTR_NOSUID | (_MOUNT_ATTR_NODEV if nodev else 0) | (_MOUNT_ATTR_RDONLY if readonly else 0)
-        attr = b"".join(value.to_bytes(8, sys.byteorder) for value in (attr_set, 0, propagation, 0))
-        _check(_mount_setattr(_SYS_MOUNT_SETATTR, tree, b"", _AT_EMPTY_PATH | recursive_flag, attr, len(attr)),
-               "mount_setattr")
-        _check(_move_mount(_SYS_MOVE_MOUNT, tree, b"", target_fd, b"",
-                           _MOVE_MOUNT_F_EMPTY_PATH | _MOVE_MOUNT_T_EMPTY_PATH),
-               f"move_mount onto {real_path(target_fd)}")
+        _restrict(tree, readonly=readonly, nodev=nodev, propagation=propagation, recursive_flag=recursive_flag)
+        _attach(tree, target_fd)
+    finally:
+        os.close(tree)
+
+
+def mount_new_fs(fstype: str, source: str, target_fd: int, *, owner: tuple[int, int],
+                 propagation: int = linux.MS_PRIVATE) -> None:
+    """Mount a new ``fstype`` filesystem from ``source`` on ``target_fd``, its root owned by ``owner``.
+
+    The filesystem is made detached (fsopen/fsmount), nosuid and nodev from the start; its root
+    is chowned through the mount's own descriptor and only then attached: no path is looked up
+    between the mount and the chown, so a swap in the user's tree cannot redirect the chown.
+    """
+    context = _check(_fsopen(_SYS_FSOPEN, fstype.encode(), _FSOPEN_CLOEXEC), f"fsopen {fstype}")
+    try:
+        _check(_fsconfig(_SYS_FSCONFIG, context, _FSCONFIG_SET_STRING, b"source", os.fsencode(source), 0),
+               f"{fstype} source {source}")
+        _check(_fsconfig(_SYS_FSCONFIG, context, _FSCONFIG_CMD_CREATE, None, None, 0), f"mount {fstype} {source}")
+        tree = _check(_fsmount(_SYS_FSMOUNT, context, _FSMOUNT_CLOEXEC, _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV),
+                      f"fsmount {fstype}")
+    finally:
+        os.close(context)
+    try:
+        os.chown(proc_path(tree), *owner)
+        _restrict(tree, readonly=False, nodev=True, propagation=propagation, recursive_flag=0)
+        _attach(tree, target_fd)
     finally:
         os.close(tree)

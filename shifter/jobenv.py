@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from shifter.config import UdiRootConfig
 
 _MAX_JOBID_DIGITS = 20
+ERROR_FILE = "setup.error"
+PLAN_FILE = "launch.plan"
 
 
 def check_jobid(text: str | None) -> str:
@@ -41,9 +43,9 @@ class JobEnv:
         self.loop_mount = f"{config.loop_mount.rstrip('/')}/{self.jobid}"
         # why the prolog could not build the environment (the user's request was at fault);
         # written by the prolog hook, read by the launcher, removed with the directory
-        self.error = f"{self.dir}/setup.error"
+        self.error = f"{self.dir}/{ERROR_FILE}"
         # what the interpreter-free launcher needs to enter this environment (shifter/launchplan.py)
-        self.plan = f"{self.dir}/launch.plan"
+        self.plan = f"{self.dir}/{PLAN_FILE}"
         # the job's GPU environment (shifter/gpu.py), for the Python launcher; what covers hidden devices
         self.gpu_env = f"{self.dir}/gpu.env"
         self.gpu_hide = f"{self.dir}/gpu-hidden"

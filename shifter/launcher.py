@@ -398,9 +398,8 @@ def launch(args: list[str], environ: dict[str, str]) -> None:
 
         job = JobEnv(config, jobid)
         marker = _read_text(job.marker)
-        if marker is None:
-            _raise_setup_error(job, environ, request)
-        else:
+        _raise_setup_error(job, environ, request)  # also after the build: the extern step's sshd may have failed
+        if marker is not None:
             signature = ""
             if request.volumes:
                 from shifter.volumemap import parse_volume_map, volume_signature

@@ -56,7 +56,20 @@ def parse_plugstack_args(args: list[str]) -> tuple[PlugstackArgs, list[str]]:
             setattr(conf, key, _flag(key, value))
         else:
             conf.unknown.append(arg)
+    if conf.enable_sshd and not (conf.extern_cgroup or conf.memory_cgroup):
+        raise ShifterError("plugstack.conf: enable_sshd=1 needs extern_cgroup=1 (with PrologFlags=contain) or "
+                           "memory_cgroup=: without either, what users start through the job's sshd outlives the job")
     return conf, rest
+
+
+def check_sshd_on_node(conf: PlugstackArgs) -> None:
+    """On the unified cgroup v2 hierarchy a prolog-started sshd would leave Slurm's job cgroup for the
+    shifter one (no Slurm limits, no accounting): there only the extern step may start it."""
+    from shifter import jobcgroup
+
+    if conf.enable_sshd and not conf.extern_cgroup and conf.memory_cgroup and jobcgroup.is_unified(conf.memory_cgroup):
+        raise ShifterError(f"plugstack.conf: enable_sshd=1 with memory_cgroup={conf.memory_cgroup} (cgroup v2) needs "
+                           "extern_cgroup=1, so that the job's sshd stays in Slurm's job cgroup")
 
 
 def _flag(key: str, value: str) -> bool:
@@ -301,6 +314,11 @@ def prolog(conf: PlugstackArgs, opts: dict[str, str]) -> int:
     """
     from shifter.errors import REQUEST_FAILED
 
+    try:
+        check_sshd_on_node(conf)
+    except ShifterError as err:  # the site's configuration: no job of this node can be served safely
+        drain_node(f"shifter: {err}")
+        raise
     req = job_request(opts, dict(os.environ), conf)
     remove_stale_environments(conf, req.job_id)
     try:
@@ -338,29 +356,11 @@ def drain_node(reason: str) -> None:
 
 
 def record_setup_error(conf: PlugstackArgs, req: JobRequest, reason: str) -> None:
-    """Leave the reason where only the job's user can read it: <udiMount>/<jobid>/setup.error.
-
-    The directory is the job's own (0700, the user's), so the epilog removes the file with it.
-    """
+    """Leave the reason where only the job's user can read it: <udiMount>/<jobid>/setup.error."""
+    from shifter import jobdir
     from shifter.config import load_config
-    from shifter.jobenv import JobEnv
 
-    job = JobEnv(load_config(conf.shifter_config), req.job_id)
-    try:
-        os.mkdir(job.dir, 0o700)
-    except FileExistsError:
-        if not os.path.isdir(job.dir) or os.path.islink(job.dir):
-            raise ShifterError(f"prolog: {job.dir} is not a directory") from None
-    os.chown(job.dir, 0, 0)
-    os.chmod(job.dir, 0o700)
-    try:
-        os.unlink(job.error)  # never write through whatever is there
-    except FileNotFoundError:
-        pass
-    fd = os.open(job.error, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    with os.fdopen(fd, "w") as fh:
-        fh.write((reason or "setupRoot failed") + "\n")
-    os.chown(job.dir, req.uid, req.gid)
+    jobdir.record_error(load_config(conf.shifter_config).udi_mount, req.job_id, req.uid, req.gid, reason)
 
 
 def remove_stale_environments(conf: PlugstackArgs, current_job: str) -> None:

@@ -11,7 +11,7 @@ alive forever, nor make one look dead):
   only with real uid 0 (with ``PrologFlags=contain`` the extern step lives as long as the job);
 - neither its container root (a root-owned tmpfs, created at mount time) nor its loop mount
   directory changed within ``GRACE_SECONDS`` (a prolog between its end and the extern step);
-  only root-owned paths count: the job directory under udiMount belongs to the user;
+  only root-owned paths count: the job directory under udiMount is the user's where ACLs are missing;
 - the controller does not list the job as running (one squeue call, made only for such a
   rare candidate; when it cannot answer nothing is removed).
 

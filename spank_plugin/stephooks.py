@@ -81,6 +81,10 @@ def extern(conf: PlugstackArgs, opts: dict[str, str]) -> int:
             sshd.start_unless_port_taken(job.root, _account(uid, gid), cgroup, job_id)
         except ShifterError as err:  # e.g. a squatter took the port after the prolog checked it
             print(f"shifter: job {job_id}: the job's sshd did not start: {err}", file=sys.stderr)
+            from shifter import jobdir
+
+            # the job's tasks fail with the reason instead of running with someone else's port 1204
+            jobdir.record_error(os.path.dirname(job.dir), job_id, uid, gid, f"the job's sshd did not start: {err}")
             failed = 1
     if conf.extern_setup:
         return run_extern_setup(conf.extern_setup, job_id, _account(uid, gid), job.root) or failed
@@ -126,9 +130,9 @@ def ccm_task(conf: PlugstackArgs, opts: dict[str, str]) -> str:
 
     The shim asks because the task's environment says ``SLURM_SPANK_SHIFTER_CCM=1``, which any
     task can set: whether the job really is a --ccm job is decided here, from what the prolog
-    (root) left in the job's root, never from the task.  The job's directory is the user's, so
+    (root) left in the job's root, never from the task.  The job's directory may be the user's, so
     everything in it is opened through its descriptor, without following symlinks, and trusted
-    only when root owns it.
+    only when root owns it; the root-owned marker must name the task's user.
     """
     job_id, uid, _ = _ids(opts, "ccm-task")
     job = _job(conf, job_id)
@@ -139,7 +143,7 @@ def ccm_task(conf: PlugstackArgs, opts: dict[str, str]) -> str:
     except OSError:
         raise ShifterError(f"--ccm: the container of job {job_id} on this node is not ready") from None
     try:
-        if os.fstat(dir_fd).st_uid != uid:
+        if os.fstat(dir_fd).st_uid not in (0, uid):  # root's with the user's ACL, or (no ACLs) the user's
             raise ShifterError(f"--ccm: the container of job {job_id} on this node is not ready")
         reason = _read_root_owned(dir_fd, os.path.basename(job.error))
         if reason is not None:
@@ -150,7 +154,9 @@ def ccm_task(conf: PlugstackArgs, opts: dict[str, str]) -> str:
         os.close(dir_fd)
     if marker is None:
         raise ShifterError(f"--ccm: the container of job {job_id} on this node is not ready")
-    if _marker_identifier(marker) != CCM_ROOT:
+    if _marker_field(marker, "user") != _user_name(uid):
+        raise ShifterError(f"--ccm: the container of job {job_id} on this node is not ready")
+    if _marker_field(marker, "identifier") != CCM_ROOT:
         raise ShifterError(f"--ccm: job {job_id} was not submitted with --ccm")
     return job.root
 
@@ -182,11 +188,20 @@ def _read_root_owned(dir_fd: int, relpath: str) -> bytes | None:
         os.close(file_fd)
 
 
-def _marker_identifier(marker: bytes) -> str | None:
+def _marker_field(marker: bytes, key: str) -> str | None:
     import json
 
     try:
         value = json.loads(marker.decode())
     except (UnicodeDecodeError, ValueError):
         return None
-    return value.get("identifier") if isinstance(value, dict) else None
+    return value.get(key) if isinstance(value, dict) else None
+
+
+def _user_name(uid: int) -> str | None:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None

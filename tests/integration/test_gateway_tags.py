@@ -12,9 +12,10 @@ import http.client
 import http.server
 import json
 import os
-import pwd
+import shutil
 import sqlite3
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
@@ -37,6 +38,7 @@ from fixtures_registry import (
 from localcluster import oci
 from shifter import munge
 from shifter.meta import read_meta
+from tests.root.conftest import USERS, Account, Users
 
 missing = have("munged", "docker-registry", "tar2sqfs", "mksquashfs")
 pytestmark = [
@@ -49,12 +51,18 @@ BLOB_LOGIN = ("bob", "blobpass")
 NOBODY = 65534
 
 
-def _user(name: str) -> tuple[int, int]:
-    entry = pwd.getpwnam(name)
-    return entry.pw_uid, entry.pw_gid
+RT1 = RT2 = (-1, -1)  # (uid, gid) of the runtime tests' two users; set by _rt_users before any test runs
 
 
-RT1, RT2 = _user("shifter-rt1"), _user("shifter-rt2")
+@pytest.fixture(scope="module", autouse=True)
+def _rt_users() -> Iterator[None]:
+    """Two unprivileged users, made here on a fresh machine (the runtime tests make them only later)."""
+    global RT1, RT2
+    made = Users()
+    made.ensure()
+    RT1, RT2 = ((account.uid, account.gid) for account in map(Account, USERS))
+    yield
+    made.remove()
 
 
 class BlobAuthFront:
@@ -183,12 +191,11 @@ def _image(payload: bytes, env: list[str] | None = None, labels: dict[str, str] 
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    root = tmp_path_factory.mktemp("tags")
+def site() -> Iterator[Site]:
+    # not under pytest's base directory: the import users must reach their files, and every pytest
+    # session makes /tmp/pytest-of-root 0700 again
+    root = Path(tempfile.mkdtemp(prefix="shifter-tags-", dir="/tmp"))
     os.chmod(root, 0o755)
-    for parent in root.parents:  # the import users must reach their files under it
-        if str(parent).startswith("/tmp/") and parent.stat().st_mode & 0o005 != 0o005:
-            os.chmod(parent, parent.stat().st_mode | 0o005)
     munged = Munged().start()
     public = Registry(root, "public").start()
     private = Registry(root, "private", htpasswd=LOGIN).start()
@@ -217,6 +224,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         private.stop()
         public.stop()
         munged.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _squashfs(site: Site, name: str, owner: tuple[int, int], data: bytes = b"") -> Path:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 
 import pytest
 
+from shifter import jobdir
 from tests.root.conftest import HOSTILE_ID, IMAGE_ID, PRIVATE_ID, Account
 
 
@@ -38,7 +41,8 @@ def test_setup_builds_the_root(clean_site, users):
     assert os.stat(os.path.join(root, "etc/shadow")).st_size == 0
     job_dir = os.path.join(site.udi_mount, "101")
     info = os.stat(job_dir)
-    assert (info.st_uid, info.st_mode & 0o777) == (user.uid, 0o700)
+    assert (info.st_uid, info.st_mode & 0o707) == (0, 0o700), "root's, nothing for others"
+    assert jobdir.acl_users(os.getxattr(job_dir, jobdir.ACL_XATTR)) == [user.uid], "only the job's user enters"
     options = {}
     with open("/proc/self/mountinfo") as fh:
         for line in fh:
@@ -230,3 +234,49 @@ def test_volume_source_on_the_host_but_outside_the_site_filesystems_is_explained
     assert "exists on the host" not in result.stderr, "root's view of the host must not leak"
     site.wait_no_loops()
     assert site.leftovers() == {}, site.leftovers()
+
+
+def test_job_directory_is_the_users_to_read_and_nobody_elses_to_change(clean_site, users):
+    """Only the job's user may enter it (an ACL on a root-owned directory), and not even it may rename
+    or replace what root later mounts over and removes."""
+    site, user, other = clean_site, users[0], users[1]
+    assert site.setup("111", user).returncode == 0
+    job_dir = os.path.join(site.udi_mount, "111")
+    as_user = {"user": user.uid, "group": user.gid, "capture_output": True, "text": True}
+    as_other = {"user": other.uid, "group": other.gid, "capture_output": True, "text": True}
+    assert subprocess.run(["cat", os.path.join(job_dir, "image.meta")], **as_user).returncode == 0
+    assert subprocess.run(["ls", job_dir], **as_other).returncode != 0, "another user lists the job directory"
+    for argv in (["mv", os.path.join(job_dir, "launch.plan"), os.path.join(job_dir, "x")],
+                 ["touch", os.path.join(job_dir, "planted")], ["chmod", "0777", job_dir]):
+        result = subprocess.run(argv, **as_user)
+        assert result.returncode != 0, f"the user could run {argv}"
+    assert sorted(os.listdir(job_dir)) == ["image.meta", "launch.plan", "root", "userns"]
+    out = site.shifter(user, "cat", "/etc/os-release", env=site.job_env("111"))
+    assert out.returncode == 0, out.stderr
+
+
+def test_request_error_is_recorded_on_a_node_that_never_built_a_job(clean_site, users):
+    """setupRoot refused the request before making udiMount: the reason still reaches the user, and
+    only that user (no drain, no traceback)."""
+    from spank_plugin.hooks import JobRequest, PlugstackArgs, record_setup_error
+
+    site, user, other = clean_site, users[0], users[1]
+    udi_mount = os.path.join(site.base, "first-job-udi")  # this node never ran a job: no udiMount yet
+    conf = os.path.join(site.base, "first-job.conf")
+    with open(site.conf) as fh, open(conf, "w") as out:
+        out.write(fh.read().replace(f"udiMount={site.udi_mount}\n", f"udiMount={udi_mount}\n"))
+    req = JobRequest(job_id="112", uid=user.uid, gid=user.gid, user=user.name, image_type="id", image=IMAGE_ID,
+                     volumes=[], modules=None, ssh_pubkey=None, node_spec="")
+    try:
+        record_setup_error(PlugstackArgs(shifter_config=conf), req, "volume /x: not allowed")
+        error = os.path.join(udi_mount, "112", "setup.error")
+        assert os.stat(udi_mount).st_uid == 0 and os.stat(error).st_uid == 0
+        read = subprocess.run(["cat", error], user=user.uid, group=user.gid, capture_output=True, text=True)
+        assert read.stdout == "volume /x: not allowed\n"
+        assert subprocess.run(["cat", error], user=other.uid, group=other.gid, capture_output=True).returncode != 0
+        out = site.shifter(user, "true", env=site.job_env("112", SHIFTER_UDIROOT_CONF=conf))
+        assert out.returncode != 0 and "volume /x: not allowed" in out.stderr and "Traceback" not in out.stderr
+        assert site.unsetup("--job-id", "112").returncode == 0
+    finally:
+        subprocess.run([os.path.join(site.bin, "unsetupRoot"), "--config", conf, "--job-id", "112"], check=True)
+        shutil.rmtree(udi_mount)

@@ -353,6 +353,7 @@ def test_ccm_task_reads_no_root_only_file_while_the_user_swaps_setup_error(clean
                      volumes=[], modules=None, ssh_pubkey=None, node_spec="")
     record_setup_error(PlugstackArgs(shifter_config=site.conf), req, "the real reason")
     job_dir = os.path.join(site.udi_mount, "332")
+    os.chown(job_dir, user.uid, user.gid)  # the layout without POSIX ACLs: the user owns the job directory
     decoy = os.path.join(job_dir, "decoy")
     os.symlink(canary, decoy)
     os.lchown(decoy, user.uid, user.gid)
@@ -369,3 +370,49 @@ def test_ccm_task_reads_no_root_only_file_while_the_user_swaps_setup_error(clean
     assert any("the real reason" in message for message in seen), seen
     shutil.rmtree(job_dir)
     os.unlink(canary)
+
+
+def test_squatter_after_the_prolog_fails_the_jobs_tasks(clean_site, users, udi_image):
+    """With --defer-sshd a user who takes port 1204 between the prolog and the extern step gets the job's
+    tasks refused with the reason, not a job that runs while someone else holds its sshd's port."""
+    import shlex
+    import sys
+
+    site, user, squatter = clean_site, users[0], users[1]
+    site.write_config(f"optUdiImage={udi_image}\n")
+    ready_dir = os.path.join(site.base, "late-squatter")
+    os.makedirs(ready_dir, exist_ok=True)
+    os.chown(ready_dir, squatter.uid, squatter.gid)
+    ready = os.path.join(ready_dir, "ready")
+    script_file = os.path.join(site.base, "squatter.py")
+    with open(script_file, "w") as fh:
+        fh.write(_SQUATTER)
+    os.chmod(script_file, 0o644)
+    setup = [os.path.join(site.bin, "setupRoot"), "--config", site.conf, "--job-id", "326", "-U", str(user.uid),
+             "-G", str(user.gid), "-u", user.name, "-s", _pubkey(site), "--defer-sshd", "id", IMAGE_ID]
+    squat = ["setpriv", f"--reuid={squatter.uid}", f"--regid={squatter.gid}", "--clear-groups",
+             "/usr/bin/python3", script_file, "v4", ready]
+    extern = [sys.executable, "-c",
+              "import sys; from spank_plugin.hooks import PlugstackArgs; from spank_plugin.stephooks import extern; "
+              f"sys.exit(extern(PlugstackArgs(shifter_config={site.conf!r}, extern_cgroup=True, enable_sshd=True), "
+              f"{{'job-id': '326', 'uid': '{user.uid}', 'gid': '{user.gid}'}}))"]
+    script = ("ip link set lo up || exit 90\n"
+              f"{' '.join(map(shlex.quote, setup))} || exit 91\n"
+              f"{' '.join(map(shlex.quote, squat))} & squatter=$!\n"
+              f"for i in $(seq 200); do [ -e {ready} ] && break; sleep 0.05; done\n"
+              f"[ -e {ready} ] || exit 92\n"
+              f"{' '.join(map(shlex.quote, extern))}; status=$?\n"
+              "kill $squatter; wait $squatter\n"
+              "exit $status\n")
+    try:
+        out = subprocess.run(["unshare", "-n", "sh", "-c", script], capture_output=True, text=True, timeout=60,
+                             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": REPO})
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "the job's sshd did not start" in out.stderr and "Traceback" not in out.stderr, out.stderr
+        task = site.shifter(user, "true", env=site.job_env("326"))
+        assert task.returncode != 0 and "the job's sshd did not start" in task.stderr, task.stderr
+        assert "port 1204" in task.stderr and "Traceback" not in task.stderr, task.stderr
+    finally:
+        assert site.unsetup("--job-id", "326").returncode == 0
+        shutil.rmtree(ready_dir)
+    assert not os.path.lexists(os.path.join(site.udi_mount, "326"))

@@ -10,7 +10,7 @@ import pytest
 from setuproot.args import parse_args
 from setuproot.sshd import ensure_login_shell
 from shifter.errors import ShifterError
-from spank_plugin.hooks import job_request, parse_plugstack_args, setuproot_argv
+from spank_plugin.hooks import check_sshd_on_node, job_request, parse_plugstack_args, setuproot_argv
 
 PROLOG_ENV = {"SLURM_JOB_ID": "42", "SLURM_JOB_UID": "1002", "SLURM_JOB_GID": "1003", "SLURM_JOB_USER": "alice",
               "SLURM_NODELIST": "n[1-2]", "SLURM_JOB_CPUS_PER_NODE": "2(x2)",
@@ -44,8 +44,27 @@ def test_without_the_features_setuproot_gets_none_of_them() -> None:
 
 
 def test_sshd_started_by_the_prolog_without_extern_cgroup() -> None:
-    argv = argv_for(["enable_sshd=1"], PROLOG_ENV)
+    argv = argv_for(["enable_sshd=1", "memory_cgroup=/sys/fs/cgroup/memory"], PROLOG_ENV)
     assert "-s" in argv and "--defer-sshd" not in argv
+
+
+def test_sshd_without_any_containment_is_a_configuration_error() -> None:
+    """Nothing would track what users start through the sshd: refused, with what to set."""
+    with pytest.raises(ShifterError, match="enable_sshd=1 needs extern_cgroup=1 .* or memory_cgroup="):
+        parse_plugstack_args(["enable_sshd=1"])
+    assert parse_plugstack_args(["enable_sshd=1", "extern_cgroup=1"])[0].enable_sshd
+
+
+def test_prolog_sshd_on_cgroup_v2_needs_the_extern_step(tmp_path) -> None:
+    """On the unified hierarchy a prolog-started sshd would leave Slurm's job cgroup (a v2 directory is
+    recognised by its cgroup.controllers file; a plain directory stands in for it here)."""
+    (tmp_path / "cgroup.controllers").write_text("cpu memory\n")
+    conf, _ = parse_plugstack_args(["enable_sshd=1", f"memory_cgroup={tmp_path}"])
+    with pytest.raises(ShifterError, match="cgroup v2.* needs extern_cgroup=1"):
+        check_sshd_on_node(conf)
+    check_sshd_on_node(parse_plugstack_args(["enable_sshd=1", "extern_cgroup=1", f"memory_cgroup={tmp_path}"])[0])
+    (tmp_path / "cgroup.controllers").unlink()  # cgroup v1: the memory hierarchy is one of its own
+    check_sshd_on_node(conf)
 
 
 def test_ccm_job_gets_the_local_root_image() -> None:
