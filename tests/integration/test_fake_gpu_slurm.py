@@ -36,7 +36,7 @@ ENV_LINE = ("echo \"task $SLURM_PROCID on $(hostname): NV=$NVIDIA_VISIBLE_DEVICE
 
 @pytest.fixture(scope="module")
 def gpu_cluster(cluster: Cluster) -> Cluster:
-    if cluster.settings().fake_gpus < 2:
+    if cluster.settings.fake_gpus < 2:
         pytest.skip("the cluster has no fake GPUs: start it with FAKE_GPUS=2 (see this file's docstring)")
     return cluster
 
