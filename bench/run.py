@@ -91,6 +91,12 @@ def main() -> int:
     record(metrics, "prolog/epilog", lambda: slurm.prolog_epilog_times(USER, env, debian, state / "log"),
            group=True)
 
+    if cluster.settings.fake_gpus >= 2:
+        record(metrics, "P9-gpu/P1-gpu",
+               lambda: slurm.measure_gpu(USER, env, python, debian, state / "log"), group=True)
+    else:
+        metrics["P9-gpu"] = {"value": None, "error": "the cluster has no fake GPUs (start it with FAKE_GPUS=2)"}
+
     results = {
         "machine": f"{os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}",
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

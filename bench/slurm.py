@@ -65,11 +65,13 @@ def _timer_script(text: str) -> str:
 
 
 def steps_in_allocation(user: str, env: dict[str, str], python: str, image: str, nodes: int, runs: int,
-                        shifter: str = "shifter", extra: list[str] | None = None) -> dict:
-    """Median srun step time with and without `shifter` inside one --image allocation."""
+                        shifter: str = "shifter", extra: list[str] | None = None,
+                        alloc: list[str] | None = None) -> dict:
+    """Median srun step time with and without `shifter` inside one --image allocation (``alloc``: more
+    salloc options, e.g. GPUs)."""
     script = _timer_script(STEP_TIMER)
     try:
-        out = _run_as(user, ["salloc", f"-N{nodes}", "--exclusive", f"--image={image}", "--quiet",
+        out = _run_as(user, ["salloc", f"-N{nodes}", "--exclusive", f"--image={image}", "--quiet", *(alloc or []),
                              python, "-I", script, str(nodes), str(runs), shifter, *(extra or [])], env)
     finally:
         os.unlink(script)
@@ -182,12 +184,13 @@ def measure_p6(user: str, env: dict[str, str], image: str, runs: int = 10) -> di
 HOOK_TIME = re.compile(r"shifter: (prolog|epilog) job (\d+) took ([0-9.]+) ms")
 
 
-def prolog_epilog_times(user: str, env: dict[str, str], image: str, log_dir: Path, runs: int = 3) -> dict:
-    """Per-node prolog and epilog wall times for a 2-node job, read from slurmd's logs."""
+def _hook_times(user: str, env: dict[str, str], image: str, log_dir: Path, runs: int,
+                extra: list[str] | None = None) -> dict[str, list[float]]:
+    """Per-node prolog and epilog wall times of ``runs`` 2-node jobs, read from slurmd's logs."""
     job_ids = []
     for _ in range(runs):
         out = _run_as(user, ["sbatch", "--parsable", "--wait", "-N2", "--exclusive", "--output=/dev/null",
-                             f"--image={image}", "--wrap=true"], env)
+                             f"--image={image}", *(extra or []), "--wrap=true"], env)
         job_ids.append(out.strip().split(";")[0])
     times: dict[str, list[float]] = {"prolog": [], "epilog": []}
     deadline = time.time() + 30
@@ -200,8 +203,36 @@ def prolog_epilog_times(user: str, env: dict[str, str], image: str, log_dir: Pat
         if len(times["epilog"]) >= 2 * runs:
             break
         time.sleep(1)
+    return times
+
+
+def prolog_epilog_times(user: str, env: dict[str, str], image: str, log_dir: Path, runs: int = 3) -> dict:
+    """Per-node prolog and epilog wall times for a 2-node job, read from slurmd's logs."""
+    times = _hook_times(user, env, image, log_dir, runs)
     return {
         f"{kind}_ms": {"value": round(statistics.median(v), 1) if v else None, "unit": "ms",
                "measured": f"{kind} per node, {image}, median of {len(v)}", "runs": len(v), "goal": None}
         for kind, v in times.items()
+    }
+
+
+def measure_gpu(user: str, env: dict[str, str], python: str, image: str, log_dir: Path, rounds: int = 5) -> dict:
+    """P9 and P1 with GPUs (a cluster with FAKE_GPUS=2): the prolog per node with GPU injection
+    (--gpus-per-node=2) against the same job without GPUs, interleaved; P1 with --gpus-per-node=1."""
+    plain: list[float] = []
+    gpus: list[float] = []
+    for _ in range(rounds):
+        plain += _hook_times(user, env, image, log_dir, 1)["prolog"]
+        gpus += _hook_times(user, env, image, log_dir, 1, ["--gpus-per-node=2"])["prolog"]
+    base, meas = statistics.median(plain), statistics.median(gpus)
+    p1 = steps_in_allocation(user, env, python, image, 2, 20, alloc=["--gpus-per-node=1"])
+    return {
+        "P9-gpu": {"value": round(meas - base, 1), "unit": "ms",
+                   "baseline": f"prolog per node without GPUs, {base:.1f} ms median of {len(plain)}",
+                   "measured": f"prolog per node with --gpus-per-node=2 (fake GPUs), {meas:.1f} ms median of "
+                               f"{len(gpus)}", "runs": len(gpus), "goal": "<= +15 ms"},
+        "P1-gpu": {"value": round(p1["meas_ms"] / p1["base_ms"], 3), "unit": "ratio",
+                   "baseline": f"srun -N2 /bin/true with --gpus-per-node=1, {p1['base_ms']:.0f} ms median",
+                   "measured": f"srun -N2 shifter /bin/true, {p1['meas_ms']:.0f} ms median",
+                   "runs": 20, "goal": "<= 1.10"},
     }
