@@ -188,6 +188,10 @@ def _check_gpu(report: Report, config) -> None:
         names = [f"{name} ({path})" for name, path in found.binaries]
         report.line(OK if names else WARN, "GPU binaries", " ".join(names) or "none of the recipe's programs found",
                     "install the driver's utilities (nvidia-smi)")
+    if not found.gpus and not found.version:  # a CPU node sharing the GPU nodes' udiRoot.conf
+        report.line(WARN, "GPU", "no GPU on this node: " + "; ".join(found.problems),
+                    "only GPU nodes need the driver; jobs without GPUs run here")
+        return
     for problem in found.problems:
         report.line(FAIL, "GPU", problem, "GPU jobs on this node fail until this is fixed")
 

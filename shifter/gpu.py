@@ -156,6 +156,8 @@ def loader_cache_text(driver_root: str, ldconfig: str = LDCONFIG) -> str:
     import subprocess
 
     cache = os.path.join(driver_root, "etc/ld.so.cache")
+    if not os.path.isfile(cache):
+        raise ShifterError(f"{cache}: no loader cache")
     result = subprocess.run([ldconfig, "-p", "-C", cache], capture_output=True, env={"PATH": "/usr/sbin:/sbin"},
                             stdin=subprocess.DEVNULL, check=False)
     if result.returncode != 0:

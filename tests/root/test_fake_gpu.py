@@ -160,20 +160,31 @@ def test_fake_gpu_job_sees_only_its_gpus_and_the_drivers_libraries(fake_gpu_site
 
 
 def test_fake_gpu_doctor_names_what_is_missing(fake_gpu_site, users):
-    """On a node without the driver (this host: no NVIDIA nodes in /dev, an empty driver root)."""
-    site = fake_gpu_site
+    """A node without the driver: this host (no NVIDIA nodes in /dev) is a CPU node; on the fake GPU
+    node, a driver root without a driver is a failure naming each missing part."""
+    site, user = fake_gpu_site, users[0]
     empty = os.path.join(site.base, "no_driver")
-    os.makedirs(empty, exist_ok=True)
+    os.makedirs(os.path.join(empty, "etc"), exist_ok=True)
     site.write_config(f"siteResources={SITE_RESOURCES}\ngpuRecipe=nvidia\ngpuDriverRoot={empty}\n")
-    out = site.shifter(users[0], "doctor", env={"PATH": "/usr/bin:/bin", "SHIFTER_UDIROOT_CONF": site.conf})
-    assert out.returncode == 1
-    report = [line for line in out.stdout.splitlines() if " GPU" in line]
-    assert report == [
-        f"FAIL GPU: {empty}/proc/driver/nvidia/version: No such file or directory (is the nvidia kernel driver "
-        "loaded?) -> GPU jobs on this node fail until this is fixed",
-        "FAIL GPU: /dev/nvidiactl: missing or not a character device -> GPU jobs on this node fail until this is fixed",
-        "FAIL GPU: no GPU device nodes matching /dev/nvidia([0-9]+) -> GPU jobs on this node fail until this is fixed",
-    ]
+    out = site.shifter(user, "doctor", env={"PATH": "/usr/bin:/bin", "SHIFTER_UDIROOT_CONF": site.conf})
+    version = f"{empty}/proc/driver/nvidia/version: No such file or directory (is the nvidia kernel driver loaded?)"
+    assert [line for line in out.stdout.splitlines() if " GPU" in line] == [
+        f"WARN GPU: no GPU on this node: {version}; /dev/nvidiactl: missing or not a character device; "
+        "no GPU device nodes matching /dev/nvidia([0-9]+) -> only GPU nodes need the driver; jobs without GPUs "
+        "run here"]
+    os.makedirs(os.path.join(empty, "proc/driver/nvidia"), exist_ok=True)
+    with open(os.path.join(empty, "proc/driver/nvidia/version"), "w") as fh:
+        fh.write(f"NVRM version: NVIDIA UNIX x86_64 Kernel Module  {VERSION}  Sat Aug 19 01:15:15 UTC 2023\n")
+    node = FakeGpuNode(site)
+    doctor = node.shifter("0", user, "doctor")
+    report = node.run()[doctor]
+    assert report["rc"] == 1
+    assert [line for line in report["stdout"].splitlines() if line.startswith("FAIL GPU")] == [
+        f"FAIL GPU: {empty}/etc/ld.so.cache: no loader cache -> GPU jobs on this node fail until this is fixed",
+        f"FAIL GPU: no 64-bit libcuda.so.{VERSION} in the loader cache of {empty} -> GPU jobs on this node fail "
+        "until this is fixed",
+        f"FAIL GPU: no 64-bit libnvidia-ml.so.{VERSION} in the loader cache of {empty} -> GPU jobs on this node "
+        "fail until this is fixed"]
 
 
 def test_fake_gpu_job_without_gpus_gets_nothing(fake_gpu_site, users):
