@@ -1,3 +1,30 @@
-"""The real-GPU check reuses the node-runtime test site (tests/root/conftest.py)."""
+"""The real-GPU check builds a node-runtime test site (tests/root/conftest.py) of its own."""
 
-from tests.root.conftest import clean_site, site, users  # noqa: F401 - fixtures
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.root.conftest import Site, users  # noqa: F401 - the users fixture
+
+
+@pytest.fixture(scope="session")
+def gpu_site(users):  # noqa: F811
+    node = Site(f"/run/shifter-gpu-{os.getpid()}")  # not the root tests' site: both may run in one session
+    node.make()
+    yield node
+    node.destroy()
+
+
+@pytest.fixture
+def clean_gpu_site(gpu_site):
+    """The site, checked to be spotless after the test (every environment torn down first)."""
+    gpu_site.write_config()
+    yield gpu_site
+    result = gpu_site.unsetup("--all")
+    gpu_site.wait_no_loops()
+    left = gpu_site.leftovers()
+    gpu_site.write_config()
+    assert result.returncode == 0, result.stderr
+    assert not left, f"left behind: {left}"

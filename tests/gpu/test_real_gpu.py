@@ -63,8 +63,13 @@ def _build_image(work: str, images: str, program: str) -> None:
     os.makedirs(os.path.join(tree, "usr/bin"))
     os.makedirs(os.path.join(tree, "etc"))
     shutil.copy(program, os.path.join(tree, "usr/bin/cudacheck"))
+    from shifter import gpu
+
     smi = shutil.which("nvidia-smi")
-    for lib in _needed_libraries([program] + ([smi] if smi else [])):
+    driver = gpu.discover(gpu.load_recipe("nvidia"))
+    # what the program, nvidia-smi and the driver's own libraries load (libm, libdl, librt...), not the driver
+    users_of_libc = [program] + ([smi] if smi else []) + [lib.host for lib in driver.libraries if lib.bits == 64]
+    for lib in _needed_libraries(users_of_libc):
         target = tree + lib
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.copy(os.path.realpath(lib), target)
@@ -86,8 +91,8 @@ def _lines(text: str, prefix: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(prefix)]
 
 
-def test_real_gpu_in_and_out_of_the_container(clean_site, users):
-    site, user = clean_site, users[0]
+def test_real_gpu_in_and_out_of_the_container(clean_gpu_site, users):
+    site, user = clean_gpu_site, users[0]
     program = os.path.join(site.base, "cudacheck")
     subprocess.run(["gcc", "-O2", "-Wall", "-Werror", os.path.join(HERE, "cudacheck.c"), "-o", program, "-ldl"],
                    check=True)
