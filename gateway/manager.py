@@ -1033,7 +1033,7 @@ class ImageManager:
                 copy, image_id = importer.copy_for_import(fd, filepath, work_dir, self.config.max_image_bytes)
             finally:
                 os.close(fd)
-            importer.check_squashfs(copy, filepath)
+            importer.check_squashfs(copy, filepath, self.config.max_image_paths, self.config.pull_deadline)
             meta = ImageMeta(format="squashfs", user=requester.get("user"))
             target = self.target(platform)
 
