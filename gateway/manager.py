@@ -267,7 +267,10 @@ class ImageManager:
             if rec.get("owner") == self.owner.as_doc() or self._record_alive(rec):
                 live.add(rec["_id"])
                 continue
-            self._take_over(rec)
+            if not self._take_over(rec):
+                current = self.store.get(rec["_id"])
+                if current and current.get("status") in INFLIGHT and current.get("owner") != rec.get("owner"):
+                    live.add(rec["_id"])  # another gateway won the lease: its scratch files are in use
         for rec in self.store.find(statuses=("EXPIRING",)):
             if (
                 rec.get("owner") != self.owner.as_doc()

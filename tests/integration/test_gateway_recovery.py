@@ -4,14 +4,22 @@ registry and munged, records and partial files written the way a dead process le
 
 from __future__ import annotations
 
+import hashlib
+import http.server
+import json
 import os
+import sqlite3
 import subprocess
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from fixtures_registry import GatewayProcess, Munged, Registry, gateway_config, have
+from fixtures_registry import GatewayProcess, Munged, Registry, bound_credential, gateway_config, have, wait_for
 
 from gateway.publish import host_key
 from gateway.store import SqliteStore
@@ -71,8 +79,8 @@ def _in_flight(gw: GatewayProcess, registry: Registry, tag: str, owner: dict) ->
         store.close()
 
 
-def _status(gw: GatewayProcess, rid: str) -> str | None:
-    store = SqliteStore(str(gw.root / "gateway.db"))
+def _status(gw: GatewayProcess, rid: str, db: Path | None = None) -> str | None:
+    store = SqliteStore(str(db or gw.root / "gateway.db"))
     try:
         rec = store.get(rid)
         return None if rec is None else rec["status"]
@@ -80,9 +88,9 @@ def _status(gw: GatewayProcess, rid: str) -> str | None:
         store.close()
 
 
-def _wait_settled(gw: GatewayProcess, rid: str, timeout: float) -> str | None:
+def _wait_settled(gw: GatewayProcess, rid: str, timeout: float, db: Path | None = None) -> str | None:
     deadline = time.monotonic() + timeout
-    while (status := _status(gw, rid)) not in ("READY", "FAILURE", None):
+    while (status := _status(gw, rid, db)) not in ("READY", "FAILURE", None):
         if time.monotonic() > deadline:
             return status
         time.sleep(0.2)
@@ -135,3 +143,163 @@ def test_start_up_removes_partial_files_of_dead_writers_only(services: tuple[Pat
         assert live.exists() and unrelated.exists()  # a live writer's file, and nothing of ours
     finally:
         gw.stop()
+
+
+# -- two gateways taking over one killed pull ------------------------------------------------------
+
+
+class StallingProxy:
+    """Forwards GETs to the real registry; the one layer named by ``digest`` gets its headers
+    and half its bytes, then nothing until ``release``: a pull that is mid-download for as
+    long as the test wants. A test instrument in front of the real registry, for the first
+    gateway only (its Location URL); the gateways that take over talk to the registry itself."""
+
+    def __init__(self, upstream: str, digest: str) -> None:
+        self.upstream = upstream
+        self.digest = digest
+        self.stalled = threading.Event()
+        self.release = threading.Event()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                req = urllib.request.Request(proxy.upstream + self.path)
+                if self.headers.get("Accept"):
+                    req.add_header("Accept", self.headers["Accept"])
+                try:
+                    with urllib.request.urlopen(req, timeout=30) as resp:
+                        body, status, headers = resp.read(), resp.status, resp.headers
+                except urllib.error.HTTPError as err:
+                    body, status, headers = err.read(), err.code, err.headers
+                self.send_response(status)
+                for key in ("Content-Type", "Docker-Content-Digest"):
+                    if headers.get(key):
+                        self.send_header(key, headers[key])
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.path.endswith(f"/blobs/{proxy.digest}"):
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    proxy.stalled.set()
+                    proxy.release.wait(120)
+                    return
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _waiting_for_the_store(pid: int) -> bool:
+    """The main thread sleeps in SQLite's busy handler (nanosleep/clock_nanosleep): this
+    gateway has read the store and waits for the write lock the test holds."""
+    try:
+        call = Path(f"/proc/{pid}/syscall").read_text().split()
+    except OSError:
+        return False
+    return bool(call) and call[0] in ("35", "230")
+
+
+def _metric(gw: GatewayProcess, name: str) -> float:
+    with urllib.request.urlopen(f"{gw.url}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_two_gateways_restarting_together_adopt_a_killed_pull_once(services: tuple[Path, Munged, Registry]) -> None:
+    """A gateway is killed (SIGKILL) mid-download; its restart and a second gateway sharing
+    the store, the cache, the expand tree and the imageDir start together and both find the
+    dead owner's record. The test holds the store's write lock while they start, so both have
+    read the record before either may write: only the compare-and-set on the owner (the
+    lease) lets exactly one adopt it. The image is converted once and nothing partial stays."""
+    root, munged, registry = services
+    shared = root / "takeover"
+    for sub in ("cache", "expand", "images"):
+        (shared / sub).mkdir(parents=True)
+    layer = oci.tar_bytes([oci.file("data.bin", os.urandom(1 << 20))])
+    blob = oci.gzip_bytes(layer)
+    oci.push_image(registry.url, "test/takeover", "v1", [blob], oci.image_config([layer]))
+    proxy = StallingProxy(registry.url, "sha256:" + hashlib.sha256(blob).hexdigest())
+    db = shared / "gateway.db"
+
+    def gateway(name: str, url: str) -> GatewayProcess:
+        home = shared / name
+        home.mkdir(exist_ok=True)
+        config = gateway_config(home, registry, munged.socket, CacheDirectory=str(shared / "cache"),
+                                ExpandDirectory=str(shared / "expand"), Store=f"sqlite:///{db}")
+        config["Platforms"]["testsys"]["local"]["imageDir"] = str(shared / "images")
+        config["Locations"][registry.addr]["url"] = url
+        return GatewayProcess(home, config)
+
+    first = gateway("a", proxy.url).start()
+    restarted, second = gateway("a", registry.url), gateway("b", registry.url)
+    lock = None
+    try:
+        port = int(first.url.rsplit(":", 1)[1])
+        path = "/api/pull/testsys/docker/test%2Ftakeover%3Av1/"
+        request = urllib.request.Request(first.url + path, method="POST", headers={
+            "authentication": bound_credential(munged.socket, "POST", path, b"", f"127.0.0.1:{port}")})
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            assert json.loads(reply.read())["status"] in ("PENDING", "PULLING")
+        assert proxy.stalled.wait(60), "the first gateway never asked for the layer"
+        store = SqliteStore(str(db))
+        try:
+            (rid,) = [r["_id"] for r in store.find(pulltag="test/takeover:v1")]
+        finally:
+            store.close()
+        blobs = shared / "cache" / "blobs" / "sha256"
+        wait_for("a partial download", lambda: any(".partial-" in p.name for p in blobs.iterdir()))
+        killed = first.proc.pid
+        first.kill()
+        assert _status(first, rid, db) in ("PULLING", "CONVERSION")  # killed mid-download
+        assert [p.name for p in (shared / "expand").iterdir()] == [f"job-{rid}"]
+
+        lock = sqlite3.connect(db, isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        restarted.launch()
+        second.launch()
+        pids = [restarted.proc.pid, second.proc.pid]
+        deadline = time.monotonic() + 25  # within SQLite's 30 s busy timeout
+        steady = 0
+        while steady < 10:
+            assert time.monotonic() < deadline, "the gateways never reached the store"
+            steady = steady + 1 if all(_waiting_for_the_store(p) for p in pids) else 0
+            time.sleep(0.02)
+        lock.execute("ROLLBACK")
+        lock.close()
+        lock = None
+        restarted.wait_up()
+        second.wait_up()
+        assert _wait_settled(restarted, rid, 120, db) == "READY"
+
+        logs = [(gw.root / "gateway.log").read_text(errors="replace") for gw in (restarted, second)]
+        adopted = [log.count(f"record {rid} (test/takeover:v1) left by a dead gateway: re-queued") for log in logs]
+        assert sorted(adopted) == [0, 1], adopted
+        store = SqliteStore(str(db))
+        try:
+            records = store.find(pulltag="test/takeover:v1")
+        finally:
+            store.close()
+        assert [(r["_id"], r["status"]) for r in records] == [(rid, "READY")], records
+        image_id = records[0]["id"]
+        assert records[0]["owner"]["pid"] in pids and records[0]["owner"]["pid"] != killed
+        assert records[0]["attempts"] == 2
+        conversions = sum(_metric(gw, "shifter_gateway_conversion_seconds_count") for gw in (restarted, second))
+        assert conversions == 1
+        assert sorted(p.name for p in (shared / "images").iterdir()) == [f"{image_id}.meta", f"{image_id}.squashfs"]
+        assert not [p.name for p in blobs.iterdir() if ".partial-" in p.name]
+        assert not [p.name for p in (shared / "expand").iterdir() if p.name.startswith("job-")]
+    finally:
+        if lock is not None:
+            lock.close()
+        for gw in (first, restarted, second):
+            gw.stop()
+        proxy.stop()
