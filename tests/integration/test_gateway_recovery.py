@@ -243,12 +243,8 @@ def test_two_gateways_restarting_together_adopt_a_killed_pull_once(services: tup
     restarted, second = gateway("a", registry.url), gateway("b", registry.url)
     lock = None
     try:
-        port = int(first.url.rsplit(":", 1)[1])
-        path = "/api/pull/testsys/docker/test%2Ftakeover%3Av1/"
-        request = urllib.request.Request(first.url + path, method="POST", headers={
-            "authentication": bound_credential(munged.socket, "POST", path, b"", f"127.0.0.1:{port}")})
-        with urllib.request.urlopen(request, timeout=30) as reply:
-            assert json.loads(reply.read())["status"] in ("PENDING", "PULLING")
+        status, doc = _api(first, munged, "POST", "pull", "test/takeover:v1")
+        assert status == 200 and doc["status"] in ("PENDING", "PULLING"), doc
         assert proxy.stalled.wait(60), "the first gateway never asked for the layer"
         store = SqliteStore(str(db))
         try:
@@ -303,3 +299,106 @@ def test_two_gateways_restarting_together_adopt_a_killed_pull_once(services: tup
         for gw in (first, restarted, second):
             gw.stop()
         proxy.stop()
+
+
+BARRIER_EXAMINER = """#!/bin/sh
+# lines two pulls up before they publish: each announces itself, then waits for the test
+touch {dir}/arrived.$$
+n=0
+while [ ! -e {dir}/release ]; do
+    sleep 0.005
+    n=$((n + 1))
+    [ $n -lt 12000 ] || exit 3
+done
+"""
+
+
+@pytest.mark.skipif(have("squashfuse") is not None, reason="needs squashfuse (the examiner's mount)")
+def test_concurrent_completions_of_two_tags_of_one_image_make_one_ready_record(
+        services: tuple[Path, Munged, Registry]) -> None:
+    """Two tags with the same manifest, pulled at once by one gateway with two workers. Its
+    examiner (a script of the test's) holds both pulls until both have built the image, then
+    lets them publish at the same moment: under the per-image lock the second completion
+    finds the first's READY record and adds its tag there. Then expiring one tag never leaves
+    a READY record without its files, nor files no READY record uses."""
+    top, munged, registry = services
+    root = top / "same-image"
+    barrier = root / "barrier"
+    barrier.mkdir(parents=True)
+    examiner = root / "examiner.sh"
+    examiner.write_text(BARRIER_EXAMINER.format(dir=barrier))
+    examiner.chmod(0o755)
+    layer = oci.tar_bytes([oci.directory("bin"), oci.file("bin/hello", b"twins\n", 0o755),
+                           oci.file("data.bin", os.urandom(24 << 20))])
+    blob = oci.gzip_bytes(layer)
+    for tag in ("one", "two"):
+        oci.push_image(registry.url, "twins/app", tag, [blob], oci.image_config([layer]))
+    gw = GatewayProcess(root, gateway_config(root, registry, munged.socket, WorkerThreads=2,
+                                             examiner=str(examiner))).start()
+    tags = [f"{registry.addr}/twins/app:{t}" for t in ("one", "two")]
+    try:
+        for tag in tags:  # both start; neither is done before the other has built
+            status, doc = _api(gw, munged, "POST", "pull", tag)
+            assert status == 200 and doc["status"] in ("PENDING", "PULLING"), doc
+        deadline = time.monotonic() + 120
+        while len(list(barrier.glob("arrived.*"))) < 2:
+            assert time.monotonic() < deadline, "the examiner did not see both pulls"
+            time.sleep(0.02)
+        (barrier / "release").touch()
+        done = [_settled_pull(gw, munged, tag) for tag in tags]
+        assert [d["status"] for d in done] == ["READY", "READY"], done
+        image_id = done[0]["id"]
+        assert done[1]["id"] == image_id
+
+        db = sqlite3.connect(root / "gateway.db")
+        try:
+            ready = db.execute("SELECT doc FROM images WHERE image_id = ? AND status = 'READY'",
+                               (image_id,)).fetchall()
+        finally:
+            db.close()
+        assert len(ready) == 1, [json.loads(r[0])["tag"] for r in ready]
+        assert sorted(json.loads(ready[0][0])["tag"]) == sorted(tags)
+
+        assert _api(gw, munged, "GET", "expire", tags[0])[0] == 200
+        deadline = time.monotonic() + 30
+        while _api(gw, munged, "GET", "lookup", tags[0])[0] != 404:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        db = sqlite3.connect(root / "gateway.db")
+        try:
+            while db.execute("SELECT count(*) FROM images WHERE status = 'EXPIRING'").fetchone()[0]:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            still = {r[0] for r in db.execute("SELECT image_id FROM images WHERE status = 'READY'")}
+        finally:
+            db.close()
+        published = {p.name.split(".")[0] for p in (root / "images").iterdir()}
+        assert published == still  # files exactly for the ids READY records use
+        for image in still:
+            assert (root / "images" / f"{image}.squashfs").exists() and (root / "images" / f"{image}.meta").exists()
+    finally:
+        gw.stop()
+
+
+def _api(gw: GatewayProcess, munged: Munged, method: str, route: str, tag: str) -> tuple[int, Any]:
+    """One request to a docker tag's route as root, with a credential bound to it."""
+    port = int(gw.url.rsplit(":", 1)[1])
+    path = f"/api/{route}/testsys/docker/{tag.replace('/', '%2F')}/"
+    cred = bound_credential(munged.socket, method, path, b"", f"127.0.0.1:{port}")
+    request = urllib.request.Request(gw.url + path, method=method, headers={"authentication": cred})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def _settled_pull(gw: GatewayProcess, munged: Munged, tag: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        status, doc = _api(gw, munged, "POST", "pull", tag)
+        assert status == 200, doc
+        if doc["status"] in ("READY", "FAILURE"):
+            return doc
+        assert time.monotonic() < deadline, doc
+        time.sleep(0.05)
