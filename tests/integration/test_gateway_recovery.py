@@ -1,5 +1,7 @@
 """What a killed gateway leaves behind, and who picks it up: the real gateway service, a real
 registry and munged, records and partial files written the way a dead process leaves them.
+Also gateways sharing one store: two adopting one killed pull (the lease), and two
+completions of one image at once (the per-image lock).
 """
 
 from __future__ import annotations

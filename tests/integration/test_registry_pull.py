@@ -9,7 +9,8 @@ per-location CA file; token auth against a small real token service signing RS25
 retries on 503 and http_proxy through a fault-injecting forwarding proxy in front of the
 real registry; a tampered manifest; concurrent pulls sharing a base layer (one GET) and
 cache pruning; remote publish over ssh/scp to an sshd of our own (root only), on loopback
-and inside a cluster node's network namespace (tests/fixtures_sshd.py).
+and inside a cluster node's network namespace (tests/fixtures_sshd.py); where credentials may
+go, against recording servers (plain HTTP, and TLS plus plain HTTP on one port).
 """
 
 from __future__ import annotations
