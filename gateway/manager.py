@@ -267,7 +267,10 @@ class ImageManager:
             if rec.get("owner") == self.owner.as_doc() or self._record_alive(rec):
                 live.add(rec["_id"])
                 continue
-            self._take_over(rec)
+            if not self._take_over(rec):
+                current = self.store.get(rec["_id"])
+                if current and current.get("status") in INFLIGHT and current.get("owner") != rec.get("owner"):
+                    live.add(rec["_id"])  # another gateway won the lease: its scratch files are in use
         for rec in self.store.find(statuses=("EXPIRING",)):
             if (
                 rec.get("owner") != self.owner.as_doc()
@@ -1033,7 +1036,7 @@ class ImageManager:
                 copy, image_id = importer.copy_for_import(fd, filepath, work_dir, self.config.max_image_bytes)
             finally:
                 os.close(fd)
-            importer.check_squashfs(copy, filepath)
+            importer.check_squashfs(copy, filepath, self.config.max_image_paths, self.config.pull_deadline)
             meta = ImageMeta(format="squashfs", user=requester.get("user"))
             target = self.target(platform)
 
