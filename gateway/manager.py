@@ -70,6 +70,20 @@ _TAG_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123
 IMAGE_TYPES = ("docker", "custom")
 
 
+
+PULL_NICENESS = 10  # how much lower than the API's the CPU priority of pulls, expiries and their tools is
+
+
+def _yield_to_requests() -> None:
+    """Lower this worker thread's CPU priority, and so that of every thread and tool it starts.
+
+    Lookups decide how fast jobs are submitted; a pull or an expiry can wait.  On Linux the nice
+    value is per thread and inherited by the threads and processes a thread creates, so one
+    call here covers downloads, the flattener, pigz, tar2sqfs and the examiner.
+    """
+    tid = threading.get_native_id()
+    os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + PULL_NICENESS))
+
 class NotFound(Exception):
     """404: unknown system, unknown image, or an image the caller may not read."""
 
@@ -621,6 +635,7 @@ class ImageManager:
     # -- workers ----------------------------------------------------------------------------------
 
     def _worker(self) -> None:
+        _yield_to_requests()
         while not self._stop.is_set():
             job = self._jobs.get()
             if job is None:

@@ -409,3 +409,35 @@ def _settled_pull(gw: GatewayProcess, munged: Munged, tag: str, timeout: float =
             return doc
         assert time.monotonic() < deadline, doc
         time.sleep(0.05)
+
+
+NICE_EXAMINER = """#!/bin/sh
+# records the CPU priority the gateway gave the pull that runs it
+cut -d' ' -f19 /proc/$$/stat > {out}
+"""
+
+
+@pytest.mark.skipif(have("squashfuse") is not None, reason="needs squashfuse (the examiner's mount)")
+def test_pulls_run_at_a_lower_cpu_priority_than_the_api(services: tuple[Path, Munged, Registry]) -> None:
+    """A pull's tools (here the examiner, a script of the test's) run PULL_NICENESS below the process
+    that answers lookups, so a conversion on a small gateway host does not slow job submission."""
+    from gateway.manager import PULL_NICENESS
+
+    top, munged, registry = services
+    root = top / "niceness"
+    root.mkdir()
+    out = root / "examiner-nice"
+    examiner = root / "examiner.sh"
+    examiner.write_text(NICE_EXAMINER.format(out=out))
+    examiner.chmod(0o755)
+    layer = oci.tar_bytes([oci.directory("bin"), oci.file("bin/hello", b"nice\n", 0o755)])
+    oci.push_image(registry.url, "nice/app", "v1", [oci.gzip_bytes(layer)], oci.image_config([layer]))
+    gw = GatewayProcess(root, gateway_config(root, registry, munged.socket, examiner=str(examiner))).start()
+    try:
+        tag = f"{registry.addr}/nice/app:v1"
+        assert _api(gw, munged, "POST", "pull", tag)[0] == 200
+        assert _settled_pull(gw, munged, tag)["status"] == "READY"
+        api_nice = int(Path(f"/proc/{gw.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+        assert int(out.read_text()) == min(19, api_nice + PULL_NICENESS)
+    finally:
+        gw.stop()
