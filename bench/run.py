@@ -77,7 +77,7 @@ def main() -> int:
     from bench import lookups, pull, runtime
 
     record(metrics, "P1", lambda: slurm.measure_p1(USER, env, python, busybox))
-    record(metrics, "P2/P2c/P7s/P7u", runtime.measure_all, group=True)
+    record(metrics, "P2/P2x/P2c/P7s/P7u", runtime.measure_all, group=True)
     record(metrics, "P2f", lambda: slurm.measure_p2f(USER, env, python, busybox, debian))
     record(metrics, "P3", lambda: pull.measure_p3(env["SHIFTER_REGISTRY"], "demo/debian", "bookworm",
                                                   str(state / "bench")))
