@@ -22,12 +22,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import sqlite3
 import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from shifter.errors import ShifterError
@@ -493,6 +494,44 @@ def _tags(doc: Doc) -> list[str]:
 
 # -- MongoDB -----------------------------------------------------------------------------------
 
+TAG_LOCK_SECONDS = 30.0  # a tag move takes milliseconds; a lock older than this belongs to a dead gateway
+TAG_LOCK_WAIT = 60.0  # how long add_tag waits for a tag another gateway is moving
+
+
+def _plain_keys(value: Doc) -> bool:
+    """Keys that can be named in a dotted path and an aggregation field path."""
+    return all(isinstance(k, str) and k and "." not in k and not k.startswith("$") for k in value)
+
+
+def _equals(path: str, value: Any, top: bool = False) -> list[Doc]:
+    """Query conditions for "the field at ``path`` equals ``value``" as Python compares it.
+
+    MongoDB's equality on an embedded document also compares its key order, so the
+    original's ``{"owner": {...}}`` match fails for the same owner written in another
+    order. An embedded document is compared field by field (dotted paths) instead, plus
+    its type and number of fields ($expr, MongoDB 3.6+), so a missing or extra field still
+    differs. A None at the top also matches a missing field (``dict.get``); inside a
+    document it must be a present null.
+    """
+    if isinstance(value, dict) and value and _plain_keys(value):
+        field = "$" + path
+        shape = {
+            "$cond": [
+                {"$eq": [{"$type": field}, "object"]},
+                {"$eq": [{"$size": {"$objectToArray": field}}, len(value)]},
+                False,
+            ]
+        }
+        conditions: list[Doc] = [{"$expr": shape}]
+        for key, sub in value.items():
+            conditions.extend(_equals(f"{path}.{key}", sub))
+        return conditions
+    if value is None and not top:
+        return [{path: {"$exists": True, "$eq": None}}]
+    return [{path: {"$eq": value}}]
+
+
+
 
 class MongoStore(Store):
     """MongoDB via pymongo 4 (collection ``images`` like the original, plus ``metrics``).
@@ -510,6 +549,7 @@ class MongoStore(Store):
             self.db = self.client[dbname]
             self.images = self.db["images"]
             self.metrics_coll = self.db["metrics"]
+            self.locks = self.db["tag_locks"]
             self.images.create_index(
                 "inflight",
                 unique=True,
@@ -571,11 +611,12 @@ class MongoStore(Store):
     def update(
         self, rid: str, fields: Doc, only_if_status: Iterable[str] | None = None, expect: Doc | None = None
     ) -> bool:
-        query = self._key(rid)
+        conditions: list[Doc] = [self._key(rid)]
         if only_if_status is not None:
-            query["status"] = {"$in": list(only_if_status)}
+            conditions.append({"status": {"$in": list(only_if_status)}})
         for key, value in (expect or {}).items():
-            query[key] = value
+            conditions.extend(_equals(key, value, top=True))
+        query: Doc = conditions[0] if len(conditions) == 1 else {"$and": conditions}
         fields = {k: v for k, v in fields.items() if k != "_id"}
         change: Doc = {"$set": fields}
         if "status" in fields:
@@ -621,26 +662,74 @@ class MongoStore(Store):
         return [self._out(d) for d in self.images.find(query).sort("_id", 1)]  # type: ignore[misc]
 
     def add_tag(self, rid: str, tag: str, owner: str | None = None, access: Doc | None = None) -> bool:
-        doc = self.images.find_one(self._key(rid))
+        """Moves of one tag are serialized by a lock document (several gateways may finish pulls
+        naming the same tag at once); each record's tag fields change by compare-and-set, since
+        moves of other tags and status changes touch the same record without that lock."""
+        doc = self.images.find_one(self._key(rid), {"system": 1, "itype": 1})
         if doc is None:
             return False
-        holders = list(self.images.find({"system": doc["system"], "itype": doc["itype"], "tag": tag}))
-        if not all(_may_take(h, tag, owner) for h in holders + [doc]):
-            return False
-        for other in holders:
-            if other["_id"] != doc["_id"]:
-                before = other.get("tag_access")
-                _drop_tag(other, tag)
-                # only if its entries are unchanged since they were checked (a compare-and-set)
-                self.images.update_one(
-                    {"_id": other["_id"], "tag_access": before} if before else {"_id": other["_id"]},
-                    {"$set": {"tag": other["tag"], "tag_access": other["tag_access"]}},
-                )
-        _set_tag(doc, tag, owner, access)
-        self.images.update_one(
-            {"_id": doc["_id"]}, {"$set": {"tag": doc["tag"], "tag_access": doc["tag_access"]}}
-        )
+        with self._tag_lock(doc["system"], doc["itype"], tag):
+            doc = self.images.find_one({"_id": doc["_id"]})
+            if doc is None:
+                return False
+            holders = [
+                h
+                for h in self.images.find({"system": doc["system"], "itype": doc["itype"], "tag": tag})
+                if h["_id"] != doc["_id"]
+            ]
+            if not all(_may_take(h, tag, owner) for h in holders or [doc]):
+                return False
+            # the new holder first: a lookup during the move finds one image or the other, never none
+            if not self._change_tags(doc, lambda d: _set_tag(d, tag, owner, access)):
+                return False
+            for other in holders:
+                self._change_tags(other, lambda d: _drop_tag(d, tag))
         return True
+
+    def _change_tags(self, doc: Doc, change: Any) -> bool:
+        """Apply ``change`` to a record's ``tag``/``tag_access`` by compare-and-set, re-reading it
+        after a concurrent change; False once the record is gone."""
+        for _ in range(100):
+            before = {k: {"$eq": doc[k]} if k in doc else {"$exists": False} for k in ("tag", "tag_access")}
+            after = dict(doc)
+            change(after)
+            result = self.images.update_one(
+                {"_id": doc["_id"], **before}, {"$set": {"tag": after["tag"], "tag_access": after["tag_access"]}}
+            )
+            if result.matched_count:
+                return True
+            doc = self.images.find_one({"_id": doc["_id"]})
+            if doc is None:
+                return False
+        raise ShifterError(f"store: record {doc['_id']} keeps changing; its tags were not updated")
+
+    @contextlib.contextmanager
+    def _tag_lock(self, system: str, itype: str, tag: str) -> Iterator[None]:
+        """A lock document per tag: taken by inserting its unique ``_id``, taken over by a
+        compare-and-set once it has expired (its holder died mid-move), released by its token."""
+        from pymongo.errors import DuplicateKeyError
+
+        key = "tag\x1f" + pulltag_key(system, itype, tag)
+        token = uuid.uuid4().hex
+        deadline = time.monotonic() + TAG_LOCK_WAIT
+        while True:
+            now = time.time()
+            try:
+                self.locks.insert_one({"_id": key, "token": token, "until": now + TAG_LOCK_SECONDS})
+                break
+            except DuplicateKeyError:
+                taken = self.locks.find_one_and_update(
+                    {"_id": key, "until": {"$lt": now}}, {"$set": {"token": token, "until": now + TAG_LOCK_SECONDS}}
+                )
+                if taken is not None:
+                    break
+            if time.monotonic() > deadline:
+                raise ShifterError(f"store: tag {tag!r} stayed locked by another gateway for {TAG_LOCK_WAIT:.0f}s")
+            time.sleep(random.uniform(0.002, 0.02))
+        try:
+            yield
+        finally:
+            self.locks.delete_one({"_id": key, "token": token})
 
     def touch(self, updates: dict[str, float]) -> None:
         from pymongo import UpdateOne
