@@ -559,6 +559,7 @@ class MongoStore(Store):
             self.images.create_index([("system", 1), ("itype", 1), ("tag", 1)], name="lookup")
             self.images.create_index([("system", 1), ("itype", 1), ("pulltag", 1)], name="pulltag")
             self.images.create_index([("system", 1), ("id", 1)], name="image_id")
+            self.metrics_coll.create_index([("system", 1), ("time", -1)], name="recent")
         except PyMongoError as err:
             raise ShifterError(f"store {uri}: {err}") from None
 
@@ -747,7 +748,10 @@ class MongoStore(Store):
     def metrics(self, system: str, limit: int) -> list[Doc]:
         if limit <= 0:
             return []
-        docs = list(self.metrics_coll.find({"system": system}, {"_id": 0}).sort("_id", -1).limit(limit))
+        # by the lookup's own time: ObjectIds made by several gateways order only to the second
+        docs = list(
+            self.metrics_coll.find({"system": system}, {"_id": 0}).sort([("time", -1), ("_id", -1)]).limit(limit)
+        )
         return list(reversed(docs))
 
     def ping(self) -> None:
