@@ -163,6 +163,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, mongo_uri: str) -> Iterator[S
         seeded = _seed(root / "images", db)
         _push(registry, "legacy/app", "v2", b"#!/bin/sh\necho v2\n")
         _push(registry, "legacy/moved", "v1", b"#!/bin/sh\necho moved, newer\n")
+        _push(registry, "legacy/inflight", "v1", b"#!/bin/sh\necho interrupted\n")
         config = gateway_config(root, registry, munged.socket, Store="mongodb", MongoDBURI=mongo_uri, MongoDB=dbname)
         gateway = GatewayProcess(root, config).start()
         s = Site(root, db, munged, registry, gateway)
@@ -192,6 +193,8 @@ def _seed(images: Path, db: Any) -> dict[str, dict[str, Any]]:
                          expiration=time.time() - day),
         _original_record("legacy/broken:v1", "FAILURE", None, 3600, tag=[], status_message="pull failed"),
         _original_record("legacy/gone:v1", "EXPIRED", "f" * 64, 300 * day, tag=[]),
+        # the original was stopped during this pull: no owner, no lease
+        _original_record("legacy/inflight:v1", "PULLING", None, 20, tag=[], status_message="pulling layers"),
     ]
     db.images.insert_many(docs)
     db.metrics.insert_many([
@@ -271,6 +274,16 @@ def test_pull_moves_a_tag_away_from_an_original_record(site: Site) -> None:
     assert (site.images / f"{old['id']}.squashfs").exists()  # untagged, still published
 
 
+def test_a_pull_the_original_left_in_flight_is_taken_over(site: Site) -> None:
+    """Our gateway adopts it at start-up (re-queued once, as for a dead gateway of ours)."""
+    rec = site.pull("legacy/inflight:v1")
+    assert rec["status"] == "READY", rec
+    doc = site.raw("legacy/inflight:v1")
+    assert doc["status"] == "READY" and doc["id"] == rec["id"] and doc["tag"] == ["legacy/inflight:v1"]
+    assert doc["attempts"] == 2  # the original's record itself, re-queued: no second record
+    assert site.db.images.count_documents({"pulltag": "legacy/inflight:v1"}) == 1
+
+
 def test_expire_and_autoexpire_of_original_records(site: Site) -> None:
     app = site.seeded["legacy/app:v1"]
     status, doc = site.request("GET", "/api/expire/testsys/docker/legacy%2Fapp:v1/")
@@ -324,7 +337,7 @@ def test_what_the_gateway_writes_keeps_the_original_shape(site: Site) -> None:
         for field in ("format", "arch", "os", "remotetype", "ostcount", "replication", "last_pull", "ENV", "ENTRY"):
             assert field in doc, (field, doc)
     # the original's own lookup query finds exactly one READY record per tag
-    for tag in ("legacy/app:v2", "legacy/moved:v1", "legacy/private:v1"):
+    for tag in ("legacy/app:v2", "legacy/moved:v1", "legacy/private:v1", "legacy/inflight:v1"):
         found = list(site.db.images.find({"system": "testsys", "itype": "docker", "tag": {"$in": [tag]},
                                           "status": "READY"}))
         assert len(found) == 1, (tag, found)
