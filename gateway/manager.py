@@ -800,16 +800,19 @@ class ImageManager:
                 if publish_files is None:
                     raise ShifterError(f"image {image_id} is not published and was not built")
                 publish_files(image_after)
+            settle = None
             if existing is None:
-                self.store.update(rec["_id"], {
+                # READY in the same write as the tag: a record settled but not yet tagged would
+                # look to a concurrent pull (at any gateway) like no image at all
+                settle = {
                     "status": "READY", "status_message": "", "id": image_id, "last_pull": time.time(),
                     **image_after.as_fields(), **fields,
-                })
+                }
                 target = rec["_id"]
             else:
                 target = existing["_id"]
             # the tag first: a refused tag never widens the image's .meta or record
-            if not self.store.add_tag(target, tag, owner, tag_access.as_fields()):
+            if not self.store.add_tag(target, tag, owner, tag_access.as_fields(), settle):
                 if existing is None:  # published for nothing: nothing else uses these files
                     self.store.update(rec["_id"], {"status": "FAILURE", "tag": []})
                     pipeline.remove_published(image_id, self.target(platform))

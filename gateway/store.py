@@ -125,10 +125,14 @@ class Store(ABC):
         """Records matching every given criterion (used by list, queue, expiry and recovery)."""
 
     @abstractmethod
-    def add_tag(self, rid: str, tag: str, owner: str | None = None, access: Doc | None = None) -> bool:
+    def add_tag(
+        self, rid: str, tag: str, owner: str | None = None, access: Doc | None = None, fields: Doc | None = None
+    ) -> bool:
         """Move ``tag`` to record ``rid``, taking it from any other record of the same system/itype,
         unless that record's ``tag_access`` names another owner for it: then nothing changes and
-        the answer is False. ``access`` (private, userACL, groupACL) becomes the tag's entry."""
+        the answer is False. ``access`` (private, userACL, groupACL) becomes the tag's entry.
+        ``fields`` are set on ``rid`` in the same write (a pull record becomes READY together
+        with its tag, so no reader sees it settled but untagged and starts the pull again)."""
 
     @abstractmethod
     def touch(self, updates: dict[str, float]) -> None:
@@ -368,7 +372,9 @@ class SqliteStore(Store):
         )
         return [self._load(r) for r in self._conn().execute(sql, args).fetchall()]  # type: ignore[misc]
 
-    def add_tag(self, rid: str, tag: str, owner: str | None = None, access: Doc | None = None) -> bool:
+    def add_tag(
+        self, rid: str, tag: str, owner: str | None = None, access: Doc | None = None, fields: Doc | None = None
+    ) -> bool:
         conn = self._conn()
         with _transaction(conn):
             doc = self._fetch(conn, rid)
@@ -392,6 +398,7 @@ class SqliteStore(Store):
                 (doc["system"], doc["itype"], tag, rid),
             )
             _set_tag(doc, tag, owner, access)
+            doc.update({k: v for k, v in (fields or {}).items() if k not in ("_id", "tag", "tag_access")})
             self._write(conn, doc)
         return True
 
@@ -662,7 +669,9 @@ class MongoStore(Store):
             query["status"] = {"$in": sorted(set(statuses))}
         return [self._out(d) for d in self.images.find(query).sort("_id", 1)]  # type: ignore[misc]
 
-    def add_tag(self, rid: str, tag: str, owner: str | None = None, access: Doc | None = None) -> bool:
+    def add_tag(
+        self, rid: str, tag: str, owner: str | None = None, access: Doc | None = None, fields: Doc | None = None
+    ) -> bool:
         """Moves of one tag are serialized by a lock document (several gateways may finish pulls
         naming the same tag at once); each record's tag fields change by compare-and-set, since
         moves of other tags and status changes touch the same record without that lock."""
@@ -681,22 +690,33 @@ class MongoStore(Store):
             if not all(_may_take(h, tag, owner) for h in holders or [doc]):
                 return False
             # the new holder first: a lookup during the move finds one image or the other, never none
-            if not self._change_tags(doc, lambda d: _set_tag(d, tag, owner, access)):
+            if not self._change_tags(doc, lambda d: _set_tag(d, tag, owner, access), fields):
                 return False
             for other in holders:
                 self._change_tags(other, lambda d: _drop_tag(d, tag))
         return True
 
-    def _change_tags(self, doc: Doc, change: Any) -> bool:
-        """Apply ``change`` to a record's ``tag``/``tag_access`` by compare-and-set, re-reading it
-        after a concurrent change; False once the record is gone."""
+    def _change_tags(self, doc: Doc, change: Any, fields: Doc | None = None) -> bool:
+        """Apply ``change`` to a record's ``tag``/``tag_access`` (and set ``fields``) by
+        compare-and-set, re-reading it after a concurrent change; False once the record is gone."""
+        extra = {k: v for k, v in (fields or {}).items() if k not in ("_id", "tag", "tag_access")}
         for _ in range(100):
             before = {k: {"$eq": doc[k]} if k in doc else {"$exists": False} for k in ("tag", "tag_access")}
             after = dict(doc)
             change(after)
-            result = self.images.update_one(
-                {"_id": doc["_id"], **before}, {"$set": {"tag": after["tag"], "tag_access": after["tag_access"]}}
-            )
+            update: Doc = {"$set": {**extra, "tag": after["tag"], "tag_access": after["tag_access"]}}
+            if "status" in extra:
+                key = inflight_key({**doc, **extra})
+                if key is None:
+                    update["$unset"] = {"inflight": ""}
+                else:
+                    update["$set"]["inflight"] = key
+            from pymongo.errors import DuplicateKeyError
+
+            try:
+                result = self.images.update_one({"_id": doc["_id"], **before}, update)
+            except DuplicateKeyError:  # ``fields`` put it in flight where another record is
+                return False
             if result.matched_count:
                 return True
             doc = self.images.find_one({"_id": doc["_id"]})

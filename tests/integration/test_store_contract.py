@@ -277,3 +277,22 @@ def test_add_tag_of_different_tags_to_one_record_keeps_them_all(store: Store) ->
     got = store.get(rec["_id"])
     assert sorted(got["tag"]) == sorted(["many:v0", *tags])  # type: ignore[index]
     assert sorted(e["tag"] for e in got["tag_access"]) == sorted(["many:v0", *tags])  # type: ignore[index]
+
+
+def test_add_tag_settles_a_pull_record_in_the_same_write(store: Store) -> None:
+    """A pull record becomes READY together with its tag: never settled and untagged."""
+    old = make_ready(store, "settle:v1", "a" * 64)
+    rec, _ = store.claim(pull_doc("settle:v1"))
+    assert store.add_tag(rec["_id"], "settle:v1", "registry", {"private": False},
+                         {"status": "READY", "id": "b" * 64, "_id": "ignored", "tag": ["ignored"]})
+    got = store.get(rec["_id"])
+    assert got["status"] == "READY" and got["id"] == "b" * 64 and got["tag"] == ["settle:v1"]  # type: ignore[index]
+    assert store.find_ready("sys", "docker", "settle:v1")["_id"] == rec["_id"]  # type: ignore[index]
+    assert store.find_inflight("sys", "docker", "settle:v1") is None
+    assert store.get(old["_id"])["tag"] == []  # type: ignore[index]
+    again, inserted = store.claim(pull_doc("settle:v1"))  # the in-flight slot is free
+    assert inserted
+    # refused (another owner holds the tag): nothing is written, the record stays in flight
+    assert not store.add_tag(again["_id"], "settle:v1", "uid:9", None, {"status": "READY", "id": "c" * 64})
+    assert store.get(again["_id"])["status"] == "PENDING"  # type: ignore[index]
+    assert store.find_inflight("sys", "docker", "settle:v1")["_id"] == again["_id"]  # type: ignore[index]
