@@ -513,12 +513,12 @@ def _plain_keys(value: Doc) -> bool:
 def _equals(path: str, value: Any, top: bool = False) -> list[Doc]:
     """Query conditions for "the field at ``path`` equals ``value``" as Python compares it.
 
-    MongoDB's equality on an embedded document also compares its key order, so the
-    original's ``{"owner": {...}}`` match fails for the same owner written in another
-    order. An embedded document is compared field by field (dotted paths) instead, plus
-    its type and number of fields ($expr, MongoDB 3.6+), so a missing or extra field still
-    differs. A None at the top also matches a missing field (``dict.get``); inside a
-    document it must be a present null.
+    MongoDB's equality on an embedded document also compares its key order, so a plain
+    ``{"owner": {...}}`` match fails for the same owner written in another order. An
+    embedded document is compared field by field (dotted paths) instead, plus its type and
+    number of fields ($expr, MongoDB 3.6+), so a missing or extra field still differs. A
+    None at the top also matches a missing field (``dict.get``); inside a document it must
+    be a present null.
     """
     if isinstance(value, dict) and value and _plain_keys(value):
         field = "$" + path
@@ -536,8 +536,6 @@ def _equals(path: str, value: Any, top: bool = False) -> list[Doc]:
     if value is None and not top:
         return [{path: {"$exists": True, "$eq": None}}]
     return [{path: {"$eq": value}}]
-
-
 
 
 class MongoStore(Store):
@@ -699,6 +697,8 @@ class MongoStore(Store):
     def _change_tags(self, doc: Doc, change: Any, fields: Doc | None = None) -> bool:
         """Apply ``change`` to a record's ``tag``/``tag_access`` (and set ``fields``) by
         compare-and-set, re-reading it after a concurrent change; False once the record is gone."""
+        from pymongo.errors import DuplicateKeyError
+
         extra = {k: v for k, v in (fields or {}).items() if k not in ("_id", "tag", "tag_access")}
         for _ in range(100):
             before = {k: {"$eq": doc[k]} if k in doc else {"$exists": False} for k in ("tag", "tag_access")}
@@ -711,8 +711,6 @@ class MongoStore(Store):
                     update["$unset"] = {"inflight": ""}
                 else:
                     update["$set"]["inflight"] = key
-            from pymongo.errors import DuplicateKeyError
-
             try:
                 result = self.images.update_one({"_id": doc["_id"], **before}, update)
             except DuplicateKeyError:  # ``fields`` put it in flight where another record is
