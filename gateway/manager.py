@@ -752,7 +752,8 @@ class ImageManager:
     @contextlib.contextmanager
     def _image_lock(self, system: str, image_id: str) -> Any:
         """One lock per image id, for threads and processes of this host (flock on one of 256
-        lock files, chosen by the id: never more files, and never two ids held at once)."""
+        lock files, chosen by the id: never more files, and never two ids held at once), then
+        for the gateways of other hosts on the same store (the store's lease lock)."""
         directory = os.path.join(self.config.cache_dir, "locks")
         os.makedirs(directory, mode=0o700, exist_ok=True)
         stripe = hashlib.sha256(f"{system}\0{image_id}".encode()).hexdigest()[:2]
@@ -760,7 +761,8 @@ class ImageManager:
                      0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            with self.store.lock(f"image\x1f{system}\x1f{image_id}"):
+                yield
         finally:
             os.close(fd)
 

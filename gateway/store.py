@@ -146,6 +146,48 @@ class Store(ABC):
     def metrics(self, system: str, limit: int) -> list[Doc]:
         """The last ``limit`` metric documents for ``system``, oldest first."""
 
+    @contextlib.contextmanager
+    def lock(self, name: str, lease: float | None = None, wait: float | None = None) -> Iterator[None]:
+        """A lock shared by every gateway on this store, on any host: work on one image id
+        (publish, tag, expire) or one tag move. It is a lease, renewed while held, so the lock
+        of a gateway that died is taken over once ``lease`` seconds have passed; gateway hosts'
+        clocks must agree to well within that. Not re-entrant."""
+        lease = LOCK_LEASE_SECONDS if lease is None else lease
+        wait = LOCK_WAIT_SECONDS if wait is None else wait
+        token = uuid.uuid4().hex
+        deadline = time.monotonic() + wait
+        pause = 0.002
+        while not self._take_lock(name, token, lease):
+            if time.monotonic() > deadline:
+                raise ShifterError(f"store: lock {name!r} stayed held by another gateway for {wait:.0f}s")
+            time.sleep(random.uniform(pause / 2, pause))
+            pause = min(pause * 1.5, 0.25)
+        self._renewer().hold(name, token, lease)
+        try:
+            yield
+        finally:
+            self._renewer().release(name)
+            self._drop_lock(name, token)
+
+    def _renewer(self) -> _LockRenewer:
+        renewer = self.__dict__.get("_lock_renewer")
+        if renewer is None:
+            with _RENEWER_LOCK:
+                renewer = self.__dict__.setdefault("_lock_renewer", _LockRenewer(self))
+        return renewer
+
+    @abstractmethod
+    def _take_lock(self, name: str, token: str, lease: float) -> bool:
+        """Take lock ``name`` for ``token`` if it is free or its lease has run out."""
+
+    @abstractmethod
+    def _renew_lock(self, name: str, token: str, lease: float) -> None:
+        """Extend the lease of a lock ``token`` holds."""
+
+    @abstractmethod
+    def _drop_lock(self, name: str, token: str) -> None:
+        """Release a lock ``token`` holds (nothing if another has taken it over)."""
+
     @abstractmethod
     def ping(self) -> None:
         """Raise if the store is unusable (health check)."""
@@ -153,6 +195,51 @@ class Store(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release connections."""
+
+
+LOCK_LEASE_SECONDS = 30.0  # a lock of a gateway that stopped renewing it is taken over after this
+LOCK_WAIT_SECONDS = 3600.0  # a publication of a large image may hold its id's lock for minutes
+_RENEWER_LOCK = threading.Lock()
+
+
+class _LockRenewer:
+    """One thread per store that extends the leases of the locks this process holds."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.held: dict[str, tuple[str, float]] = {}
+        self.mutex = threading.Lock()
+        self.wake = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def hold(self, name: str, token: str, lease: float) -> None:
+        with self.mutex:
+            self.held[name] = (token, lease)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="store-lock-renewer", daemon=True)
+                self.thread.start()
+        self.wake.set()
+
+    def release(self, name: str) -> None:
+        with self.mutex:
+            self.held.pop(name, None)
+
+    def _run(self) -> None:
+        # lives as long as the process: one thread (and, for SQLite, one connection) per store
+        while True:
+            with self.mutex:
+                held = dict(self.held)
+            if not held:
+                self.wake.wait()
+                self.wake.clear()
+                continue
+            for name, (token, lease) in held.items():
+                try:
+                    self.store._renew_lock(name, token, lease)
+                except Exception:  # noqa: BLE001 - the store is down: the lease may lapse, retried next round
+                    pass
+            self.wake.clear()
+            self.wake.wait(min(lease for _, lease in held.values()) / 3)
 
 
 def open_store(url: str, mongodb_name: str = "Shifter") -> Store:
@@ -188,6 +275,11 @@ CREATE TABLE IF NOT EXISTS tags (
     PRIMARY KEY (system, itype, tag)
 );
 CREATE INDEX IF NOT EXISTS tags_rid ON tags(rid);
+CREATE TABLE IF NOT EXISTS locks (
+    name TEXT PRIMARY KEY,
+    token TEXT NOT NULL,
+    until REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS metrics (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     system TEXT NOT NULL,
@@ -432,6 +524,26 @@ class SqliteStore(Store):
         )
         return [json.loads(r[0]) for r in reversed(rows)]
 
+    def _take_lock(self, name: str, token: str, lease: float) -> bool:
+        conn = self._conn()
+        now = time.time()
+        with _transaction(conn):
+            row = conn.execute("SELECT until FROM locks WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[0] >= now:
+                return False
+            conn.execute("INSERT OR REPLACE INTO locks(name, token, until) VALUES (?,?,?)", (name, token, now + lease))
+        return True
+
+    def _renew_lock(self, name: str, token: str, lease: float) -> None:
+        conn = self._conn()
+        with _transaction(conn):
+            conn.execute("UPDATE locks SET until = ? WHERE name = ? AND token = ?", (time.time() + lease, name, token))
+
+    def _drop_lock(self, name: str, token: str) -> None:
+        conn = self._conn()
+        with _transaction(conn):
+            conn.execute("DELETE FROM locks WHERE name = ? AND token = ?", (name, token))
+
     def ping(self) -> None:
         try:
             self._conn().execute("SELECT 1 FROM images LIMIT 1").fetchall()
@@ -501,8 +613,7 @@ def _tags(doc: Doc) -> list[str]:
 
 # -- MongoDB -----------------------------------------------------------------------------------
 
-TAG_LOCK_SECONDS = 30.0  # a tag move takes milliseconds; a lock older than this belongs to a dead gateway
-TAG_LOCK_WAIT = 60.0  # how long add_tag waits for a tag another gateway is moving
+TAG_LOCK_WAIT = 60.0  # a tag move takes milliseconds: how long add_tag waits for one at another gateway
 
 
 def _plain_keys(value: Doc) -> bool:
@@ -549,12 +660,13 @@ class MongoStore(Store):
         from pymongo.errors import PyMongoError
 
         self._errors = PyMongoError
+        self.uri = uri
         try:
             self.client: Any = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000, tz_aware=False)
             self.db = self.client[dbname]
             self.images = self.db["images"]
             self.metrics_coll = self.db["metrics"]
-            self.locks = self.db["tag_locks"]
+            self.locks = self.db["locks"]
             self.images.create_index(
                 "inflight",
                 unique=True,
@@ -676,7 +788,7 @@ class MongoStore(Store):
         doc = self.images.find_one(self._key(rid), {"system": 1, "itype": 1})
         if doc is None:
             return False
-        with self._tag_lock(doc["system"], doc["itype"], tag):
+        with self.lock("tag\x1f" + pulltag_key(doc["system"], doc["itype"], tag), wait=TAG_LOCK_WAIT):
             doc = self.images.find_one({"_id": doc["_id"]})
             if doc is None:
                 return False
@@ -722,33 +834,26 @@ class MongoStore(Store):
                 return False
         raise ShifterError(f"store: record {doc['_id']} keeps changing; its tags were not updated")
 
-    @contextlib.contextmanager
-    def _tag_lock(self, system: str, itype: str, tag: str) -> Iterator[None]:
-        """A lock document per tag: taken by inserting its unique ``_id``, taken over by a
-        compare-and-set once it has expired (its holder died mid-move), released by its token."""
+    def _take_lock(self, name: str, token: str, lease: float) -> bool:
+        """Inserting the unique ``_id`` takes a free lock; a compare-and-set on its expiry takes
+        over one whose holder stopped renewing it."""
         from pymongo.errors import DuplicateKeyError
 
-        key = "tag\x1f" + pulltag_key(system, itype, tag)
-        token = uuid.uuid4().hex
-        deadline = time.monotonic() + TAG_LOCK_WAIT
-        while True:
-            now = time.time()
-            try:
-                self.locks.insert_one({"_id": key, "token": token, "until": now + TAG_LOCK_SECONDS})
-                break
-            except DuplicateKeyError:
-                taken = self.locks.find_one_and_update(
-                    {"_id": key, "until": {"$lt": now}}, {"$set": {"token": token, "until": now + TAG_LOCK_SECONDS}}
-                )
-                if taken is not None:
-                    break
-            if time.monotonic() > deadline:
-                raise ShifterError(f"store: tag {tag!r} stayed locked by another gateway for {TAG_LOCK_WAIT:.0f}s")
-            time.sleep(random.uniform(0.002, 0.02))
+        now = time.time()
         try:
-            yield
-        finally:
-            self.locks.delete_one({"_id": key, "token": token})
+            self.locks.insert_one({"_id": name, "token": token, "until": now + lease})
+            return True
+        except DuplicateKeyError:
+            taken = self.locks.find_one_and_update(
+                {"_id": name, "until": {"$lt": now}}, {"$set": {"token": token, "until": now + lease}}
+            )
+            return taken is not None
+
+    def _renew_lock(self, name: str, token: str, lease: float) -> None:
+        self.locks.update_one({"_id": name, "token": token}, {"$set": {"until": time.time() + lease}})
+
+    def _drop_lock(self, name: str, token: str) -> None:
+        self.locks.delete_one({"_id": name, "token": token})
 
     def touch(self, updates: dict[str, float]) -> None:
         from pymongo import UpdateOne

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from gateway.store import INFLIGHT, MongoStore, SqliteStore, Store
+from shifter.errors import ShifterError
 
 
 @pytest.fixture(params=["sqlite", "mongodb", "mongodb-standalone"])
@@ -33,6 +34,16 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     yield ms
     ms.client.drop_database(dbname)
     ms.close()
+
+
+@pytest.fixture
+def twin(store: Store) -> Iterator[Store]:
+    """A second store object on the same database: another gateway process, or host."""
+    other: Store = SqliteStore(store.path) if isinstance(store, SqliteStore) else MongoStore(
+        store.uri, store.db.name  # type: ignore[attr-defined]
+    )
+    yield other
+    other.close()
 
 
 def pull_doc(tag: str = "ubuntu:22.04", system: str = "sys", status: str = "PENDING") -> dict:
@@ -296,3 +307,44 @@ def test_add_tag_settles_a_pull_record_in_the_same_write(store: Store) -> None:
     assert not store.add_tag(again["_id"], "settle:v1", "uid:9", None, {"status": "READY", "id": "c" * 64})
     assert store.get(again["_id"])["status"] == "PENDING"  # type: ignore[index]
     assert store.find_inflight("sys", "docker", "settle:v1")["_id"] == again["_id"]  # type: ignore[index]
+
+
+def test_lock_excludes_every_store_object_on_the_database(store: Store, twin: Store) -> None:
+    inside: list[int] = []
+    most = [0]
+    guard = threading.Lock()
+
+    def work(s: Store) -> None:
+        for _ in range(5):
+            with s.lock("image\x1fsys\x1fabc"):
+                with guard:
+                    inside.append(1)
+                    most[0] = max(most[0], len(inside))
+                time.sleep(0.002)
+                with guard:
+                    inside.pop()
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(work, [store, twin] * 3))
+    assert most[0] == 1
+    with store.lock("one"), twin.lock("another"):  # locks of other names are independent
+        pass
+
+
+def test_lock_of_a_dead_holder_is_taken_over_after_its_lease(store: Store, twin: Store) -> None:
+    assert store._take_lock("image\x1fsys\x1fdead", "a-gateway-that-died", 0.5)
+    assert not twin._take_lock("image\x1fsys\x1fdead", "another", 30)
+    started = time.monotonic()
+    with twin.lock("image\x1fsys\x1fdead", wait=10):
+        assert 0.3 < time.monotonic() - started < 5
+    with pytest.raises(ShifterError, match="stayed held"):
+        assert store._take_lock("image\x1fsys\x1fbusy", "holder", 30)
+        with twin.lock("image\x1fsys\x1fbusy", wait=0.3):
+            pass
+
+
+def test_lock_is_renewed_while_held(store: Store, twin: Store) -> None:
+    with store.lock("image\x1fsys\x1flong", lease=0.6):
+        time.sleep(1.5)  # well past the first lease: the holder's renewals keep it
+        assert not twin._take_lock("image\x1fsys\x1flong", "intruder", 30)
+    assert twin._take_lock("image\x1fsys\x1flong", "next", 30)  # released at the end
