@@ -131,3 +131,35 @@ def test_concurrent_first_pulls_over_two_gateways_make_one_image(pair: Pair) -> 
     for gw in pair.gateways:
         status, body = pair.request(gw, "GET", "/api/lookup/testsys/docker/test%2Fshared%3Av1/")
         assert status == 200 and json.loads(body)["id"] == image_id
+
+
+def test_tags_of_one_image_finishing_on_both_gateways_share_one_record(pair: Pair) -> None:
+    """Different tags naming one image, pulled at once through both gateways: the image id's
+    lock is the store's, so one READY record of the id ends up with every tag."""
+    layer = oci.tar_bytes([oci.file("data/same.bin", os.urandom(1 << 20))])
+    tags = [f"v{i}" for i in range(8)]
+    for tag in tags:
+        oci.push_image(pair.registry.url, "test/same", tag, [oci.gzip_bytes(layer)], oci.image_config([layer]))
+    records: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(tags))
+
+    def one(i: int) -> None:
+        try:
+            barrier.wait()
+            records.append(pair.pull_until_done(pair.gateways[i % 2], f"test%2Fsame%3A{tags[i]}"))
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(tags))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(240)
+    assert not errors, errors[0]
+    assert {r["status"] for r in records} == {"READY"}
+    ids = {r["id"] for r in records}
+    assert len(ids) == 1
+    ready = list(pair.db.images.find({"id": ids.pop(), "status": "READY"}))
+    assert len(ready) == 1, [(r["_id"], r["tag"]) for r in ready]
+    assert sorted(ready[0]["tag"]) == sorted(f"test/same:{t}" for t in tags)
