@@ -770,7 +770,8 @@ class ImageManager:
     @contextlib.contextmanager
     def _image_lock(self, system: str, image_id: str) -> Any:
         """One lock per image id, for threads and processes of this host (flock on one of 256
-        lock files, chosen by the id: never more files, and never two ids held at once)."""
+        lock files, chosen by the id: never more files, and never two ids held at once), then
+        for the gateways of other hosts on the same store (the store's lease lock)."""
         directory = os.path.join(self.config.cache_dir, "locks")
         os.makedirs(directory, mode=0o700, exist_ok=True)
         stripe = hashlib.sha256(f"{system}\0{image_id}".encode()).hexdigest()[:2]
@@ -778,7 +779,8 @@ class ImageManager:
                      0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            with self.store.lock(f"image\x1f{system}\x1f{image_id}"):
+                yield
         finally:
             os.close(fd)
 
@@ -818,16 +820,19 @@ class ImageManager:
                 if publish_files is None:
                     raise ShifterError(f"image {image_id} is not published and was not built")
                 publish_files(image_after)
+            settle = None
             if existing is None:
-                self.store.update(rec["_id"], {
+                # READY in the same write as the tag: a record settled but not yet tagged would
+                # look to a concurrent pull (at any gateway) like no image at all
+                settle = {
                     "status": "READY", "status_message": "", "id": image_id, "last_pull": time.time(),
                     **image_after.as_fields(), **fields,
-                })
+                }
                 target = rec["_id"]
             else:
                 target = existing["_id"]
             # the tag first: a refused tag never widens the image's .meta or record
-            if not self.store.add_tag(target, tag, owner, tag_access.as_fields()):
+            if not self.store.add_tag(target, tag, owner, tag_access.as_fields(), settle):
                 if existing is None:  # published for nothing: nothing else uses these files
                     self.store.update(rec["_id"], {"status": "FAILURE", "tag": []})
                     pipeline.remove_published(image_id, self.target(platform))
