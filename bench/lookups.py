@@ -1,5 +1,9 @@
 """Gateway benchmarks P5 (authenticated lookups/s, 32 clients) and P4 (re-pull of an unchanged tag).
 
+P5 is measured twice in one run: on an idle gateway, and while another image is expired and
+pulled again in a loop (the store's writers, a download and a conversion all busy): the second
+is the metric, the first is its context.
+
 P5: the load runs in a separate process (``python bench/lookups.py --load ...``) pinned
 to the last CPU, so the gateway is not sharing an interpreter (GIL) with its clients;
 on a 2-core machine the load generator, munged and the gateway still share the two
@@ -18,12 +22,15 @@ downloaded or converted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,6 +135,37 @@ def _ready_client(
     return client, ref, _ensure_ready(client, ref, timeout)
 
 
+@contextlib.contextmanager
+def pull_and_expire_load(gateway_url: str, system: str, tag: str, munge_socket: str | None) -> Iterator[list[int]]:
+    """Keep a pull and an expire running on the gateway: expire ``tag``, pull it again until READY,
+    repeat.  Yields the list of completed cycles (one entry per cycle); ``tag`` is READY again after."""
+    client, ref, _ = _ready_client(gateway_url, system, tag, munge_socket)
+    stop = threading.Event()
+    cycles: list[int] = []
+    failures: list[str] = []
+
+    def cycle() -> None:
+        while not stop.is_set():
+            try:
+                client.expire(ref)
+                _ensure_ready(client, ref)
+            except Exception as err:  # reported after the measurement, which it must not break
+                failures.append(f"{type(err).__name__}: {err}")
+                return
+            cycles.append(1)
+
+    worker = threading.Thread(target=cycle, name="pull-and-expire", daemon=True)
+    worker.start()
+    try:
+        yield cycles
+    finally:
+        stop.set()
+        worker.join(timeout=660)
+        _ensure_ready(client, ref)
+    if failures:
+        raise RuntimeError(f"the pull-and-expire load failed: {failures[0]}")
+
+
 def measure_p5(
     gateway_url: str,
     system: str,
@@ -135,10 +173,19 @@ def measure_p5(
     seconds: float = 10,
     clients: int = 32,
     munge_socket: str | None = None,
+    busy_tag: str | None = None,
 ) -> dict[str, Any]:
-    """Authenticated lookups per second with ``clients`` concurrent clients, and p99 latency (ms)."""
+    """Authenticated lookups per second with ``clients`` concurrent clients, and p99 latency (ms);
+    with ``busy_tag``, measured while that image is expired and pulled again in a loop."""
     sock = munge_socket if munge_socket is not None else munge.client_socket()
     _ready_client(gateway_url, system, tag, sock)
+    if busy_tag is not None:
+        with pull_and_expire_load(gateway_url, system, busy_tag, sock) as cycles:
+            time.sleep(1.0)  # the first expire and the pull's download are under way
+            result = measure_p5(gateway_url, system, tag, seconds, clients, sock)
+        result["load_cycles"] = len(cycles)
+        result["note"] += f"; meanwhile {busy_tag} was expired and pulled again, {len(cycles)} full cycle(s)"
+        return result
     cmd = [
         sys.executable,
         os.path.abspath(__file__),

@@ -1,6 +1,7 @@
 """Node-runtime benchmarks: P2 (launcher on the reuse path, alone and 16 at once) and P7
 (setupRoot and unsetupRoot), each against the floor of any Python launcher measured in the same
-run: the same interpreter running ``-I -S -c pass``.
+run: the same interpreter running ``-I -S -c pass``; and P2x, the reuse path against the
+physical floor: a bare exec of ``/bin/true`` spawned the same way.
 
 Commands are started with ``posix_spawn`` and timed wall-clock to their exit; baseline and
 measured runs are interleaved so that load from elsewhere on the machine hits both alike, and
@@ -68,8 +69,18 @@ def _result(baseline: list[float], measured: list[float], runs: int) -> dict[str
 def measure_p2(launcher: str, interpreter: str, env: dict[str, str], runs: int = 50,
                run_as: RunAs | None = None, concurrency: int = 1) -> dict[str, float]:
     """``launcher /bin/true`` on the reuse path (``env`` names the prepared job) vs ``interpreter -I -S -c pass``."""
-    floor = [interpreter, "-I", "-S", "-c", "pass"]
-    command = [launcher, "/bin/true"]
+    return _against([launcher, "/bin/true"], [interpreter, "-I", "-S", "-c", "pass"], env, runs, run_as, concurrency)
+
+
+def measure_p2x(launcher: str, env: dict[str, str], runs: int = 50, run_as: RunAs | None = None) -> dict[str, float]:
+    """``launcher /bin/true`` on the reuse path vs a bare exec of ``/bin/true`` spawned the same way: the
+    physical floor, so that what is left is the launcher's own work."""
+    return _against([launcher, "/bin/true"], ["/bin/true"], env, runs, run_as)
+
+
+def _against(command: list[str], floor: list[str], env: dict[str, str], runs: int, run_as: RunAs | None,
+             concurrency: int = 1) -> dict[str, float]:
+    """``command`` against ``floor``, interleaved run by run; medians."""
     _time_batch(command, env, run_as)  # warm caches, and fail early if the path is broken
     baseline, measured = [], []
     for _ in range(runs):
@@ -109,7 +120,7 @@ def _metric(result: dict[str, float], what: str, goal: str, floor: str = "python
 
 
 def measure_all() -> dict[str, dict]:
-    """P2, P2c, P7s and P7u on a throwaway site (the root tests' fixtures), as root."""
+    """P2, P2x, P2c, P7s and P7u on a throwaway site (the root tests' fixtures), as root."""
     from tests.root.conftest import PYTHON, Account, Site, Users
 
     if os.geteuid() != 0:
@@ -129,6 +140,7 @@ def measure_all() -> dict[str, dict]:
         launcher = os.path.join(site.bin, "shifter")
         p2 = measure_p2(launcher, PYTHON, env, 50, run_as)
         p2c = measure_p2c(launcher, PYTHON, env, 20, 16, run_as)
+        p2x = measure_p2x(launcher, env, 50, run_as)
         site.unsetup("--job-id", "901")
         setup_argv = [os.path.join(site.bin, "setupRoot"), "--config", site.conf, "--job-id", "902",
                       "-U", str(user.uid), "-G", str(user.gid), "-u", user.name, *volumes, "id", "b" * 64]
@@ -139,6 +151,7 @@ def measure_all() -> dict[str, dict]:
         users.remove()
     return {
         "P2": _metric(p2, "shifter /bin/true on the reuse path", "<= 1.5"),
+        "P2x": _metric(p2x, "shifter /bin/true on the reuse path", "<= 2.0", floor="a bare exec of /bin/true"),
         "P2c": _metric(p2c, "16 concurrent shifter /bin/true, batch wall time", "<= 1.5",
                        floor="16 concurrent python -I -S -c pass"),
         "P7s": _metric(p7["setupRoot"], "setupRoot, busybox image, siteFs + 2 volumes", "<= 3"),
@@ -147,7 +160,7 @@ def measure_all() -> dict[str, dict]:
 
 
 def main() -> None:
-    """Print P2, P2c and P7 for a throwaway site as JSON."""
+    """Print P2, P2x, P2c and P7 for a throwaway site as JSON."""
     import json
 
     print(json.dumps(measure_all(), indent=2))

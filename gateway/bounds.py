@@ -1,5 +1,6 @@
 """Time and resource bounds of a pull: one deadline shared by all its steps, and the
-limits under which external tools (pigz, tar2sqfs, the examiner) work on untrusted data.
+limits under which external tools (pigz, tar2sqfs, the examiner, unsquashfs
+on an import) work on untrusted data.
 
 Why both: a trickling registry or a tool stuck on a hostile layer would otherwise keep a
 pull in flight forever while its heartbeat keeps the record alive and later pulls join it.
@@ -18,6 +19,7 @@ from shifter.errors import ShifterError
 
 TOOL_MEMORY = 8 << 30   # address space of tar2sqfs (it keeps the image's directory tree)
 PIGZ_MEMORY = 1 << 30   # address space of a gzip inflater
+UNSQUASHFS_MEMORY = 1 << 30  # address space of unsquashfs listing an imported file
 
 
 class Deadline:

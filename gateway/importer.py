@@ -14,20 +14,31 @@ if they are the same bytes. The original's ``fasthash`` stays as an alias in the
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
+import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from typing import TextIO
 
+from gateway.bounds import UNSQUASHFS_MEMORY, limited
+from gateway.flatten import printable
 from shifter.errors import ShifterError
 
 SQUASHFS_MAGIC = b"hsqs"
 _CHUNK = 1 << 20
 _STRIDE = 512 << 20
 _HELPER_TIMEOUT = 30
+_SUPERBLOCK_BYTES = 1 << 20  # what ``unsquashfs -s`` may print
+# A line of ``unsquashfs -lls``: mode, owner/group, size, date (at most 160 bytes) and a path
+# of 128 bytes on average, the same allowance per path as the flattener's (MaxImagePaths).
+LISTING_BYTES_PER_PATH = 160 + 128
 
 # Runs as the requesting user with nothing but the standard library (-I -S): opens the
 # path without following a final symlink and sends the descriptor, or the errno, back.
@@ -139,38 +150,75 @@ def copy_for_import(fd: int, path: str, work_dir: str, max_bytes: int) -> tuple[
     return copy, digest.hexdigest()
 
 
-def check_squashfs(path: str, shown: str) -> None:
-    """Refuse anything but a squashfs free of device nodes, xattrs and setuid/setgid files."""
+def check_squashfs(path: str, shown: str, max_paths: int = 4_000_000, seconds: float = 3600.0) -> None:
+    """Refuse anything but a squashfs free of device nodes, xattrs and setuid/setgid files.
+
+    unsquashfs reads the user's bytes, so it runs under the limits of the pull's tools
+    (``bounds.limited``): CPU time and wall time of ``seconds`` (PullDeadline), 1 GiB of
+    address space, and a listing of at most ``max_paths`` (MaxImagePaths) lines of bounded
+    length, written to a file in the copy's directory and read back a line at a time.
+    """
     with open(path, "rb") as fh:
         if fh.read(4) != SQUASHFS_MAGIC:
             raise ShifterError(f"rejected {shown}: not a squashfs file")
-    info = _run(["unsquashfs", "-s", path], shown)
-    for line in info.splitlines():
-        if line.startswith("Number of xattr ids"):
-            count = line.rsplit(None, 1)[-1]
-            if count.isdigit() and int(count) > 0:
-                raise ShifterError(f"rejected {shown}: the squashfs holds extended attributes")
-    listing = _run(["unsquashfs", "-lls", "-d", "", path], shown)
-    for line in listing.splitlines():
-        mode, _, rest = line.partition(" ")
-        if len(mode) != 10:
-            continue
-        name = rest.rsplit(" ", 1)[-1] if rest else "?"
-        if mode[0] in "cbp" or mode[0] == "s":
-            kind = {"c": "a character device", "b": "a block device", "p": "a fifo", "s": "a socket"}[mode[0]]
-            raise ShifterError(f"rejected {shown}: {name} is {kind}")
-        if mode[3] in "sS" or mode[6] in "sS":
-            raise ShifterError(f"rejected {shown}: {name} is setuid or setgid")
+    scratch = os.path.dirname(path)
+    with _run(["unsquashfs", "-s", path], shown, scratch, _SUPERBLOCK_BYTES, max_paths, seconds) as info:
+        for line in info:
+            if line.startswith("Number of xattr ids"):
+                count = line.rsplit(None, 1)[-1]
+                if count.isdigit() and int(count) > 0:
+                    raise ShifterError(f"rejected {shown}: the squashfs holds extended attributes")
+    listing_bytes = max_paths * LISTING_BYTES_PER_PATH
+    with _run(["unsquashfs", "-lls", "-d", "", path], shown, scratch, listing_bytes, max_paths,
+              seconds) as listing:
+        paths = 0
+        for line in listing:
+            mode, _, rest = line.partition(" ")
+            if len(mode) != 10:
+                continue  # unsquashfs's own lines
+            paths += 1
+            if paths > max_paths:
+                raise ShifterError(f"rejected {shown}: it holds more than {max_paths} paths (MaxImagePaths)")
+            name = printable(rest.rstrip("\n").rsplit(" ", 1)[-1] if rest else "?")
+            if mode[0] in "cbp" or mode[0] == "s":
+                kind = {"c": "a character device", "b": "a block device", "p": "a fifo", "s": "a socket"}[mode[0]]
+                raise ShifterError(f"rejected {shown}: {name} is {kind}")
+            if mode[3] in "sS" or mode[6] in "sS":
+                raise ShifterError(f"rejected {shown}: {name} is setuid or setgid")
 
 
-def _run(argv: list[str], shown: str) -> str:
-    try:
-        proc = subprocess.run(
-            argv, capture_output=True, text=True, errors="replace", timeout=600, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise ShifterError(f"cannot check {shown}: {argv[0]}: {err}") from None
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-        raise ShifterError(f"rejected {shown}: not a valid squashfs ({last})")
-    return proc.stdout
+@contextlib.contextmanager
+def _run(argv: list[str], shown: str, scratch: str, max_output: int, max_paths: int,
+         seconds: float) -> Iterator[TextIO]:
+    """Run ``argv`` under the tools' limits, its output into a file; yields that file to read."""
+    command = limited(argv, cpu=seconds, memory=UNSQUASHFS_MEMORY, fsize=max_output)
+    with tempfile.TemporaryFile(dir=scratch) as out, tempfile.TemporaryFile(dir=scratch) as err:
+        try:
+            proc = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                  timeout=seconds, check=False)
+        except subprocess.TimeoutExpired:
+            raise ShifterError(f"rejected {shown}: {argv[0]} did not finish within {seconds:g} s"
+                               " (PullDeadline)") from None
+        except OSError as error:
+            raise ShifterError(f"cannot check {shown}: {argv[0]}: {error.strerror}") from None
+        if proc.returncode != 0:
+            err.seek(0)
+            lines = err.read(4000).decode("utf-8", "replace").strip().splitlines()
+            last = printable(lines[-1].strip()[:300]) if lines else "failed"
+            raise ShifterError(_failure(proc.returncode, last, shown, argv[0], max_output, max_paths, seconds))
+        out.seek(0)
+        with open(out.fileno(), encoding="utf-8", errors="replace", closefd=False) as text:
+            yield text
+
+
+def _failure(status: int, last: str, shown: str, tool: str, max_output: int, max_paths: int,
+             seconds: float) -> str:
+    """One line saying which limit stopped the tool, or what it said."""
+    if status == -signal.SIGXFSZ:
+        return (f"rejected {shown}: its file list is longer than {max_paths} paths (MaxImagePaths) allow"
+                f" ({tool} stopped at {max_output} bytes)")
+    if status in (-signal.SIGXCPU, -signal.SIGKILL):
+        return f"rejected {shown}: {tool} exceeded its CPU time limit of {seconds:g} s (PullDeadline)"
+    if "out of memory" in last.lower() or "cannot allocate" in last.lower():
+        return f"rejected {shown}: {tool} exceeded its memory limit of {UNSQUASHFS_MEMORY >> 20} MiB"
+    return f"rejected {shown}: not a valid squashfs ({last})"

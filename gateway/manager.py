@@ -70,6 +70,20 @@ _TAG_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123
 IMAGE_TYPES = ("docker", "custom")
 
 
+
+PULL_NICENESS = 10  # how much lower than the API's the CPU priority of pulls, expiries and their tools is
+
+
+def _yield_to_requests() -> None:
+    """Lower this worker thread's CPU priority, and so that of every thread and tool it starts.
+
+    Lookups decide how fast jobs are submitted; a pull or an expiry can wait.  On Linux the nice
+    value is per thread and inherited by the threads and processes a thread creates, so one
+    call here covers downloads, the flattener, pigz, tar2sqfs and the examiner.
+    """
+    tid = threading.get_native_id()
+    os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + PULL_NICENESS))
+
 class NotFound(Exception):
     """404: unknown system, unknown image, or an image the caller may not read."""
 
@@ -267,7 +281,10 @@ class ImageManager:
             if rec.get("owner") == self.owner.as_doc() or self._record_alive(rec):
                 live.add(rec["_id"])
                 continue
-            self._take_over(rec)
+            if not self._take_over(rec):
+                current = self.store.get(rec["_id"])
+                if current and current.get("status") in INFLIGHT and current.get("owner") != rec.get("owner"):
+                    live.add(rec["_id"])  # another gateway won the lease: its scratch files are in use
         for rec in self.store.find(statuses=("EXPIRING",)):
             if (
                 rec.get("owner") != self.owner.as_doc()
@@ -618,6 +635,7 @@ class ImageManager:
     # -- workers ----------------------------------------------------------------------------------
 
     def _worker(self) -> None:
+        _yield_to_requests()
         while not self._stop.is_set():
             job = self._jobs.get()
             if job is None:
@@ -752,7 +770,8 @@ class ImageManager:
     @contextlib.contextmanager
     def _image_lock(self, system: str, image_id: str) -> Any:
         """One lock per image id, for threads and processes of this host (flock on one of 256
-        lock files, chosen by the id: never more files, and never two ids held at once)."""
+        lock files, chosen by the id: never more files, and never two ids held at once), then
+        for the gateways of other hosts on the same store (the store's lease lock)."""
         directory = os.path.join(self.config.cache_dir, "locks")
         os.makedirs(directory, mode=0o700, exist_ok=True)
         stripe = hashlib.sha256(f"{system}\0{image_id}".encode()).hexdigest()[:2]
@@ -760,7 +779,8 @@ class ImageManager:
                      0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            with self.store.lock(f"image\x1f{system}\x1f{image_id}"):
+                yield
         finally:
             os.close(fd)
 
@@ -800,16 +820,19 @@ class ImageManager:
                 if publish_files is None:
                     raise ShifterError(f"image {image_id} is not published and was not built")
                 publish_files(image_after)
+            settle = None
             if existing is None:
-                self.store.update(rec["_id"], {
+                # READY in the same write as the tag: a record settled but not yet tagged would
+                # look to a concurrent pull (at any gateway) like no image at all
+                settle = {
                     "status": "READY", "status_message": "", "id": image_id, "last_pull": time.time(),
                     **image_after.as_fields(), **fields,
-                })
+                }
                 target = rec["_id"]
             else:
                 target = existing["_id"]
             # the tag first: a refused tag never widens the image's .meta or record
-            if not self.store.add_tag(target, tag, owner, tag_access.as_fields()):
+            if not self.store.add_tag(target, tag, owner, tag_access.as_fields(), settle):
                 if existing is None:  # published for nothing: nothing else uses these files
                     self.store.update(rec["_id"], {"status": "FAILURE", "tag": []})
                     pipeline.remove_published(image_id, self.target(platform))
@@ -1033,7 +1056,7 @@ class ImageManager:
                 copy, image_id = importer.copy_for_import(fd, filepath, work_dir, self.config.max_image_bytes)
             finally:
                 os.close(fd)
-            importer.check_squashfs(copy, filepath)
+            importer.check_squashfs(copy, filepath, self.config.max_image_paths, self.config.pull_deadline)
             meta = ImageMeta(format="squashfs", user=requester.get("user"))
             target = self.target(platform)
 

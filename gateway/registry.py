@@ -13,8 +13,9 @@ with the credentials.  Needing the credentials marks the image private.
 Where credentials may go (see ``credentials_may_go``): a token realm must be https
 unless the registry itself is configured as http, and receives the credentials only
 on the registry's own host or a host of its parent domain (``auth.docker.io`` for
-``registry-1.docker.io``); a redirect to another host, or from https to http, loses
-the Authorization header.  Digests from manifests and indexes are checked before
+``registry-1.docker.io``); a redirect to another host, or from https to http (the
+registry's own host included), loses the Authorization header.  A token service's answer
+is never followed as a redirect.  Digests from manifests and indexes are checked before
 they become part of a URL.
 """
 

@@ -22,12 +22,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import sqlite3
 import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from shifter.errors import ShifterError
@@ -124,10 +125,14 @@ class Store(ABC):
         """Records matching every given criterion (used by list, queue, expiry and recovery)."""
 
     @abstractmethod
-    def add_tag(self, rid: str, tag: str, owner: str | None = None, access: Doc | None = None) -> bool:
+    def add_tag(
+        self, rid: str, tag: str, owner: str | None = None, access: Doc | None = None, fields: Doc | None = None
+    ) -> bool:
         """Move ``tag`` to record ``rid``, taking it from any other record of the same system/itype,
         unless that record's ``tag_access`` names another owner for it: then nothing changes and
-        the answer is False. ``access`` (private, userACL, groupACL) becomes the tag's entry."""
+        the answer is False. ``access`` (private, userACL, groupACL) becomes the tag's entry.
+        ``fields`` are set on ``rid`` in the same write (a pull record becomes READY together
+        with its tag, so no reader sees it settled but untagged and starts the pull again)."""
 
     @abstractmethod
     def touch(self, updates: dict[str, float]) -> None:
@@ -141,6 +146,48 @@ class Store(ABC):
     def metrics(self, system: str, limit: int) -> list[Doc]:
         """The last ``limit`` metric documents for ``system``, oldest first."""
 
+    @contextlib.contextmanager
+    def lock(self, name: str, lease: float | None = None, wait: float | None = None) -> Iterator[None]:
+        """A lock shared by every gateway on this store, on any host: work on one image id
+        (publish, tag, expire) or one tag move. It is a lease, renewed while held, so the lock
+        of a gateway that died is taken over once ``lease`` seconds have passed; gateway hosts'
+        clocks must agree to well within that. Not re-entrant."""
+        lease = LOCK_LEASE_SECONDS if lease is None else lease
+        wait = LOCK_WAIT_SECONDS if wait is None else wait
+        token = uuid.uuid4().hex
+        deadline = time.monotonic() + wait
+        pause = 0.002
+        while not self._take_lock(name, token, lease):
+            if time.monotonic() > deadline:
+                raise ShifterError(f"store: lock {name!r} stayed held by another gateway for {wait:.0f}s")
+            time.sleep(random.uniform(pause / 2, pause))
+            pause = min(pause * 1.5, 0.25)
+        self._renewer().hold(name, token, lease)
+        try:
+            yield
+        finally:
+            self._renewer().release(name)
+            self._drop_lock(name, token)
+
+    def _renewer(self) -> _LockRenewer:
+        renewer = self.__dict__.get("_lock_renewer")
+        if renewer is None:
+            with _RENEWER_LOCK:
+                renewer = self.__dict__.setdefault("_lock_renewer", _LockRenewer(self))
+        return renewer
+
+    @abstractmethod
+    def _take_lock(self, name: str, token: str, lease: float) -> bool:
+        """Take lock ``name`` for ``token`` if it is free or its lease has run out."""
+
+    @abstractmethod
+    def _renew_lock(self, name: str, token: str, lease: float) -> None:
+        """Extend the lease of a lock ``token`` holds."""
+
+    @abstractmethod
+    def _drop_lock(self, name: str, token: str) -> None:
+        """Release a lock ``token`` holds (nothing if another has taken it over)."""
+
     @abstractmethod
     def ping(self) -> None:
         """Raise if the store is unusable (health check)."""
@@ -148,6 +195,51 @@ class Store(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release connections."""
+
+
+LOCK_LEASE_SECONDS = 30.0  # a lock of a gateway that stopped renewing it is taken over after this
+LOCK_WAIT_SECONDS = 3600.0  # a publication of a large image may hold its id's lock for minutes
+_RENEWER_LOCK = threading.Lock()
+
+
+class _LockRenewer:
+    """One thread per store that extends the leases of the locks this process holds."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.held: dict[str, tuple[str, float]] = {}
+        self.mutex = threading.Lock()
+        self.wake = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def hold(self, name: str, token: str, lease: float) -> None:
+        with self.mutex:
+            self.held[name] = (token, lease)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="store-lock-renewer", daemon=True)
+                self.thread.start()
+        self.wake.set()
+
+    def release(self, name: str) -> None:
+        with self.mutex:
+            self.held.pop(name, None)
+
+    def _run(self) -> None:
+        # lives as long as the process: one thread (and, for SQLite, one connection) per store
+        while True:
+            with self.mutex:
+                held = dict(self.held)
+            if not held:
+                self.wake.wait()
+                self.wake.clear()
+                continue
+            for name, (token, lease) in held.items():
+                try:
+                    self.store._renew_lock(name, token, lease)
+                except Exception:  # noqa: BLE001 - the store is down: the lease may lapse, retried next round
+                    pass
+            self.wake.clear()
+            self.wake.wait(min(lease for _, lease in held.values()) / 3)
 
 
 def open_store(url: str, mongodb_name: str = "Shifter") -> Store:
@@ -183,6 +275,11 @@ CREATE TABLE IF NOT EXISTS tags (
     PRIMARY KEY (system, itype, tag)
 );
 CREATE INDEX IF NOT EXISTS tags_rid ON tags(rid);
+CREATE TABLE IF NOT EXISTS locks (
+    name TEXT PRIMARY KEY,
+    token TEXT NOT NULL,
+    until REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS metrics (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     system TEXT NOT NULL,
@@ -367,7 +464,9 @@ class SqliteStore(Store):
         )
         return [self._load(r) for r in self._conn().execute(sql, args).fetchall()]  # type: ignore[misc]
 
-    def add_tag(self, rid: str, tag: str, owner: str | None = None, access: Doc | None = None) -> bool:
+    def add_tag(
+        self, rid: str, tag: str, owner: str | None = None, access: Doc | None = None, fields: Doc | None = None
+    ) -> bool:
         conn = self._conn()
         with _transaction(conn):
             doc = self._fetch(conn, rid)
@@ -391,6 +490,7 @@ class SqliteStore(Store):
                 (doc["system"], doc["itype"], tag, rid),
             )
             _set_tag(doc, tag, owner, access)
+            doc.update({k: v for k, v in (fields or {}).items() if k not in ("_id", "tag", "tag_access")})
             self._write(conn, doc)
         return True
 
@@ -423,6 +523,26 @@ class SqliteStore(Store):
             .fetchall()
         )
         return [json.loads(r[0]) for r in reversed(rows)]
+
+    def _take_lock(self, name: str, token: str, lease: float) -> bool:
+        conn = self._conn()
+        now = time.time()
+        with _transaction(conn):
+            row = conn.execute("SELECT until FROM locks WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[0] >= now:
+                return False
+            conn.execute("INSERT OR REPLACE INTO locks(name, token, until) VALUES (?,?,?)", (name, token, now + lease))
+        return True
+
+    def _renew_lock(self, name: str, token: str, lease: float) -> None:
+        conn = self._conn()
+        with _transaction(conn):
+            conn.execute("UPDATE locks SET until = ? WHERE name = ? AND token = ?", (time.time() + lease, name, token))
+
+    def _drop_lock(self, name: str, token: str) -> None:
+        conn = self._conn()
+        with _transaction(conn):
+            conn.execute("DELETE FROM locks WHERE name = ? AND token = ?", (name, token))
 
     def ping(self) -> None:
         try:
@@ -493,6 +613,41 @@ def _tags(doc: Doc) -> list[str]:
 
 # -- MongoDB -----------------------------------------------------------------------------------
 
+TAG_LOCK_WAIT = 60.0  # a tag move takes milliseconds: how long add_tag waits for one at another gateway
+
+
+def _plain_keys(value: Doc) -> bool:
+    """Keys that can be named in a dotted path and an aggregation field path."""
+    return all(isinstance(k, str) and k and "." not in k and not k.startswith("$") for k in value)
+
+
+def _equals(path: str, value: Any, top: bool = False) -> list[Doc]:
+    """Query conditions for "the field at ``path`` equals ``value``" as Python compares it.
+
+    MongoDB's equality on an embedded document also compares its key order, so a plain
+    ``{"owner": {...}}`` match fails for the same owner written in another order. An
+    embedded document is compared field by field (dotted paths) instead, plus its type and
+    number of fields ($expr, MongoDB 3.6+), so a missing or extra field still differs. A
+    None at the top also matches a missing field (``dict.get``); inside a document it must
+    be a present null.
+    """
+    if isinstance(value, dict) and value and _plain_keys(value):
+        field = "$" + path
+        shape = {
+            "$cond": [
+                {"$eq": [{"$type": field}, "object"]},
+                {"$eq": [{"$size": {"$objectToArray": field}}, len(value)]},
+                False,
+            ]
+        }
+        conditions: list[Doc] = [{"$expr": shape}]
+        for key, sub in value.items():
+            conditions.extend(_equals(f"{path}.{key}", sub))
+        return conditions
+    if value is None and not top:
+        return [{path: {"$exists": True, "$eq": None}}]
+    return [{path: {"$eq": value}}]
+
 
 class MongoStore(Store):
     """MongoDB via pymongo 4 (collection ``images`` like the original, plus ``metrics``).
@@ -505,11 +660,13 @@ class MongoStore(Store):
         from pymongo.errors import PyMongoError
 
         self._errors = PyMongoError
+        self.uri = uri
         try:
             self.client: Any = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000, tz_aware=False)
             self.db = self.client[dbname]
             self.images = self.db["images"]
             self.metrics_coll = self.db["metrics"]
+            self.locks = self.db["locks"]
             self.images.create_index(
                 "inflight",
                 unique=True,
@@ -519,6 +676,7 @@ class MongoStore(Store):
             self.images.create_index([("system", 1), ("itype", 1), ("tag", 1)], name="lookup")
             self.images.create_index([("system", 1), ("itype", 1), ("pulltag", 1)], name="pulltag")
             self.images.create_index([("system", 1), ("id", 1)], name="image_id")
+            self.metrics_coll.create_index([("system", 1), ("time", -1)], name="recent")
         except PyMongoError as err:
             raise ShifterError(f"store {uri}: {err}") from None
 
@@ -571,11 +729,12 @@ class MongoStore(Store):
     def update(
         self, rid: str, fields: Doc, only_if_status: Iterable[str] | None = None, expect: Doc | None = None
     ) -> bool:
-        query = self._key(rid)
+        conditions: list[Doc] = [self._key(rid)]
         if only_if_status is not None:
-            query["status"] = {"$in": list(only_if_status)}
+            conditions.append({"status": {"$in": list(only_if_status)}})
         for key, value in (expect or {}).items():
-            query[key] = value
+            conditions.extend(_equals(key, value, top=True))
+        query: Doc = conditions[0] if len(conditions) == 1 else {"$and": conditions}
         fields = {k: v for k, v in fields.items() if k != "_id"}
         change: Doc = {"$set": fields}
         if "status" in fields:
@@ -620,27 +779,81 @@ class MongoStore(Store):
             query["status"] = {"$in": sorted(set(statuses))}
         return [self._out(d) for d in self.images.find(query).sort("_id", 1)]  # type: ignore[misc]
 
-    def add_tag(self, rid: str, tag: str, owner: str | None = None, access: Doc | None = None) -> bool:
-        doc = self.images.find_one(self._key(rid))
+    def add_tag(
+        self, rid: str, tag: str, owner: str | None = None, access: Doc | None = None, fields: Doc | None = None
+    ) -> bool:
+        """Moves of one tag are serialized by a lock document (several gateways may finish pulls
+        naming the same tag at once); each record's tag fields change by compare-and-set, since
+        moves of other tags and status changes touch the same record without that lock."""
+        doc = self.images.find_one(self._key(rid), {"system": 1, "itype": 1})
         if doc is None:
             return False
-        holders = list(self.images.find({"system": doc["system"], "itype": doc["itype"], "tag": tag}))
-        if not all(_may_take(h, tag, owner) for h in holders + [doc]):
-            return False
-        for other in holders:
-            if other["_id"] != doc["_id"]:
-                before = other.get("tag_access")
-                _drop_tag(other, tag)
-                # only if its entries are unchanged since they were checked (a compare-and-set)
-                self.images.update_one(
-                    {"_id": other["_id"], "tag_access": before} if before else {"_id": other["_id"]},
-                    {"$set": {"tag": other["tag"], "tag_access": other["tag_access"]}},
-                )
-        _set_tag(doc, tag, owner, access)
-        self.images.update_one(
-            {"_id": doc["_id"]}, {"$set": {"tag": doc["tag"], "tag_access": doc["tag_access"]}}
-        )
+        with self.lock("tag\x1f" + pulltag_key(doc["system"], doc["itype"], tag), wait=TAG_LOCK_WAIT):
+            doc = self.images.find_one({"_id": doc["_id"]})
+            if doc is None:
+                return False
+            holders = [
+                h
+                for h in self.images.find({"system": doc["system"], "itype": doc["itype"], "tag": tag})
+                if h["_id"] != doc["_id"]
+            ]
+            if not all(_may_take(h, tag, owner) for h in holders or [doc]):
+                return False
+            # the new holder first: a lookup during the move finds one image or the other, never none
+            if not self._change_tags(doc, lambda d: _set_tag(d, tag, owner, access), fields):
+                return False
+            for other in holders:
+                self._change_tags(other, lambda d: _drop_tag(d, tag))
         return True
+
+    def _change_tags(self, doc: Doc, change: Any, fields: Doc | None = None) -> bool:
+        """Apply ``change`` to a record's ``tag``/``tag_access`` (and set ``fields``) by
+        compare-and-set, re-reading it after a concurrent change; False once the record is gone."""
+        from pymongo.errors import DuplicateKeyError
+
+        extra = {k: v for k, v in (fields or {}).items() if k not in ("_id", "tag", "tag_access")}
+        for _ in range(100):
+            before = {k: {"$eq": doc[k]} if k in doc else {"$exists": False} for k in ("tag", "tag_access")}
+            after = dict(doc)
+            change(after)
+            update: Doc = {"$set": {**extra, "tag": after["tag"], "tag_access": after["tag_access"]}}
+            if "status" in extra:
+                key = inflight_key({**doc, **extra})
+                if key is None:
+                    update["$unset"] = {"inflight": ""}
+                else:
+                    update["$set"]["inflight"] = key
+            try:
+                result = self.images.update_one({"_id": doc["_id"], **before}, update)
+            except DuplicateKeyError:  # ``fields`` put it in flight where another record is
+                return False
+            if result.matched_count:
+                return True
+            doc = self.images.find_one({"_id": doc["_id"]})
+            if doc is None:
+                return False
+        raise ShifterError(f"store: record {doc['_id']} keeps changing; its tags were not updated")
+
+    def _take_lock(self, name: str, token: str, lease: float) -> bool:
+        """Inserting the unique ``_id`` takes a free lock; a compare-and-set on its expiry takes
+        over one whose holder stopped renewing it."""
+        from pymongo.errors import DuplicateKeyError
+
+        now = time.time()
+        try:
+            self.locks.insert_one({"_id": name, "token": token, "until": now + lease})
+            return True
+        except DuplicateKeyError:
+            taken = self.locks.find_one_and_update(
+                {"_id": name, "until": {"$lt": now}}, {"$set": {"token": token, "until": now + lease}}
+            )
+            return taken is not None
+
+    def _renew_lock(self, name: str, token: str, lease: float) -> None:
+        self.locks.update_one({"_id": name, "token": token}, {"$set": {"until": time.time() + lease}})
+
+    def _drop_lock(self, name: str, token: str) -> None:
+        self.locks.delete_one({"_id": name, "token": token})
 
     def touch(self, updates: dict[str, float]) -> None:
         from pymongo import UpdateOne
@@ -658,7 +871,10 @@ class MongoStore(Store):
     def metrics(self, system: str, limit: int) -> list[Doc]:
         if limit <= 0:
             return []
-        docs = list(self.metrics_coll.find({"system": system}, {"_id": 0}).sort("_id", -1).limit(limit))
+        # by the lookup's own time: ObjectIds made by several gateways order only to the second
+        docs = list(
+            self.metrics_coll.find({"system": system}, {"_id": 0}).sort([("time", -1), ("_id", -1)]).limit(limit)
+        )
         return list(reversed(docs))
 
     def ping(self) -> None:

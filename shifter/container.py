@@ -319,9 +319,10 @@ def _mount_kernel_filesystems(config: UdiRootConfig, root: str, privileged: bool
     tmp = os.path.join(root, "tmp")
     os.mkdir(tmp, 0o777)
     os.chmod(tmp, 0o1777)
-    linux.bind("/tmp", tmp, propagation=propagation)
+    # unprivileged, a mount below the host's /tmp is locked to it: only a recursive bind is allowed
+    linux.bind("/tmp", tmp, recursive=not privileged, propagation=propagation)
     if os.path.isdir("/var/tmp"):
-        linux.bind("/var/tmp", os.path.join(root, "var/tmp"), propagation=propagation)
+        linux.bind("/var/tmp", os.path.join(root, "var/tmp"), recursive=not privileged, propagation=propagation)
 
 
 def _bind_image_dir(config: UdiRootConfig, spec: RootSpec, relpath: str) -> None:

@@ -55,3 +55,31 @@ def cluster() -> Iterator[Cluster]:
 def test_users() -> tuple[str, ...]:
     """The unprivileged users the cluster created (shifter-u1, shifter-u2)."""
     return TEST_USERS
+
+
+@pytest.fixture(scope="session")
+def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A MongoDB-wire server for the session (a one-node replica set, as ``secantusd-py`` presents
+    itself), or ``SHIFTER_TEST_MONGODB_URI`` when set.  Each user takes its own database name."""
+    yield from _mongo_server(tmp_path_factory, standalone=False)
+
+
+@pytest.fixture(scope="session")
+def mongo_standalone_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The same server presenting itself as a standalone ``mongod`` (no replica set)."""
+    yield from _mongo_server(tmp_path_factory, standalone=True)
+
+
+def _mongo_server(tmp_path_factory: pytest.TempPathFactory, standalone: bool) -> Iterator[str]:
+    from fixtures_mongo import SecantusServer, external_uri
+
+    uri = external_uri()
+    if uri:
+        yield uri
+        return
+    server = SecantusServer(tmp_path_factory.mktemp("mongo-standalone" if standalone else "mongo"), standalone)
+    server.start()
+    try:
+        yield server.uri
+    finally:
+        server.stop()

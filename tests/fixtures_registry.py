@@ -225,6 +225,11 @@ class GatewayProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> GatewayProcess:
+        self.launch()
+        return self.wait_up(timeout)
+
+    def launch(self) -> GatewayProcess:
+        """Start the process without waiting for it to serve (it recovers the store first)."""
         self.config_path.write_text(json.dumps(self.config, indent=2))
         with open(self.out, "ab") as out:
             self.proc = subprocess.Popen(
@@ -234,6 +239,9 @@ class GatewayProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        return self
+
+    def wait_up(self, timeout: float = 30.0) -> GatewayProcess:
         wait_for("shifter-gateway", self._up, timeout, log=self.out)
         return self
 

@@ -718,6 +718,54 @@ def test_import_rejects_a_file_that_is_not_squashfs(env: Env) -> None:
     assert rec["status"] == "FAILURE" and "not a squashfs" in rec["status_message"]
 
 
+def test_import_check_runs_unsquashfs_under_limits_and_max_image_paths(env: Env) -> None:
+    """unsquashfs lists the user's file under prlimit: a listing longer than MaxImagePaths
+    allows is cut by RLIMIT_FSIZE (SIGXFSZ, named in one line), and a short listing with too
+    many paths is refused by the count; a file within the limits is imported."""
+    from gateway.importer import LISTING_BYTES_PER_PATH
+
+    gw = _own_gateway(env, "import-limits", MaxImagePaths=1000).start()
+    port = int(gw.url.rsplit(":", 1)[1])
+
+    def doimport(tag: str, path: Path) -> dict:
+        body = json.dumps({"filepath": str(path), "format": "squashfs"}).encode()
+        target = f"/api/doimport/testsys/custom/{tag}/"
+        deadline = time.monotonic() + 60
+        while True:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            cred = bound_credential(env.munged.socket, "POST", target, body, f"127.0.0.1:{port}")
+            conn.request("POST", target, body=body, headers={"authentication": cred})
+            rec = json.loads(conn.getresponse().read())
+            conn.close()
+            if rec["status"] in ("READY", "FAILURE"):
+                return rec
+            assert time.monotonic() < deadline, rec
+            time.sleep(0.05)
+
+    def files(count: int, name_length: int) -> Any:
+        return lambda tree: [(tree / f"{i:05d}".ljust(name_length, "x")).write_bytes(b"") for i in range(count)]
+
+    try:
+        long_names = _squashfs(env, "long-listing", files(1100, 240))  # ~1100 x 290 bytes of listing
+        started = time.monotonic()
+        rec = doimport("long-listing", long_names)
+        assert rec["status"] == "FAILURE", rec
+        limit = 1000 * LISTING_BYTES_PER_PATH
+        assert rec["status_message"] == (
+            f"rejected {long_names}: its file list is longer than 1000 paths (MaxImagePaths) allow"
+            f" (unsquashfs stopped at {limit} bytes)"), rec
+        assert time.monotonic() - started < 30
+        many = _squashfs(env, "many-paths", files(1100, 8))  # a short listing, still too many paths
+        rec = doimport("many-paths", many)
+        assert rec["status"] == "FAILURE", rec
+        assert rec["status_message"] == f"rejected {many}: it holds more than 1000 paths (MaxImagePaths)"
+        within = _squashfs(env, "within-limits", files(900, 240))
+        assert doimport("within-limits", within)["status"] == "READY"
+        assert [p.name for p in (gw.root / "expand").iterdir()] == []
+    finally:
+        gw.stop()
+
+
 def test_import_needs_an_import_user_and_a_filepath(env: Env) -> None:
     path = _squashfs(env, "denied", lambda tree: None)
     body = json.dumps({"filepath": str(path), "format": "squashfs"}).encode()

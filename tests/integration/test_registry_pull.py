@@ -9,7 +9,8 @@ per-location CA file; token auth against a small real token service signing RS25
 retries on 503 and http_proxy through a fault-injecting forwarding proxy in front of the
 real registry; a tampered manifest; concurrent pulls sharing a base layer (one GET) and
 cache pruning; remote publish over ssh/scp to an sshd of our own (root only), on loopback
-and inside a cluster node's network namespace (tests/fixtures_sshd.py).
+and inside a cluster node's network namespace (tests/fixtures_sshd.py); where credentials may
+go, against recording servers (plain HTTP, and TLS plus plain HTTP on one port).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fixtures_sshd import Sshd, sshd_missing
@@ -704,6 +706,152 @@ def test_redirect_to_another_host_loses_the_authorization(tmp_path: Path) -> Non
     finally:
         cdn.close()
         registry.close()
+
+
+class TlsAndPlainRecorder:
+    """A recording server standing in for a registry front: TLS (a certificate made with the
+    openssl CLI) and plain HTTP on one loopback port, told apart by the first byte (0x16
+    starts a TLS handshake). Records every request's scheme, path and whether it carried
+    an Authorization header; ``answer(scheme, path, headers)`` decides the reply."""
+
+    def __init__(self, cert: Path, key: Path,
+                 answer: Callable[[str, str, dict[str, str]], tuple[int, dict[str, str], bytes]]) -> None:
+        import ssl
+
+        self.seen: list[tuple[str, str, bool]] = []
+        recorder = self
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(cert), str(key))
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                scheme = "https" if isinstance(self.connection, ssl.SSLSocket) else "http"
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                recorder.seen.append((scheme, self.path, "authorization" in headers))
+                status, extra, body = answer(scheme, self.path, headers)
+                self.send_response(status)
+                for name, value in extra.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            def finish_request(self, request: Any, client_address: Any) -> None:
+                request.settimeout(10)
+                try:
+                    first = request.recv(1, socket.MSG_PEEK)
+                    if first == b"\x16":
+                        request = context.wrap_socket(request, server_side=True)
+                except (OSError, ssl.SSLError):
+                    return
+                Handler(request, client_address, self)
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_port
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _private_image() -> tuple[bytes, dict[str, tuple[str, bytes]]]:
+    """A manifest and its blobs (digest -> (media type, bytes)) of a one-layer image."""
+    layer = oci.gzip_bytes(oci.tar_bytes([oci.file("secret", b"private data")]))
+    config = json.dumps(oci.image_config([oci.tar_bytes([oci.file("secret", b"private data")])])).encode()
+    blobs = {"sha256:" + hashlib.sha256(data).hexdigest(): data for data in (config, layer)}
+    config_digest, layer_digest = list(blobs)
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest,
+                   "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_digest,
+                    "size": len(layer)}],
+    }).encode()
+    return manifest, {d: ("application/octet-stream", b) for d, b in blobs.items()}
+
+
+@pytest.mark.parametrize("port", ["same", "another"])
+def test_blob_redirect_from_https_to_http_on_the_same_host_drops_the_authorization_recording_server(
+        tmp_path: Path, port: str) -> None:
+    """The registry (https, HTTP Basic) answers every blob with a redirect to plain http on
+    its own host (its own port, or another). The documented rule: the redirect is followed
+    without the Authorization header, and the blob still has to match its digest. So the
+    pull proceeds (the blobs are served anonymously there) and no plain-http request ever
+    carries the credentials."""
+    cert, key = make_cert(tmp_path)
+    manifest, blobs = _private_image()
+    login = "Basic " + base64.b64encode(b"alice:s3cret").decode()
+
+    def plain_blob(path: str) -> tuple[int, dict[str, str], bytes]:
+        digest = path.rsplit("/", 1)[-1]
+        return (200, {}, blobs[digest][1]) if digest in blobs else (404, {}, b"")
+
+    other = Recorder(lambda path, headers: plain_blob(path))
+
+    def answer(scheme: str, path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        if scheme == "http":
+            return plain_blob(path)
+        if headers.get("authorization") != login:
+            return 401, {"WWW-Authenticate": 'Basic realm="r"'}, b""
+        if path.endswith("/manifests/v1"):
+            return 200, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"}, manifest
+        digest = path.rsplit("/", 1)[-1]
+        target = front.port if port == "same" else other.port
+        return 307, {"Location": f"http://127.0.0.1:{target}/storage/{digest}"}, b""
+
+    front = TlsAndPlainRecorder(cert, key, answer)
+    try:
+        spec = spec_for(tmp_path, f"https://127.0.0.1:{front.port}", "private/img", "v1", cacert=str(cert),
+                        credentials=("alice", "s3cret"), auth_method="basic")
+        resolved, _events = pull(spec, tmp_path / "images")
+        assert resolved.private
+        assert (tmp_path / "images" / f"{resolved.image_id}.squashfs").is_file()
+        plain = [(path, authed) for scheme, path, authed in front.seen if scheme == "http"] + other.seen
+        assert sorted(path for path, _ in plain) == sorted(f"/storage/{d}" for d in blobs)
+        assert not any(authed for _path, authed in plain)
+        assert any(scheme == "https" and authed for scheme, _path, authed in front.seen)
+    finally:
+        other.close()
+        front.close()
+
+
+def test_token_service_redirect_to_http_on_the_same_host_is_not_followed_recording_server(
+        tmp_path: Path) -> None:
+    """The registry (https) sends a Bearer challenge for an https realm on its own host; the
+    realm answers the request that carries the user's credentials with a redirect to plain
+    http on the same host and port. A token service's answer is never followed: the pull
+    fails naming the status, and nothing reaches the plain-http side."""
+    cert, key = make_cert(tmp_path)
+    manifest, _blobs = _private_image()
+
+    def answer(scheme: str, path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        if scheme == "http":
+            return 200, {}, b'{"token": "stolen"}'
+        if path.startswith("/token"):
+            if "authorization" not in headers:
+                return 401, {}, b""  # no anonymous token
+            return 307, {"Location": f"http://127.0.0.1:{front.port}/token-plain"}, b""
+        if headers.get("authorization") == "Bearer stolen":
+            return 200, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"}, manifest
+        realm = f"https://127.0.0.1:{front.port}/token"
+        return 401, {"WWW-Authenticate": f'Bearer realm="{realm}",service="r",scope="repository:private/img:pull"'}, b""
+
+    front = TlsAndPlainRecorder(cert, key, answer)
+    try:
+        spec = spec_for(tmp_path, f"https://127.0.0.1:{front.port}", "private/img", "v1", cacert=str(cert),
+                        credentials=("alice", "s3cret"))
+        with pytest.raises(ShifterError, match=f"registry 127.0.0.1:{front.port}: token service answered 307"):
+            pipeline.resolve(spec)
+        assert [scheme for scheme, _path, _authed in front.seen] == ["https"] * len(front.seen)
+        assert [(p.split("?")[0], a) for s, p, a in front.seen if p.startswith("/token")] == [
+            ("/token", False), ("/token", True)]
+    finally:
+        front.close()
 
 
 def test_index_digests_are_checked_before_they_reach_a_url(tmp_path: Path) -> None:

@@ -145,3 +145,27 @@ def test_fresh_path_refuses_private_image_of_another_user(prepared, users, fuse_
     fuse_mode(0o666)
     out = site.shifter(users[1], f"--image=id:{PRIVATE_ID}", "true", env=site.job_env(JOB))
     assert out.returncode == 1 and "private" in out.stderr, out.stderr
+
+
+def test_fresh_path_with_a_mount_below_the_hosts_tmp(prepared, users, fuse_mode):
+    """A filesystem mounted somewhere below /tmp (a site's, another tool's) is locked to /tmp in the
+    user's namespace: the private environment still gets /tmp, with that mount in it."""
+    import tempfile
+
+    from shifter import linux
+
+    site, user = prepared, users[0]
+    fuse_mode(0o666)
+    below = tempfile.mkdtemp(prefix="shifter-below-tmp-", dir="/tmp")
+    os.chmod(below, 0o755)
+    linux.mount("tmpfs", below, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755,size=1m")
+    try:
+        with open(os.path.join(below, "seen"), "w") as fh:
+            fh.write("below tmp\n")
+        env = site.job_env(JOB, SHIFTER_VOLUME="/site1/shared:/data")
+        out = site.shifter(user, "cat", os.path.join(below, "seen"), "/data/hello", env=env)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == "below tmp\nhello from the site\n"
+    finally:
+        linux.umount2(below)
+        os.rmdir(below)
