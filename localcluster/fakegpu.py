@@ -27,6 +27,8 @@ SOURCES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_gpu")
 NVIDIA_MAJOR = 195
 UVM_MAJOR = 509  # dynamic on a real node; any free major does for nodes nobody opens
 CAPS_MAJOR = 508
+KFD_MAJOR = 507  # dynamic on a real node too
+DRI_MAJOR = 226
 VERSION = "535.104.05"
 STALE_VERSION = "470.82.01"
 LIBDIR = "usr/lib/x86_64-linux-gnu"
@@ -40,8 +42,12 @@ def _mount(argv: list[str]) -> None:
         raise OSError(f"mount {' '.join(argv)}: {result.stderr.strip()}")
 
 
-def make_dev(gpus: int) -> None:
-    """/dev as a GPU node has it; only in a private mount namespace (the caller's)."""
+def make_dev(gpus: int, amd_gpus: int = 0) -> None:
+    """/dev as a GPU node has it; only in a private mount namespace (the caller's).
+
+    With ``amd_gpus``, /dev/dri is a directory of its own with ``renderD128``... (major 226) and
+    /dev/kfd is added, as the AMD kernel driver makes them.
+    """
     stage = f"/run/fake_gpu_dev.{os.getpid()}"
     os.mkdir(stage, 0o755)
     _mount(["-t", "tmpfs", "-o", "mode=0755", "fake_gpu_dev", stage])
@@ -55,7 +61,7 @@ def make_dev(gpus: int) -> None:
                 os.chmod(target, stat.S_IMODE(info.st_mode))
             elif stat.S_ISLNK(info.st_mode):
                 os.symlink(os.readlink(entry.path), target)
-            elif stat.S_ISDIR(info.st_mode):
+            elif stat.S_ISDIR(info.st_mode) and not (amd_gpus and entry.name == "dri"):
                 os.mkdir(target, stat.S_IMODE(info.st_mode))
                 _mount(["--rbind", entry.path, target])
     for index in range(LOOP_NODES):  # a loop device appears on demand when its node is opened
@@ -70,6 +76,14 @@ def make_dev(gpus: int) -> None:
         os.chmod(os.path.join(stage, name), 0o666)
     os.mkdir(os.path.join(stage, "nvidia-caps"), 0o755)
     os.mknod(os.path.join(stage, "nvidia-caps/nvidia-cap1"), stat.S_IFCHR | 0o400, os.makedev(CAPS_MAJOR, 1))
+    if amd_gpus:
+        os.mkdir(os.path.join(stage, "dri"), 0o755)
+        for index in range(amd_gpus):
+            path = os.path.join(stage, f"dri/renderD{128 + index}")
+            os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(DRI_MAJOR, 128 + index))
+            os.chmod(path, 0o666)
+        os.mknod(os.path.join(stage, "kfd"), stat.S_IFCHR | 0o666, os.makedev(KFD_MAJOR, 0))
+        os.chmod(os.path.join(stage, "kfd"), 0o666)
     _mount(["--move", stage, "/dev"])
     os.rmdir(stage)
 

@@ -31,7 +31,8 @@ from shifter.record import Record
 RECIPE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
 LDCONFIG = "/sbin/ldconfig"
 # variables only the allocation decides: an image's value for them is dropped
-ALLOCATION_VARIABLES = frozenset({"NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"})
+ALLOCATION_VARIABLES = frozenset({"NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
+                                  "HIP_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL"})
 _RECIPE_NAME = re.compile(r"[a-z0-9][a-z0-9-]*\Z")
 _CACHE_LINE = re.compile(r"^\s*(\S+)\s+\(([^)]*)\)\s+=>\s+(/\S.*?)\s*$")
 
@@ -39,15 +40,16 @@ _CACHE_LINE = re.compile(r"^\s*(\S+)\s+\(([^)]*)\)\s+=>\s+(/\S.*?)\s*$")
 class Recipe(Record):
     """One vendor's recipe, as in its JSON file."""
 
-    __slots__ = ("name", "version_file", "version_pattern", "gpu_dir", "gpu_pattern", "gpu_major",
+    __slots__ = ("name", "version_file", "version_pattern", "gpu_dir", "gpu_pattern", "gpu_major", "gpu_index_base",
                  "control_devices", "required_devices", "capability_directories", "libraries",
                  "required_libraries", "binaries", "binary_directories", "capabilities", "environment")
     name: str
-    version_file: str
+    version_file: str | None  # None: the driver's user-space comes with the image (no libraries injected)
     version_pattern: str
     gpu_dir: str
     gpu_pattern: str
     gpu_major: int | None
+    gpu_index_base: int  # the node number of GPU 0 (renderD128 is AMD's GPU 0)
     control_devices: list[str]
     required_devices: list[str]
     capability_directories: list[str]
@@ -108,8 +110,9 @@ def load_recipe(name: str) -> Recipe:
         data = json.load(fh)
     devices = data.get("gpu_devices", {})
     return Recipe(
-        name=data["name"], version_file=data["version_file"], version_pattern=data["version_pattern"],
+        name=data["name"], version_file=data.get("version_file"), version_pattern=data.get("version_pattern", ""),
         gpu_dir=devices.get("directory", "/dev"), gpu_pattern=devices["pattern"], gpu_major=devices.get("major"),
+        gpu_index_base=int(devices.get("index_base", 0)),
         control_devices=list(data.get("control_devices", [])), required_devices=list(data.get("required_devices", [])),
         capability_directories=list(data.get("capability_directories", [])),
         libraries={k: list(v) for k, v in data.get("libraries", {}).items()},
@@ -267,8 +270,8 @@ def node_gpus(recipe: Recipe) -> dict[int, str]:
     for name in names:
         match = pattern.match(name)
         path = os.path.join(recipe.gpu_dir, name)
-        if match and _char_device(path, recipe.gpu_major):
-            found[int(match.group(1))] = path
+        if match and _char_device(path, recipe.gpu_major) and int(match.group(1)) >= recipe.gpu_index_base:
+            found[int(match.group(1)) - recipe.gpu_index_base] = path
     return found
 
 
@@ -281,8 +284,8 @@ def discover(recipe: Recipe, driver_root: str = "/", ldconfig: str = LDCONFIG, u
     """
     problems: list[str] = []
     version = None
-    version_path = _under(driver_root, recipe.version_file)
-    if userspace:
+    version_path = _under(driver_root, recipe.version_file or "")
+    if userspace and recipe.version_file:
         try:
             with open(version_path) as fh:
                 version = driver_version(fh.read(), recipe)

@@ -83,10 +83,10 @@ class FakeGpuNode:
                            "env": {"PATH": "/usr/bin:/bin"}})
         return len(self.steps) - 1
 
-    def run(self, gpus: int = 4) -> list[dict]:
+    def run(self, gpus: int = 4, amd_gpus: int = 0) -> list[dict]:
         spec = os.path.join(self.site.base, "fake_gpu_spec.json")
         with open(spec, "w") as fh:
-            json.dump({"gpus": gpus, "steps": self.steps, "watch": self.site.udi_mount}, fh)
+            json.dump({"gpus": gpus, "amd_gpus": amd_gpus, "steps": self.steps, "watch": self.site.udi_mount}, fh)
         out = subprocess.run(["unshare", "--mount", "--propagation", "private", PYTHON,
                               os.path.join(HERE, "node.py"), spec], capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr
@@ -241,3 +241,29 @@ def test_fake_gpu_allocation_the_node_lacks_fails_cleanly(fake_gpu_site, users):
     assert "allocated GPU(s) 5 have no device node in /dev" in results[missing]["stderr"]
     assert results[bad]["rc"] != 0 and "invalid GPU list '0,x'" in results[bad]["stderr"]
     assert results[bad]["mounts"] == [] and os.listdir(site.udi_mount) == []
+
+
+def test_fake_gpu_amd_recipe_shows_the_allocated_render_node_and_kfd(fake_gpu_site, users):
+    """The AMD recipe is data only: render nodes by index, /dev/kfd, the image's own ROCm."""
+    site, user = fake_gpu_site, users[0]
+    site.write_config(f"siteResources={SITE_RESOURCES}\ngpuRecipe=amd\n")
+    node = FakeGpuNode(site)
+    setup = node.setup("706", user, "--gpus", "1")
+    devices = node.shifter("706", user, "stat", "-c", "%n %F", "/dev/dri/renderD128", "/dev/dri/renderD129",
+                           "/dev/kfd")
+    env = node.shifter("706", user, "env", ROCR_VISIBLE_DEVICES="0")
+    plain = node.setup("707", user)
+    plain_devices = node.shifter("707", user, "stat", "-c", "%n %F", "/dev/dri/renderD129", "/dev/kfd")
+    unsetup = node.unsetup("--all")
+    results = node.run(gpus=0, amd_gpus=2)
+    _ok(results[setup])
+    assert _ok(results[devices]).splitlines() == ["/dev/dri/renderD128 regular empty file",
+                                                  "/dev/dri/renderD129 character special file",
+                                                  "/dev/kfd character special file"]
+    assert _env(_ok(results[env]))["ROCR_VISIBLE_DEVICES"] == "0"  # Slurm's for the task; no driver libraries
+    assert f"{SITE_RESOURCES}" not in _env(_ok(results[env])).get("LD_LIBRARY_PATH", "")
+    _ok(results[plain])
+    assert _ok(results[plain_devices]).splitlines() == ["/dev/dri/renderD129 regular empty file",
+                                                        "/dev/kfd regular empty file"]
+    _ok(results[unsetup])
+    assert results[unsetup]["mounts"] == []

@@ -352,7 +352,7 @@ def test_site_resources_and_gpu_recipe():
     ("siteResources=/dev/gpu\n", "/dev/gpu is where the container's own files are"),
     ("siteResources=/etc\n", "/etc is where the container's own files are"),
     ("siteResources=/sr\ngpuRecipe=cuda\n", "line 8: bad value for 'gpuRecipe': unknown GPU recipe 'cuda' "
-                                            "(known: nvidia, none)"),
+                                            "(known: amd, nvidia, none)"),
     ("gpuRecipe=nvidia\n", "gpuRecipe=nvidia needs siteResources"),
     ("siteResources=/sr\ngpuRecipe=nvidia\ngpuDriverRoot=run/nvidia\n", "'gpuDriverRoot': must be an absolute path"),
 ])

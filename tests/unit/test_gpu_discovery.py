@@ -44,16 +44,16 @@ def driver_root(tmp_path) -> str:
 
 
 def test_recipe_is_data_with_the_documented_sets(recipe):
-    assert recipe.name == "nvidia" and gpu.recipe_names() == ["nvidia"]
+    assert recipe.name == "nvidia" and gpu.recipe_names() == ["amd", "nvidia"]
     assert "/dev/nvidia-uvm-tools" in recipe.control_devices and recipe.gpu_major == 195
     assert "libcuda.so" in recipe.libraries["compute"] and "libnvidia-ml.so" in recipe.libraries["utility"]
     assert "nvidia-smi" in recipe.binaries["utility"]
     assert set(recipe.environment) == {"NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES"}
 
 
-@pytest.mark.parametrize("name", ["amd", "../nvidia", "NVIDIA", ""])
+@pytest.mark.parametrize("name", ["rocm", "../nvidia", "NVIDIA", ""])
 def test_unknown_recipe_is_one_clear_error(name):
-    with pytest.raises(ShifterError, match="unknown GPU recipe .*known: nvidia"):
+    with pytest.raises(ShifterError, match="unknown GPU recipe .*known: amd, nvidia"):
         gpu.load_recipe(name)
 
 
@@ -192,3 +192,17 @@ def test_an_allocation_the_node_cannot_serve_is_the_nodes_fault(recipe):
         gpu.plan_injection(_discovery(recipe, {0: "/dev/nvidia0"}, ["no libcuda"]), [0], True, "/sr", "/h", "/d")
     # without GPUs the job needs nothing of the driver
     gpu.plan_injection(_discovery(recipe, {}, ["no libcuda"]), [], True, "/sr", "/h", "/d")
+
+
+def test_amd_is_one_more_recipe_file():
+    """Render nodes renderD128... are GPUs 0...; /dev/kfd is shared; ROCm's user-space is the image's."""
+    amd = gpu.load_recipe("amd")
+    assert (amd.gpu_dir, amd.gpu_major, amd.gpu_index_base, amd.control_devices) == ("/dev/dri", 226, 128, ["/dev/kfd"])
+    assert amd.version_file is None and amd.libraries == {} and amd.binaries == {}
+    node = {0: "/dev/dri/renderD128", 1: "/dev/dri/renderD129"}
+    found = gpu.Discovery(recipe=amd, version=None, libraries=[], binaries=[], gpus=node, control=["/dev/kfd"],
+                          capability_dirs=[], stale=[], problems=[])
+    one = gpu.plan_injection(found, [1], True, "/sr", "/h", "/d")
+    assert gpu.hidden_devices(one) == (["/dev/dri/renderD128"], []) and gpu.environment_operations(one) == []
+    none = gpu.plan_injection(found, [], True, "/sr", "/h", "/d")
+    assert gpu.hidden_devices(none) == (["/dev/dri/renderD128", "/dev/dri/renderD129", "/dev/kfd"], [])

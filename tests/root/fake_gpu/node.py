@@ -4,7 +4,7 @@ tmpfs with copies of the host's device nodes plus NVIDIA-shaped ones made with m
 
 Stands in only for what cannot exist here (a GPU and its driver).  Started as
 ``unshare --mount --propagation private python node.py SPEC.json``; everything it mounts
-disappears with the namespace.  SPEC: {"gpus": N, "steps": [{"argv", "env", "uid"?, "gid"?,
+disappears with the namespace.  SPEC: {"gpus": N, "amd_gpus"?: M, "steps": [{"argv", "env", "uid"?, "gid"?,
 "groups"?}], "watch": DIR}; prints one JSON list: per step rc, stdout, stderr and the mounts
 under DIR afterwards.
 """
@@ -33,7 +33,7 @@ def mounts_under(path: str) -> list[str]:
 def main() -> None:
     with open(sys.argv[1]) as fh:
         spec = json.load(fh)
-    make_dev(spec["gpus"])
+    make_dev(spec["gpus"], spec.get("amd_gpus", 0))
     results = []
     for step in spec["steps"]:
         extra = {}
