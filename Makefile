@@ -97,13 +97,13 @@ demo: deps venv install udiimage
 	$(CLUSTER) up --nodes $(NODES)
 	$(PYTHON) -m localcluster.demo --state-dir $(STATE_DIR)
 
-## test: the whole suite against the cluster (with the Debian image); always takes it down and checks nothing is left
+## test: the whole suite against the cluster (Debian image, 2 fake GPUs per node); always takes it down and checks nothing is left
 test: deps venv install udiimage
-	DEBIAN_IMAGE=1 scripts/with-cluster.sh $(PYTHON) -m pytest -q tests
+	FAKE_GPUS=2 DEBIAN_IMAGE=1 scripts/with-cluster.sh $(PYTHON) -m pytest -q tests
 
-## bench: benchmarks on an 8-node cluster with the Debian image; writes bench/results.json
+## bench: benchmarks on an 8-node cluster with the Debian image and fake GPUs; writes bench/results.json
 bench: deps venv install udiimage
-	NODES=8 DEBIAN_IMAGE=1 scripts/with-cluster.sh $(PYTHON) bench/run.py
+	NODES=8 FAKE_GPUS=2 DEBIAN_IMAGE=1 scripts/with-cluster.sh $(PYTHON) bench/run.py
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -5,11 +5,11 @@ the launchers stay the real ones.  Used by the root tests (tests/root/test_fake_
 with ``FAKE_GPUS=N``, by the local cluster (each node's /dev in its own mount namespace).
 
 - :func:`make_dev` replaces /dev in the calling process's (private) mount namespace by a
-  tmpfs holding copies of the host's device nodes (mknod, same numbers, owner and mode), the
-  host's /dev subdirectories bound, loop device nodes, and ``/dev/nvidia<N>`` (major 195),
+  tmpfs holding the host's device nodes and /dev subdirectories (bound, so a later chmod on
+  the host is seen), loop device nodes, and ``/dev/nvidia<N>`` (major 195),
   ``nvidiactl``, ``nvidia-modeset``, ``nvidia-uvm``, ``nvidia-uvm-tools`` and
   ``nvidia-caps/nvidia-cap1``.  Nothing is written to the host's /dev; it all disappears with
-  the namespace.  Device nodes are copies: a later chmod of a host node is not seen.
+  the namespace.
 - :func:`build_driver` makes a driver tree shaped like a real one under a directory (used as
   ``gpuDriverRoot``): versioned shared objects built from fake_gpu/libfake.c with their
   sonames, a stale library of an older version, a loader cache made by the host's ldconfig,
@@ -56,9 +56,9 @@ def make_dev(gpus: int, amd_gpus: int = 0) -> None:
             info = entry.stat(follow_symlinks=False)
             target = os.path.join(stage, entry.name)
             if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode):
-                os.mknod(target, info.st_mode, info.st_rdev)
-                os.chown(target, info.st_uid, info.st_gid)
-                os.chmod(target, stat.S_IMODE(info.st_mode))
+                # the host's node itself, bound: a later chmod of it (the tests' /dev/fuse) is seen here
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                _mount(["--bind", entry.path, target])
             elif stat.S_ISLNK(info.st_mode):
                 os.symlink(os.readlink(entry.path), target)
             elif stat.S_ISDIR(info.st_mode) and not (amd_gpus and entry.name == "dri"):
