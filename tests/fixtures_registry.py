@@ -276,3 +276,23 @@ def have(*programs: str) -> str | None:
         if shutil.which(program) is None and not os.path.exists(f"/usr/sbin/{program}"):
             return program
     return None
+
+
+def forward_to_registry(handler: Any, upstream: str) -> bytes:
+    """Answer ``handler``'s request (a BaseHTTPRequestHandler of a test's front) with the upstream
+    registry's status and registry headers; returns the body, which the caller sends (or not)."""
+    request = urllib.request.Request(upstream + handler.path, method=handler.command)
+    if handler.headers.get("Accept"):
+        request.add_header("Accept", handler.headers["Accept"])
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            body, status, headers = reply.read(), reply.status, reply.headers
+    except urllib.error.HTTPError as err:
+        body, status, headers = err.read(), err.code, err.headers
+    handler.send_response(status)
+    for key in ("Content-Type", "Docker-Content-Digest"):
+        if headers.get(key):
+            handler.send_header(key, headers[key])
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    return body

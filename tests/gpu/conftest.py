@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.root.conftest import Site, users  # noqa: F401 - the users fixture
+from tests.root.conftest import Site, spotless, users  # noqa: F401 - the users fixture
 
 
 @pytest.fixture(scope="session")
@@ -20,11 +20,4 @@ def gpu_site(users):  # noqa: F811
 @pytest.fixture
 def clean_gpu_site(gpu_site):
     """The site, checked to be spotless after the test (every environment torn down first)."""
-    gpu_site.write_config()
-    yield gpu_site
-    result = gpu_site.unsetup("--all")
-    gpu_site.wait_no_loops()
-    left = gpu_site.leftovers()
-    gpu_site.write_config()
-    assert result.returncode == 0, result.stderr
-    assert not left, f"left behind: {left}"
+    yield from spotless(gpu_site)

@@ -21,7 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures_registry import GatewayProcess, Munged, Registry, bound_credential, gateway_config, have, wait_for
+from fixtures_registry import (
+    GatewayProcess,
+    Munged,
+    Registry,
+    bound_credential,
+    forward_to_registry,
+    gateway_config,
+    have,
+    wait_for,
+)
 
 from gateway.publish import host_key
 from gateway.store import SqliteStore
@@ -168,20 +177,7 @@ class StallingProxy:
                 pass
 
             def do_GET(self) -> None:  # noqa: N802
-                req = urllib.request.Request(proxy.upstream + self.path)
-                if self.headers.get("Accept"):
-                    req.add_header("Accept", self.headers["Accept"])
-                try:
-                    with urllib.request.urlopen(req, timeout=30) as resp:
-                        body, status, headers = resp.read(), resp.status, resp.headers
-                except urllib.error.HTTPError as err:
-                    body, status, headers = err.read(), err.code, err.headers
-                self.send_response(status)
-                for key in ("Content-Type", "Docker-Content-Digest"):
-                    if headers.get(key):
-                        self.send_header(key, headers[key])
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
+                body = forward_to_registry(self, proxy.upstream)
                 if self.path.endswith(f"/blobs/{proxy.digest}"):
                     self.wfile.write(body[: len(body) // 2])
                     self.wfile.flush()

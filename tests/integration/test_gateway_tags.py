@@ -18,7 +18,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from fixtures_registry import (
     Munged,
     Registry,
     bound_payload,
+    forward_to_registry,
     free_port,
     gateway_config,
     have,
@@ -93,22 +93,7 @@ class BlobAuthFront:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                req = urllib.request.Request(front.upstream + self.path, method=self.command)
-                for key in ("Accept",):
-                    if self.headers.get(key):
-                        req.add_header(key, self.headers[key])
-                try:
-                    with urllib.request.urlopen(req, timeout=30) as resp:
-                        body = resp.read()
-                        status, headers = resp.status, resp.headers
-                except urllib.error.HTTPError as err:
-                    body, status, headers = err.read(), err.code, err.headers
-                self.send_response(status)
-                for key in ("Content-Type", "Docker-Content-Digest"):
-                    if headers.get(key):
-                        self.send_header(key, headers[key])
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
+                body = forward_to_registry(self, front.upstream)
                 if self.command == "GET":
                     self.wfile.write(body)
 

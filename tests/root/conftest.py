@@ -295,9 +295,9 @@ def fuse_mode():
     os.chmod("/dev/fuse", original)
 
 
-@pytest.fixture
-def clean_site(site):
-    """The site, checked to be spotless after the test (every environment torn down first)."""
+def spotless(site):
+    """Yield ``site`` with its default config; afterwards tear every environment down and fail the
+    test if anything is left (a generator for the clean_* fixtures)."""
     site.write_config()
     yield site
     result = site.unsetup("--all")
@@ -306,3 +306,9 @@ def clean_site(site):
     site.write_config()
     assert result.returncode == 0, result.stderr
     assert not left, f"left behind: {left}"
+
+
+@pytest.fixture
+def clean_site(site):
+    """The site, checked to be spotless after the test (every environment torn down first)."""
+    yield from spotless(site)
