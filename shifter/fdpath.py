@@ -205,6 +205,7 @@ _AT_RECURSIVE = 0x8000
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _MOVE_MOUNT_T_EMPTY_PATH = 0x40
 _MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
+_MOUNT_ATTR_IDMAP = 0x100000
 _open_tree = linux._function("syscall", linux._ULong, linux._Int, linux._CharP, linux._ULong)
 _move_mount = linux._function("syscall", linux._ULong, linux._Int, linux._CharP, linux._Int, linux._CharP,
                               linux._ULong)
@@ -220,9 +221,10 @@ def _check(result: int, what: str) -> int:
 
 
 def bind_fd(source_fd: int, target_fd: int, *, readonly: bool = False, recursive: bool = False,
-            nodev: bool = True, propagation: int = linux.MS_PRIVATE) -> None:
+            nodev: bool = True, propagation: int = linux.MS_PRIVATE, userns_fd: int = -1) -> None:
     """Bind ``source_fd``'s directory on ``target_fd``'s, already nosuid (nodev, read-only) and
-    private or slave when it appears.
+    private or slave when it appears.  With ``userns_fd`` the bind is an idmapped mount: owners
+    show (and new files are written) through that user namespace's uid and gid maps.
 
     The bind is a detached copy (open_tree) restricted before it is attached (move_mount onto
     the descriptor), so nothing half-made is ever visible and a failure needs no unmount:
@@ -233,7 +235,10 @@ def bind_fd(source_fd: int, target_fd: int, *, readonly: bool = False, recursive
                              _OPEN_TREE_CLONE | os.O_CLOEXEC | _AT_EMPTY_PATH | recursive_flag), "open_tree")
     try:
         attr_set = _MOUNT_ATTR_NOSUID | (_MOUNT_ATTR_NODEV if nodev else 0) | (_MOUNT_ATTR_RDONLY if readonly else 0)
-        attr = b"".join(value.to_bytes(8, sys.byteorder) for value in (attr_set, 0, propagation, 0))
+        if userns_fd >= 0:
+            attr_set |= _MOUNT_ATTR_IDMAP
+        attr = b"".join(value.to_bytes(8, sys.byteorder)
+                        for value in (attr_set, 0, propagation, max(userns_fd, 0)))
         _check(_mount_setattr(_SYS_MOUNT_SETATTR, tree, b"", _AT_EMPTY_PATH | recursive_flag, attr, len(attr)),
                "mount_setattr")
         _check(_move_mount(_SYS_MOVE_MOUNT, tree, b"", target_fd, b"",

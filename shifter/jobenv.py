@@ -28,7 +28,7 @@ def check_jobid(text: str | None) -> str:
 class JobEnv:
     """The paths of one job's environment on this node."""
 
-    __slots__ = ("jobid", "dir", "root", "userns", "marker", "meta", "loop_mount", "error", "plan")
+    __slots__ = ("jobid", "dir", "root", "userns", "marker", "meta", "loop_mount", "error", "plan", "writable")
 
     def __init__(self, config: UdiRootConfig, jobid: str | None) -> None:
         self.jobid = check_jobid(jobid)
@@ -43,6 +43,8 @@ class JobEnv:
         self.error = f"{self.dir}/setup.error"
         # what the interpreter-free launcher needs to enter this environment (shifter/launchplan.py)
         self.plan = f"{self.dir}/launch.plan"
+        # present when the root has a writable layer (--writable); the launcher's --writable checks it
+        self.writable = f"{self.dir}/writable"
 
     def __repr__(self) -> str:
         return f"JobEnv({self.dir!r})"
