@@ -17,7 +17,8 @@ PROG = "shifter"
 USAGE = """\
 Usage: shifter [-h|--help] [-v|--verbose] [--image=<type>:<tag>] [--entrypoint[=cmd]]
                [-w|--workdir[=/path]] [-E|--clearenv] [-e|--env=VAR=val]... [--env-file=/file]
-               [-V|--volume=/from:/to[:flags][;...]]... [-m|--module=m1,m2|none] [--] [cmd args...]
+               [-V|--volume=/from:/to[:flags][;...]]... [-m|--module=m1,m2|none] [--writable]
+               [--] [cmd args...]
 
        shifter doctor   (checks this node's setup for the runtime)
 
@@ -25,23 +26,28 @@ Runs cmd in the image: the job's image (SHIFTER_IMAGE/SHIFTER_IMAGETYPE, set by 
 submission) unless --image names another.  Environment precedence, later wins: caller's
 environment (or none with --clearenv), SHIFTER_IMAGEREQUEST/SHIFTER_IMAGE, the image's ENV,
 --env-file, --env, the modules' and then the site's siteEnv settings.
+
+--writable: require the job's writable layer (sbatch --writable): writes to the image's
+directories are kept for every task of the job on this node and discarded when the job
+ends.  Without it a --writable job's root is writable all the same; with it a job
+submitted without --writable, or another image, fails instead of running read-only.
 """
 
 _SHORT_OPTIONS = "hnvV:i:e:Ew::m:"
 _LONG_OPTIONS = ["help", "verbose", "image=", "entrypoint=?", "entry=?", "workdir=?", "clearenv", "env=",
-                 "env-file=", "volume=", "module="]
+                 "env-file=", "volume=", "module=", "writable"]
 _OPTION_NAMES = {"-h": "help", "--help": "help", "-v": "verbose", "--verbose": "verbose", "-i": "image",
                  "--image": "image", "--entrypoint": "entrypoint", "--entry": "entrypoint", "-w": "workdir",
                  "--workdir": "workdir", "-E": "clearenv", "--clearenv": "clearenv", "-e": "env", "--env": "env",
                  "--env-file": "env_file", "-V": "volume", "--volume": "volume", "-m": "module",
-                 "--module": "module", "-n": "noop"}
+                 "--module": "module", "-n": "noop", "--writable": "writable"}
 
 
 class Options:
     """The parsed command line."""
 
     __slots__ = ("image", "envs", "env_files", "volumes", "module", "entrypoint", "workdir", "help",
-                 "verbose", "clearenv", "command")
+                 "verbose", "clearenv", "writable", "command")
 
     def __init__(self) -> None:
         self.image: str | None = None
@@ -54,6 +60,7 @@ class Options:
         self.help = False
         self.verbose = False
         self.clearenv = False
+        self.writable = False  # only the job's own environment, prepared with a writable layer, will do
         self.command: list[str] = []
 
     def set(self, name: str, value: str | bool) -> None:
@@ -389,7 +396,13 @@ def launch(args: list[str], environ: dict[str, str]) -> None:
             if marker_matches(marker, expected):
                 from shifter.meta import read_meta
 
+                if opts.writable and not os.path.exists(job.writable):
+                    raise ShifterError(f"--writable: job {jobid}'s environment is read-only "
+                                       "(submit the job with --writable)")
                 enter_prepared(job, read_meta(job.meta), opts, environ, request, config, modules)
+    if opts.writable:
+        raise ShifterError("--writable needs the job's own environment (its image, volumes and modules, "
+                           "submitted with --image and --writable)")
     from shifter.fresh import run_fresh
 
     run_fresh(config, opts, environ, request, modules)

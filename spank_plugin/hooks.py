@@ -96,6 +96,14 @@ def submit(conf: PlugstackArgs, opts: dict[str, str]) -> list[tuple[str, str]]:
         raise ShifterError("--ccm cannot be combined with --image")
     if volume_text and not image_text:
         raise ShifterError("--volume needs --image")
+    writable = "writable" in opts
+    if writable and ccm:
+        raise ShifterError("--writable cannot be combined with --ccm")
+    if writable and not image_text:
+        raise ShifterError("--writable needs --image")
+    if writable and os.environ.get("SLURM_JOB_ID") and _first_env("WRITABLE") != "1":
+        # the job's environment is built once per node by the prolog: a step cannot change it
+        raise ShifterError("--writable applies to a whole job: give it to sbatch or salloc, not to an srun in a job")
 
     out: list[tuple[str, str]] = []
     if image_text and "image" in inherited and _first_env("IMAGE") and _first_env("IMAGETYPE"):
@@ -123,6 +131,8 @@ def submit(conf: PlugstackArgs, opts: dict[str, str]) -> list[tuple[str, str]]:
         out.append(("SHIFTER_MODULE", ",".join(names) or "none"))
     if ccm:
         out.append(("SHIFTER_CCM", "1"))
+    if writable:
+        out.append(("SHIFTER_WRITABLE", "1"))
     if conf.enable_sshd and (image_text or ccm):
         out.append(("SHIFTER_SSH_PUBKEY", user_ssh_pubkey()))
     return out
@@ -197,6 +207,7 @@ class JobRequest:
     modules: str | None
     ssh_pubkey: str | None
     node_spec: str
+    writable: bool = False
 
 
 def job_request(opts: dict[str, str], env: dict[str, str], conf: PlugstackArgs) -> JobRequest:
@@ -229,6 +240,7 @@ def job_request(opts: dict[str, str], env: dict[str, str], conf: PlugstackArgs) 
         modules=env.get("SPANK_SHIFTER_MODULE") or None,
         ssh_pubkey=env.get("SPANK_SHIFTER_SSH_PUBKEY") if conf.enable_sshd else None,
         node_spec=node_spec,
+        writable=env.get("SPANK_SHIFTER_WRITABLE") == "1" and not ccm,
     )
 
 
@@ -270,7 +282,8 @@ def _primary_gid(uid: int) -> int:
 
 
 def setuproot_argv(conf: PlugstackArgs, req: JobRequest) -> list[str]:
-    """The original's setupRoot argv contract, plus --config, --job-id, --memory-cgroup, --defer-sshd."""
+    """The original's setupRoot argv contract, plus --config, --job-id, --memory-cgroup, --defer-sshd,
+    --writable."""
     _check_image(req.image_type, req.image)
     argv = [os.path.join(buildinfo.PREFIX, "sbin", "setupRoot"), "--config", conf.shifter_config,
             "--job-id", req.job_id, "-U", str(req.uid), "-G", str(req.gid), "-u", req.user]
@@ -285,6 +298,8 @@ def setuproot_argv(conf: PlugstackArgs, req: JobRequest) -> list[str]:
         argv += ["-v", volume]
     if req.modules:
         argv += ["-m", req.modules]
+    if req.writable:
+        argv.append("--writable")
     return argv + ["--", req.image_type, req.image]  # "--": an image named "--config=..." stays an image
 
 

@@ -9,7 +9,7 @@
  *
  * Hook protocol:
  *   submit  (sbatch/salloc/srun, as the user): options are passed as
- *           --image=, --volume=, --module=, --ccm.  On success the hook prints
+ *           --image=, --volume=, --module=, --ccm, --writable.  On success the hook prints
  *           KEY=VALUE lines; each is set in the job-control environment (so
  *           the prolog sees SPANK_KEY and tasks see SLURM_SPANK_KEY) and in
  *           this process's environment (so nested sruns inherit it).  On
@@ -58,6 +58,7 @@ static char *opt_image;
 static char *opt_volume;
 static char *opt_module;
 static int opt_ccm;
+static int opt_writable;
 
 static int use_long_options;
 static int enable_ccm;
@@ -143,10 +144,21 @@ static int ccm_cb(int val, const char *optarg, int remote)
     return 0;
 }
 
+static int writable_cb(int val, const char *optarg, int remote)
+{
+    (void)val;
+    (void)optarg;
+    (void)remote;
+    opt_writable = 1;
+    return 0;
+}
+
 static struct spank_option short_options[] = {
     {"image", "type:tag", "Shifter image to use (e.g. docker:ubuntu:22.04)", 1, 0, image_cb},
     {"volume", "from:to[:flags]", "Shifter volume to bind into the image (repeatable)", 1, 0, volume_cb},
     {"module", "mod1,mod2|none", "Shifter modules to enable in the image", 1, 0, module_cb},
+    {"writable", NULL, "Give the job a writable layer over its Shifter image, discarded at its end", 0, 0,
+     writable_cb},
     SPANK_OPTIONS_TABLE_END,
 };
 
@@ -155,6 +167,8 @@ static struct spank_option long_names[] = {
     {"shifter.volume", "from:to[:flags]", "Shifter volume to bind into the image (repeatable)", 1, 0,
      volume_cb},
     {"shifter.module", "mod1,mod2|none", "Shifter modules to enable in the image", 1, 0, module_cb},
+    {"shifter.writable", NULL, "Give the job a writable layer over its Shifter image, discarded at its end",
+     0, 0, writable_cb},
     SPANK_OPTIONS_TABLE_END,
 };
 
@@ -392,7 +406,7 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 
     if (ctx != S_CTX_ALLOCATOR && ctx != S_CTX_LOCAL)
         return 0;
-    if (opt_image == NULL && opt_volume == NULL && opt_module == NULL && !opt_ccm)
+    if (opt_image == NULL && opt_volume == NULL && opt_module == NULL && !opt_ccm && !opt_writable)
         return 0;
     n = build_argv(argv, "submit", ac, av);
     if (opt_image) {
@@ -409,6 +423,8 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
     }
     if (opt_ccm)
         argv[n++] = "--ccm";
+    if (opt_writable)
+        argv[n++] = "--writable";
     argv[n] = NULL;
 
     rc = run_hook(argv, out, sizeof(out), 1);

@@ -93,3 +93,16 @@ def test_refusals_leave_nothing(clean_site, users):
     assert site.unsetup("--job-id", "205").returncode == 0
     site.wait_no_loops()
     assert site.leftovers() == {}, site.leftovers()
+
+
+def test_shifter_writable_insists_on_the_jobs_writable_layer(clean_site, users):
+    site, user = clean_site, users[0]
+    assert site.setup("206", user, "--writable").returncode == 0
+    assert site.setup("207", user).returncode == 0
+    ok = site.shifter(user, "--writable", "sh", "-c", "echo w > /opt/app/w && cat /opt/app/w", env=site.job_env("206"))
+    assert (ok.returncode, ok.stdout) == (0, "w\n"), ok.stderr
+    refused = site.shifter(user, "--writable", "true", env=site.job_env("207"))
+    assert refused.returncode == 1 and "job 207's environment is read-only" in refused.stderr, refused.stderr
+    other = site.shifter(user, "--writable", "--volume=/site1/shared:/data", "true", env=site.job_env("206"))
+    assert other.returncode == 1 and "--writable needs the job's own environment" in other.stderr, other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
