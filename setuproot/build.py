@@ -222,6 +222,9 @@ def _mount_writable_image(config: UdiRootConfig, image_file: str, base: str, acc
         target_fd = fdpath.open_dir(lower)
         try:
             fdpath.bind_fd(source_fd, target_fd, readonly=True, userns_fd=ns_fd)
+        except OSError as exc:  # a kernel without idmapped squashfs: the option, not the node, is at fault
+            raise RequestError(f"--writable is not available on this node (idmapped image mount: "
+                               f"{exc.strerror})") from None
         finally:
             for fd in (ns_fd, source_fd, target_fd):
                 os.close(fd)
