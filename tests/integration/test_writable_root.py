@@ -20,7 +20,7 @@ def test_writes_are_shared_on_a_node_not_across_nodes_and_gone_after_the_job(clu
         f"srun -N1 -n1 -w {first} shifter --writable sh -c 'cat /bin/stamp-0 /bin/stamp-1'\n"
         f"srun -N1 -n1 -w {second} shifter sh -c 'ls /bin/stamp-0 2>/dev/null || echo absent-on-{second}'\n"
     )
-    job_id, output = cluster.run_batch(USER, body, nodes=2, image=image, writable=True)
+    job_id, output = cluster.run_batch(USER, body, nodes=2, ntasks_per_node=2, image=image, writable=True)
     assert output.splitlines() == ["wrote", "wrote", "task0", "task1", f"absent-on-{second}"], output
     assert cluster.job_leftovers(job_id) == []
     # the next job on that node starts from the image; without --writable the image stays read-only
