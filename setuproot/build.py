@@ -336,7 +336,7 @@ def setup_job(request: SetupRequest) -> None:
     except ShifterError as err:  # the site's config, not the user's request: the node is broken
         raise NodeError(str(err)) from None
     with request_checks():
-        job = JobEnv(config, request.jobid)
+        job = JobEnv(config, request.jobid, request.step)
         account = resolve_account(request)
         identifier, image_file = resolve_image(config, request)
         if request.writable and request.image_type == "local":

@@ -275,6 +275,26 @@ def _prefer_visible_script(argv: list[str]) -> list[str]:
     return [argv[0], path, *argv[2:]]
 
 
+def _enter_step_environment(step, expected: str, opts: Options, environ: dict[str, str], request: Request,
+                            config, modules: list) -> None:
+    """Enter this step's own environment (built by slurmstepd for ``srun --image=...``) if it
+    serves this request; say why when slurmstepd could not build it; else return."""
+    from shifter.reuse import marker_matches
+
+    marker = _read_text(step.marker)
+    if marker is not None and marker_matches(marker, expected):
+        if opts.writable:
+            raise ShifterError("--writable needs the job's own environment, not a step's")
+        from shifter.meta import read_meta
+
+        enter_prepared(step, read_meta(step.meta), opts, environ, request, config, modules)
+    if marker is None:
+        reason = _read_text(step.error)
+        if reason and request.identifier == _first(environ, "IMAGE"):
+            node = environ.get("SLURMD_NODENAME") or os.uname().nodename
+            raise ShifterError(f"the step's container could not be set up on {node}: {reason.strip()}")
+
+
 def _raise_setup_error(job, environ: dict[str, str], request: Request) -> None:
     """The prolog could not build the job's environment (its request was at fault): say why."""
     if request.identifier != _first(environ, "IMAGE"):
@@ -382,17 +402,20 @@ def launch(args: list[str], environ: dict[str, str]) -> None:
         from shifter.reuse import marker_matches, marker_text
 
         job = JobEnv(config, jobid)
+        signature = ""
+        if request.volumes:
+            from shifter.volumemap import parse_volume_map, volume_signature
+
+            signature = volume_signature(parse_volume_map(request.volumes, site=False))
+        expected = marker_text(request.identifier or request.tag, _user_name(), signature, [m.name for m in modules])
+        step_id = environ.get("SLURM_STEP_ID", "")
+        if step_id.isascii() and step_id.isdigit():
+            _enter_step_environment(JobEnv(config, jobid, step_id), expected, opts, environ, request, config,
+                                    modules)
         marker = _read_text(job.marker)
         if marker is None:
             _raise_setup_error(job, environ, request)
         else:
-            signature = ""
-            if request.volumes:
-                from shifter.volumemap import parse_volume_map, volume_signature
-
-                signature = volume_signature(parse_volume_map(request.volumes, site=False))
-            expected = marker_text(request.identifier or request.tag, _user_name(), signature,
-                                   [m.name for m in modules])
             if marker_matches(marker, expected):
                 from shifter.meta import read_meta
 
