@@ -356,7 +356,11 @@ def record_setup_error(conf: PlugstackArgs, req: JobRequest, reason: str) -> Non
     from shifter.config import load_config
     from shifter.jobenv import JobEnv
 
-    job = JobEnv(load_config(conf.shifter_config), req.job_id)
+    record_error(JobEnv(load_config(conf.shifter_config), req.job_id), req.uid, req.gid, reason)
+
+
+def record_error(job, uid: int, gid: int, reason: str) -> None:
+    """Write ``reason`` to the job's (or step's) setup.error in its directory, made the user's 0700."""
     try:
         os.mkdir(job.dir, 0o700)
     except FileExistsError:
@@ -371,7 +375,7 @@ def record_setup_error(conf: PlugstackArgs, req: JobRequest, reason: str) -> Non
     fd = os.open(job.error, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     with os.fdopen(fd, "w") as fh:
         fh.write((reason or "setupRoot failed") + "\n")
-    os.chown(job.dir, req.uid, req.gid)
+    os.chown(job.dir, uid, gid)
 
 
 def remove_stale_environments(conf: PlugstackArgs, current_job: str) -> None:
@@ -441,7 +445,7 @@ def _run_root_tool(argv: list[str]) -> tuple[int, str]:
 
 # ---------------------------------------------------------------- entry point
 
-HOOKS = {"submit", "prolog", "epilog", "extern", "ccm-task"}
+HOOKS = {"submit", "prolog", "epilog", "extern", "ccm-task", "step-setup", "step-teardown"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -459,11 +463,15 @@ def main(argv: list[str] | None = None) -> int:
             for key, value in submit(conf, opts):
                 sys.stdout.write(f"{key}={value}\n")
             return 0
-        if hook in ("extern", "ccm-task"):  # run by slurmstepd: spank_plugin/stephooks.py
+        if hook in ("extern", "ccm-task", "step-setup", "step-teardown"):  # by slurmstepd: stephooks.py
             from spank_plugin import stephooks
 
             if hook == "extern":
                 return stephooks.extern(conf, opts)
+            if hook == "step-setup":
+                return stephooks.step_setup(conf, opts)
+            if hook == "step-teardown":
+                return stephooks.step_teardown(conf, opts)
             sys.stdout.write(stephooks.ccm_task(conf, opts) + "\n")
             return 0
         return prolog(conf, opts) if hook == "prolog" else epilog(conf, opts)

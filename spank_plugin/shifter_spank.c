@@ -58,6 +58,10 @@ static char *opt_image;
 static char *opt_volume;
 static char *opt_module;
 static int opt_ccm;
+
+struct job_ids {
+    char job_id[32], uid[32], gid[32];
+};
 static int opt_writable;
 
 static int use_long_options;
@@ -394,7 +398,110 @@ static int build_argv(char **argv, const char *hook, int ac, char **av)
     return n;
 }
 
-/* Submission: resolve the image once and publish the result. */
+static int append_job_ids(spank_t sp, char **argv, int n, struct job_ids *ids);
+
+/* Step ids at or above this are Slurm's own steps (extern, batch, interactive, pending). */
+#define FIRST_SPECIAL_STEP 0xfffffff0U
+
+static int step_prepared;
+static char step_arg[32];
+
+/* Is the step's SHIFTER_<name> set, and not what the job's SLURM_SPANK_SHIFTER_<name> says? */
+static int step_value(spank_t sp, const char *name, char *value, size_t len)
+{
+    return spank_getenv(sp, name, value, len) == ESPANK_SUCCESS && value[0] != '\0';
+}
+
+static int differs_from_job(spank_t sp, const char *name, const char *step_value_text)
+{
+    char job_name[64], job_value[MAX_VALUE];
+
+    snprintf(job_name, sizeof(job_name), "SLURM_SPANK_%s", name);
+    if (spank_getenv(sp, job_name, job_value, sizeof(job_value)) != ESPANK_SUCCESS)
+        return step_value_text[0] != '\0';
+    return strcmp(job_value, step_value_text) != 0;
+}
+
+/*
+ * slurmstepd (root), once per node and step, before the tasks start: a step whose image,
+ * volumes or modules differ from its job's (srun --image=X shifter ...) gets an environment of
+ * its own, built by the hook `step-setup`; slurm_spank_exit removes it.  A step of the job's
+ * own request costs nothing here (the comparison needs no hook).
+ */
+static int step_setup(spank_t sp, int ac, char **av)
+{
+    static char image[MAX_VALUE], type[64], volume[MAX_VALUE], module[MAX_VALUE];
+    static char image_arg[MAX_VALUE + 16], type_arg[96], volume_arg[MAX_VALUE + 16], module_arg[MAX_VALUE + 16];
+    char *argv[MAX_ARGS];
+    char out[256];
+    struct job_ids ids;
+    uint32_t step_id = 0;
+    int n, rc;
+
+    if (spank_get_item(sp, S_JOB_STEPID, &step_id) != ESPANK_SUCCESS || step_id >= FIRST_SPECIAL_STEP)
+        return 0;
+    if (!step_value(sp, "SHIFTER_IMAGE", image, sizeof(image)))
+        return 0;
+    if (!step_value(sp, "SHIFTER_IMAGETYPE", type, sizeof(type)))
+        snprintf(type, sizeof(type), "id");
+    if (!step_value(sp, "SHIFTER_VOLUME", volume, sizeof(volume)))
+        volume[0] = '\0';
+    if (!step_value(sp, "SHIFTER_MODULE", module, sizeof(module)))
+        module[0] = '\0';
+    if (!differs_from_job(sp, "SHIFTER_IMAGE", image) && !differs_from_job(sp, "SHIFTER_VOLUME", volume) &&
+        !differs_from_job(sp, "SHIFTER_MODULE", module))
+        return 0;
+    n = build_argv(argv, "step-setup", ac, av);
+    if (append_job_ids(sp, argv, n, &ids) < 0) {
+        slurm_error("shifter: step image: no job id, uid or gid");
+        return -1;
+    }
+    n += 3;
+    snprintf(step_arg, sizeof(step_arg), "--step-id=%u", step_id);
+    snprintf(image_arg, sizeof(image_arg), "--image=%s", image);
+    snprintf(type_arg, sizeof(type_arg), "--image-type=%s", type);
+    argv[n++] = step_arg;
+    argv[n++] = image_arg;
+    argv[n++] = type_arg;
+    if (volume[0]) {
+        snprintf(volume_arg, sizeof(volume_arg), "--volume=%s", volume);
+        argv[n++] = volume_arg;
+    }
+    if (module[0]) {
+        snprintf(module_arg, sizeof(module_arg), "--module=%s", module);
+        argv[n++] = module_arg;
+    }
+    argv[n] = NULL;
+    out[0] = '\0';
+    rc = run_hook(argv, out, sizeof(out), 0);
+    if (strncmp(out, "prepared", 8) == 0)
+        step_prepared = 1;
+    if (rc != 0) {
+        slurm_error("shifter: step-setup hook failed (status %d)", rc);
+        return -1;
+    }
+    return 0;
+}
+
+static void step_teardown(spank_t sp, int ac, char **av)
+{
+    char *argv[MAX_ARGS];
+    struct job_ids ids;
+    int n, rc;
+
+    n = build_argv(argv, "step-teardown", ac, av);
+    if (append_job_ids(sp, argv, n, &ids) < 0) {
+        slurm_error("shifter: step image: no job id, uid or gid at the end of the step");
+        return;
+    }
+    argv[n + 3] = step_arg;
+    argv[n + 4] = NULL;
+    rc = run_hook(argv, NULL, 0, 0);
+    if (rc != 0)
+        slurm_error("shifter: step-teardown hook failed (status %d)", rc);
+}
+
+/* Submission: resolve the image once and publish the result.  In slurmstepd: a step's image. */
 int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 {
     spank_context_t ctx = spank_context();
@@ -404,6 +511,8 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
     char *save = NULL, *line;
     int n, rc;
 
+    if (ctx == S_CTX_REMOTE)
+        return step_setup(sp, ac, av);
     if (ctx != S_CTX_ALLOCATOR && ctx != S_CTX_LOCAL)
         return 0;
     if (opt_image == NULL && opt_volume == NULL && opt_module == NULL && !opt_ccm && !opt_writable)
@@ -493,9 +602,10 @@ int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
 
 int slurm_spank_exit(spank_t sp, int ac, char **av)
 {
-    (void)sp;
-    (void)ac;
-    (void)av;
+    if (step_prepared && spank_context() == S_CTX_REMOTE) {
+        step_teardown(sp, ac, av);
+        step_prepared = 0;
+    }
     free(opt_image);
     free(opt_volume);
     free(opt_module);
@@ -504,10 +614,6 @@ int slurm_spank_exit(spank_t sp, int ac, char **av)
 }
 
 /* --job-id, --uid and --gid of the job, from Slurm (never from the user's environment). */
-struct job_ids {
-    char job_id[32], uid[32], gid[32];
-};
-
 static int append_job_ids(spank_t sp, char **argv, int n, struct job_ids *ids)
 {
     uint32_t job_id = 0;
