@@ -70,6 +70,8 @@ def test_scancel_of_a_step_removes_its_environment(cluster: Cluster) -> None:
     body = "\n".join([
         "#!/bin/bash",
         f"srun -N1 --image=docker:{other} shifter sleep 300",
+        # the step's slurmstepd removes its environment after srun has returned
+        f"for i in $(seq 100); do [ -e {udi}/$SLURM_JOB_ID.0 ] || break; sleep 0.1; done",
         f"echo after-cancel: $(ls {udi})",
     ])
     job_id = cluster.submit_batch(USER, body, nodes=1, nodelist="n1", image=f"docker:{job_image}")
