@@ -20,6 +20,9 @@ def test_step_environment_is_entered_by_its_tasks_and_removed_alone(clean_site, 
     assert (out.returncode, out.stdout) == (0, "hello from the site\n"), out.stderr
     job = site.shifter(user, "sh", "-c", "ls /data; echo rc=$?", env=site.job_env("301", SLURM_STEP_ID="5"))
     assert job.stdout.endswith("rc=0\n") and "hello" not in job.stdout, job.stdout + job.stderr
+    # another user cannot enter it (the step's directory is the job user's, 0700)
+    intruder = site.shifter(users[1], "cat", "/data/hello", env=env)
+    assert intruder.returncode != 0 and "hello from the site" not in intruder.stdout
     # another step of the same job with another request does not get step 4's environment
     other = site.shifter(user, "true", env=site.job_env("301", SLURM_STEP_ID="4", SHIFTER_VOLUME="/site1:/data"))
     assert other.returncode != 0
