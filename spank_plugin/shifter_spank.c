@@ -487,7 +487,7 @@ static void step_teardown(spank_t sp, int ac, char **av)
 {
     char *argv[MAX_ARGS];
     struct job_ids ids;
-    int n, rc;
+    int n, rc, tries;
 
     n = build_argv(argv, "step-teardown", ac, av);
     if (append_job_ids(sp, argv, n, &ids) < 0) {
@@ -496,7 +496,10 @@ static void step_teardown(spank_t sp, int ac, char **av)
     }
     argv[n + 3] = step_arg;
     argv[n + 4] = NULL;
-    rc = run_hook(argv, NULL, 0, 0);
+    /* A cancelled step's processes are killed until none is left (proctrack), and the hook is
+     * one of them while that lasts: run it again, a little later, while a signal ends it. */
+    for (tries = 0; (rc = run_hook(argv, NULL, 0, 0)) < 0 && tries < 50; tries++)
+        usleep(100000);
     if (rc != 0)
         slurm_error("shifter: step-teardown hook failed (status %d)", rc);
 }
