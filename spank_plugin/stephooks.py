@@ -230,8 +230,9 @@ def step_setup(conf: PlugstackArgs, opts: dict[str, str]) -> int:
     try:
         fd = os.open(JobEnv(config, job_id).marker, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         with os.fdopen(fd) as fh:
-            if fh.read() == expected:
-                return 0  # the job's own request: its tasks enter the job's environment
+            if fh.read() == expected:  # the job's own request: its tasks enter the job's environment
+                print(f"shifter: step {job_id}.{step_id} asks for the job's own environment", file=sys.stderr)
+                return 0
     except OSError:
         pass  # no job environment (a job without --image) or none readable: the step gets its own
     from shifter import buildinfo

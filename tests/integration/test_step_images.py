@@ -86,3 +86,21 @@ def test_scancel_of_a_step_removes_its_environment(cluster: Cluster) -> None:
     assert re.search(rf"^after-cancel: {job_id}$", output, re.MULTILINE), output
     assert cluster.job_leftovers(job_id) == []
 
+
+
+def test_steps_of_the_jobs_own_request_run_no_step_hook(cluster: Cluster) -> None:
+    """The shim tells a step of the job's own image from another image without starting Python,
+    under sbatch and under salloc (whose steps do not inherit the job's SLURM_SPANK_ variables)."""
+    image = f"docker:{cluster.image('demo/busybox')}"
+    job_id, output = cluster.run_batch(USER, "#!/bin/bash\nsrun shifter true && srun shifter echo ok\n",
+                                       nodes=1, nodelist="n1", image=image)
+    assert output.strip() == "ok", output
+    salloc = cluster.run_as(USER, ["salloc", "-N1", "-w", "n1", f"--image={image}", "bash", "-c",
+                                   "srun shifter true && srun shifter echo ok; echo job=$SLURM_JOB_ID"],
+                            timeout=120)
+    assert "ok" in salloc.stdout, salloc.stdout + salloc.stderr
+    salloc_job = salloc.stdout.strip().split("job=")[-1]
+    log = (cluster.state_dir / "log" / "slurmd-n1.log").read_text(errors="replace")
+    for job in (job_id, salloc_job):
+        assert not re.search(rf"step {job}\.\d+ asks for the job's own environment|\[{job}\.\d+\].*step-setup",
+                             log), f"job {job}: a step hook ran for the job's own image"
