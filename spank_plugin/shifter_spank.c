@@ -512,7 +512,7 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
     char image_arg[MAX_VALUE + 16], volume_arg[MAX_VALUE + 16], module_arg[MAX_VALUE + 16];
     char out[MAX_OUTPUT];
     char *save = NULL, *line;
-    int n, rc;
+    int n, rc, new_job;
 
     if (ctx == S_CTX_REMOTE)
         return step_setup(sp, ac, av);
@@ -548,13 +548,23 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
          * submitted yet, so leaving here (as the original plugin did) is safe. */
         exit(1);
     }
+    /* A new job (sbatch, salloc, or srun outside an allocation): its steps carry the job's
+     * request as SLURM_SPANK_SHIFTER_* too, as a batch script's do, so slurmstepd tells a step of
+     * another image (srun --image=X sets SHIFTER_* only) from the job's own without a hook. */
+    new_job = ctx == S_CTX_ALLOCATOR || getenv("SLURM_JOB_ID") == NULL;
     for (line = strtok_r(out, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
         char *eq = strchr(line, '=');
         if (eq == NULL || eq == line)
             continue;
         *eq = '\0';
-        if (strncmp(line, "SHIFTER_", 8) == 0)
+        if (strncmp(line, "SHIFTER_", 8) == 0) {
             spank_job_control_setenv(sp, line, eq + 1, 1);
+            if (new_job) {
+                char job_name[128];
+                snprintf(job_name, sizeof(job_name), "SLURM_SPANK_%s", line);
+                setenv(job_name, eq + 1, 1);
+            }
+        }
         setenv(line, eq + 1, 1);
     }
     return 0;
