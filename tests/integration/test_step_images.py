@@ -104,3 +104,26 @@ def test_steps_of_the_jobs_own_request_run_no_step_hook(cluster: Cluster) -> Non
     for job in (job_id, salloc_job):
         assert not re.search(rf"step {job}\.\d+ asks for the job's own environment|\[{job}\.\d+\].*step-setup",
                              log), f"job {job}: a step hook ran for the job's own image"
+
+
+def test_step_with_its_own_volume(cluster: Cluster) -> None:
+    """srun --volume=... in a job of the same image: a step environment with the volume, no FUSE."""
+    _fuse_closed()
+    import shutil
+    import uuid
+    from pathlib import Path
+
+    data = Path("/scratch") / USER / f"step-{uuid.uuid4().hex[:8]}"
+    made = cluster.run_as(USER, ["mkdir", "-p", str(data)])
+    assert made.returncode == 0, made.stderr
+    try:
+        wrote = cluster.run_as(USER, ["tee", str(data / "f")], input="from scratch\n")
+        assert wrote.returncode == 0, wrote.stderr
+        body = (f"#!/bin/bash\nsrun -N2 -n2 --volume={data}:/data shifter cat /data/f\n"
+                "srun -N2 -n2 shifter sh -c 'test -e /data/f && echo leaked || echo job-has-no-volume'\n")
+        job_id, output = cluster.run_batch(USER, body, nodes=2, image=f"docker:{cluster.image('demo/busybox')}")
+        lines = [line for line in output.splitlines() if not line.startswith("srun: ")]  # srun's busy-node notes
+        assert lines == ["from scratch"] * 2 + ["job-has-no-volume"] * 2, output
+        assert cluster.job_leftovers(job_id) == []
+    finally:
+        shutil.rmtree(data)
