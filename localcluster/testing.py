@@ -219,12 +219,14 @@ class Cluster:
                         timeout=timeout)
 
     def node_job_dirs(self, node: str) -> list[str]:
-        """Job ids with an environment directory under the node's udiMount or loopMount."""
+        """Job ids (and ``<job>.<step>`` of step images) with an environment directory under the node's
+        udiMount or loopMount."""
         root = f"/proc/{self.node_pids()[node]}/root"
         found: set[str] = set()
         for base in (self.config_value("udiMount"), self.config_value("loopMount")):
             try:
-                found.update(name for name in os.listdir(root + base) if name.isdigit())
+                found.update(name for name in os.listdir(root + base)
+                             if name.replace(".", "", 1).isdigit() and not name.startswith("."))
             except FileNotFoundError:
                 pass
         return sorted(found)
@@ -253,10 +255,11 @@ class Cluster:
         found = []
         for node in self.nodes:
             for mount in self.node_mounts(node):
-                if re.search(rf"/{job_id}(/|$)", mount.target):
+                if re.search(rf"/{job_id}(\.\d+)?(/|$)", mount.target):
                     found.append(f"{node}: mount {mount.target} ({mount.fstype})")
-            if job_id in self.node_job_dirs(node):
-                found.append(f"{node}: directory of job {job_id} under udiMount or loopMount")
+            for name in self.node_job_dirs(node):
+                if name.split(".")[0] == job_id:
+                    found.append(f"{node}: directory {name} of job {job_id} under udiMount or loopMount")
         found += [f"loop device {dev}" for dev in loop_devices_under(self.config_value("imagePath"))
                   if self._loop_device_job(dev) in (job_id, None)]
         for proc in Path("/proc").iterdir():
@@ -277,7 +280,7 @@ class Cluster:
         for node in self.nodes:
             for mount in self.node_mounts(node):
                 if mount.source == device and mount.target.startswith(loop_mount):
-                    return mount.target[len(loop_mount):].split("/", 1)[0]
+                    return mount.target[len(loop_mount):].split("/", 1)[0].split(".")[0]
         return None
 
     # --- daemons (for tests of failures) ----------------------------------------------

@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator
 
 from setuproot.args import SetupRequest, default_config_path
-from shifter import container, filecopy, jobdir, launchplan, linux, loopdev, teardown, userns
+from shifter import container, fdpath, filecopy, jobdir, launchplan, linux, loopdev, teardown, userns
 from shifter.config import UdiRootConfig, load_config
 from shifter.errors import NodeError, RequestError, ShifterError
 from shifter.jobenv import JobEnv
@@ -187,6 +187,48 @@ def _mount_image(image_file: str, target: str) -> None:
     linux.mount(None, target, None, linux.MS_PRIVATE)
 
 
+_WRITABLE_PARTS = ("image", "lower", "rw", "merged")
+
+
+def _mount_writable_image(config: UdiRootConfig, image_file: str, base: str, account: container.Account) -> str:
+    """The image under a per-job overlay (--writable); returns the merged directory.
+
+    Below ``base`` (loopMount/<job>, root's 0700): ``image`` the squashfs, ``lower`` an idmapped
+    bind of it whose root-owned files show as the user's (so the user may change them, in the
+    overlay only), ``rw`` a tmpfs of writableLayerSize bytes holding the overlay's upper and
+    work directories, ``merged`` the overlay.  Everything is nosuid and nodev; the epilog's
+    teardown unmounts the lot and the tmpfs takes every write with it.
+    """
+    if any(char in base for char in ",:\\"):  # overlay's option syntax: lowerdir=a:b,upperdir=...
+        raise NodeError(f"loopMount {config.loop_mount}: ',', ':' and '\\' cannot be used under an overlay")
+    image, lower, rw, merged = (os.path.join(base, name) for name in _WRITABLE_PARTS)
+    with node_step("the writable layer's directories"):
+        for path in (image, lower, rw, merged):
+            _make_dir(path, 0o700)
+    _mount_image(image_file, image)
+    with node_step("the writable layer's id-mapped image"):
+        ns_fd = userns.image_owner_namespace(account)
+        source_fd = fdpath.open_dir(image)
+        target_fd = fdpath.open_dir(lower)
+        try:
+            fdpath.bind_fd(source_fd, target_fd, readonly=True, userns_fd=ns_fd)
+        except OSError as exc:  # a kernel without idmapped squashfs: the option, not the node, is at fault
+            raise RequestError(f"--writable is not available on this node (idmapped image mount: "
+                               f"{exc.strerror})") from None
+        finally:
+            for fd in (ns_fd, source_fd, target_fd):
+                os.close(fd)
+    with node_step("the writable layer's tmpfs"):
+        linux.mount("tmpfs", rw, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
+                    f"size={config.writable_layer_size},mode=0700")
+        linux.mount(None, rw, None, linux.MS_PRIVATE)
+        os.mkdir(os.path.join(rw, "upper"), 0o755)
+        os.mkdir(os.path.join(rw, "work"), 0o700)
+    with node_step("the writable layer's overlay"):
+        linux.mount("overlay", merged, "overlay", linux.MS_NOSUID | linux.MS_NODEV,
+                    f"lowerdir={lower},upperdir={rw}/upper,workdir={rw}/work")
+        linux.mount(None, merged, None, linux.MS_PRIVATE)
+    return merged
 def plan_gpus(config: UdiRootConfig, request: SetupRequest, job: JobEnv):
     """The job's GPU injection (shifter/gpu.py), decided before anything is mounted.
 
@@ -239,6 +281,8 @@ def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest,
             _make_dir(job.loop_mount, 0o700)
     if request.image_type == "local":
         image_dir = container.check_local_root(image_file, account)
+    elif request.writable:
+        image_dir = _mount_writable_image(config, image_file, job.loop_mount, account)
     else:
         _mount_image(image_file, job.loop_mount)
         image_dir = job.loop_mount
@@ -253,7 +297,7 @@ def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest,
             gpu.make_hide_sources(gpu_injection.hide_file, gpu_injection.hide_dir)
     spec = container.RootSpec(root=job.root, image_dir=image_dir, account=account, modules=modules,
                               user_volumes=user_volumes, hostsfile=hostsfile, cache_tag=f"job{job.jobid}",
-                              gpu=gpu_injection)
+                              gpu=gpu_injection, writable=request.writable)
     container.build_root(config, spec)
     if request.image_type != "local":
         filecopy.copy_file(image_file + ".meta", job.meta, mode=0o644)
@@ -290,6 +334,8 @@ def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest,
             launchplan.write_plan(job.gpu_env, launchplan.encode_operations(environment_operations(gpu_injection)))
         if plan is not None:
             launchplan.write_plan(job.plan, plan)
+        if request.writable:
+            os.close(os.open(job.writable, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644))
         if not config.mount_udi_root_writable:
             linux.mount(None, job.root, None,
                         linux.MS_REMOUNT | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_RDONLY)
@@ -313,9 +359,13 @@ def setup_job(request: SetupRequest) -> None:
     except ShifterError as err:  # the site's config, not the user's request: the node is broken
         raise NodeError(str(err)) from None
     with request_checks():
-        job = JobEnv(config, request.jobid)
+        job = JobEnv(config, request.jobid, request.step)
         account = resolve_account(request)
         identifier, image_file = resolve_image(config, request)
+        if request.writable and request.image_type == "local":
+            raise RequestError("--writable needs an image from the gateway, not a local: directory")
+        if request.writable and not config.writable_layer_size:
+            raise RequestError("--writable is turned off on this node (writableLayerSize=0 in udiRoot.conf)")
         meta = None if request.image_type == "local" else load_image_meta(identifier, image_file, account)
         modules = select_modules(config, request.modules)
     gpu_injection = plan_gpus(config, request, job) if config.gpu_recipe else None

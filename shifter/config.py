@@ -79,6 +79,8 @@ class ModuleConfig(Record):
 # a user's perNodeCache is a sparse file on the node's perNodeCachePath: bounded unless the site says more
 DEFAULT_PER_NODE_CACHE_SIZE_LIMIT = 100 * 1024**3
 DEFAULT_PER_NODE_CACHE_MAX_COUNT = 4
+# a --writable job's layer lives in the node's memory (tmpfs): bounded unless the site says more; 0 turns it off
+DEFAULT_WRITABLE_LAYER_SIZE = 1024**3
 
 
 class UdiRootConfig(Record):
@@ -87,7 +89,7 @@ class UdiRootConfig(Record):
     __slots__ = (
         "udi_mount", "loop_mount", "image_path", "udi_root_path", "etc_path", "rootfs_type",
         "per_node_cache_path", "per_node_cache_size_limit", "per_node_cache_allowed_fs_type",
-        "per_node_cache_max_count",
+        "per_node_cache_max_count", "writable_layer_size",
         "users_to_import", "site_pre_mount_hook", "site_post_mount_hook", "opt_udi_image",
         "allow_local_chroot", "allow_libc_pwd_calls", "populate_etc_dynamically",
         "mount_propagation_style", "mount_udi_root_writable", "max_group_count", "gateway_timeout",
@@ -99,6 +101,7 @@ class UdiRootConfig(Record):
     _defaults = {
         "per_node_cache_path": None, "per_node_cache_size_limit": DEFAULT_PER_NODE_CACHE_SIZE_LIMIT,
         "per_node_cache_allowed_fs_type": ["xfs"], "per_node_cache_max_count": DEFAULT_PER_NODE_CACHE_MAX_COUNT,
+        "writable_layer_size": DEFAULT_WRITABLE_LAYER_SIZE,
         "users_to_import": [], "site_pre_mount_hook": None, "site_post_mount_hook": None,
         "opt_udi_image": None, "allow_local_chroot": False, "allow_libc_pwd_calls": False,
         "populate_etc_dynamically": False, "mount_propagation_style": "private",
@@ -119,6 +122,7 @@ class UdiRootConfig(Record):
     per_node_cache_size_limit: int
     per_node_cache_allowed_fs_type: list[str]
     per_node_cache_max_count: int  # per job
+    writable_layer_size: int  # bytes of the tmpfs under a --writable job's overlay; 0: --writable refused
     users_to_import: list[str]
     site_pre_mount_hook: str | None
     site_post_mount_hook: str | None
@@ -219,6 +223,11 @@ def _propagation(value: str) -> str:
     return value
 
 
+def _size_or_off(value: str) -> int:
+    """A byte size, or 0 to turn the feature off."""
+    return 0 if value.strip() == "0" else parse_bytes(value)
+
+
 def _image_type(value: str) -> str:
     if value not in IMAGE_TYPES:
         raise ShifterError(f"must be one of {', '.join(IMAGE_TYPES)}, got {value!r}")
@@ -281,6 +290,7 @@ _KEYS: dict[str, tuple[str, Callable[[str], object], bool]] = {
     "perNodeCacheSizeLimit": ("per_node_cache_size_limit", parse_bytes, False),
     "perNodeCacheAllowedFsType": ("per_node_cache_allowed_fs_type", _words, False),
     "perNodeCacheMaxCount": ("per_node_cache_max_count", _nonneg_int, False),
+    "writableLayerSize": ("writable_layer_size", _size_or_off, False),
     "usersToImport": ("users_to_import", _words, False),
     "sitePreMountHook": ("site_pre_mount_hook", _path, False),
     "sitePostMountHook": ("site_post_mount_hook", _path, False),

@@ -46,9 +46,9 @@ class RootSpec(Record):
     """Everything a root is built from, besides the site configuration."""
 
     __slots__ = ("root", "image_dir", "account", "modules", "user_volumes", "hostsfile", "cache_tag",
-                 "privileged", "gpu")
+                 "privileged", "gpu", "writable")
     _defaults = {"modules": [], "user_volumes": [], "hostsfile": None, "cache_tag": "", "privileged": True,
-                 "gpu": None}
+                 "gpu": None, "writable": False}
     root: str
     image_dir: str
     account: Account
@@ -58,6 +58,7 @@ class RootSpec(Record):
     cache_tag: str
     privileged: bool  # False: built by the user in a user namespace (the launcher's fresh path)
     gpu: object  # shifter.gpu.Injection, or None: no GPU recipe on this node
+    writable: bool  # image_dir is the job's overlay (--writable): its directories are bound read-write
 
 
 def _check_root_only(path: str, what: str) -> None:
@@ -328,8 +329,8 @@ def _mount_kernel_filesystems(config: UdiRootConfig, root: str, privileged: bool
 def _bind_image_dir(config: UdiRootConfig, spec: RootSpec, relpath: str) -> None:
     """Fill ``relpath`` of the root with the image's entries the site has not provided.
 
-    Directories and big files are bound (read-only, from the read-only image); small files
-    and symlinks are copied, like the original.
+    Directories and big files are bound (read-only, from the read-only image, or read-write
+    from a --writable job's overlay); small files and symlinks are copied, like the original.
     """
     source_dir = os.path.join(spec.image_dir, relpath)
     target_dir = os.path.join(spec.root, relpath)
@@ -345,14 +346,14 @@ def _bind_image_dir(config: UdiRootConfig, spec: RootSpec, relpath: str) -> None
                 os.symlink(os.readlink(entry.path), dest)
             elif entry.is_dir(follow_symlinks=False):
                 os.mkdir(dest, 0o755)
-                linux.bind(entry.path, dest, readonly=True, propagation=propagation)
+                linux.bind(entry.path, dest, readonly=not spec.writable, propagation=propagation)
             elif entry.is_file(follow_symlinks=False):
                 info = entry.stat(follow_symlinks=False)
                 if info.st_size < FILE_SIZE_LIMIT:
                     filecopy.copy_entry(entry.path, dest, keep_owner=spec.privileged)
                 else:
                     os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
-                    linux.bind(entry.path, dest, readonly=True, propagation=propagation)
+                    linux.bind(entry.path, dest, readonly=not spec.writable, propagation=propagation)
 
 
 def _copy_image_etc(spec: RootSpec) -> None:

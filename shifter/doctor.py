@@ -83,7 +83,8 @@ def _check_user_namespaces(report: Report) -> None:
                     "enable kernel.unprivileged_userns_clone / user.max_user_namespaces")
 
 
-def _check_fuse(report: Report) -> None:
+def _check_fuse(report: Report) -> bool:
+    """squashfuse and /dev/fuse, for ``shifter --image`` inside a task; True when users can use them."""
     from shifter.fresh import SQUASHFUSE_CANDIDATES, find_squashfuse
 
     found = find_squashfuse()
@@ -96,9 +97,23 @@ def _check_fuse(report: Report) -> None:
         mode = os.stat("/dev/fuse").st_mode & 0o777
     except FileNotFoundError:
         report.line(WARN, "/dev/fuse", "missing", "modprobe fuse (fresh path only)")
-        return
+        return False
     status = OK if mode & 0o006 == 0o006 else WARN
     report.line(status, "/dev/fuse", f"mode {mode:04o}", "chmod 0666 /dev/fuse so users can build private environments")
+    return bool(found) and status == OK
+
+
+def _check_other_images(report: Report, fuse_usable: bool) -> None:
+    """Which ways to another image than the job's (and to --writable) this node offers."""
+    filesystems = _filesystems()
+    kernel = "squashfs" in filesystems and os.path.exists("/dev/loop-control")
+    report.line(OK if kernel else FAIL, "srun --image=... (step images)",
+                "built by slurmstepd with the kernel's squashfs" if kernel else "needs squashfs and loop devices")
+    report.line(OK if fuse_usable else WARN, "shifter --image=... inside a task",
+                "through squashfuse" if fuse_usable else "not available here (needs squashfuse and /dev/fuse)",
+                "use srun --image=... instead, or install squashfuse and open /dev/fuse to users")
+    report.line(OK if "overlay" in filesystems else WARN, "--writable", "overlayfs supported"
+                if "overlay" in filesystems else "overlay not in /proc/filesystems", "modprobe overlay")
 
 
 def _check_paths(report: Report, config) -> None:
@@ -201,7 +216,7 @@ def run(config_path: str) -> int:
     config = _check_config(report, config_path)
     _check_kernel(report)
     _check_user_namespaces(report)
-    _check_fuse(report)
+    _check_other_images(report, _check_fuse(report))
     if config is not None:
         _check_paths(report, config)
     _check_cgroup(report)

@@ -4,8 +4,9 @@
  * Installed as $PREFIX/bin/shifter in front of the Python launcher (shifter/launcher.py).
  * Every task of a job runs `shifter <cmd>`; starting Python alone costs more than the
  * whole entry, so this program handles the one case that runs on every task - no options,
- * the job's own image, volumes and modules, an environment setupRoot prepared on this node -
- * and execs the Python launcher, unchanged, for everything else.
+ * the job's own image, volumes and modules, an environment setupRoot prepared on this node
+ * (or the step's own, which slurmstepd prepared for `srun --image=...`) - and execs the Python
+ * launcher, unchanged, for everything else.
  *
  * It decides nothing itself: setupRoot writes a launch plan (shifter/launchplan.py) with the
  * request it prepared, the identity of the udiRoot.conf it read and the image's and site's
@@ -392,11 +393,22 @@ int main(int argc, char **argv)
         python_launcher(argv);
     for (size_t n = strlen(mount); n > 1 && mount[n - 1] == '/'; n--)
         mount[n - 1] = '\0';
-    if (asprintf(&dir, "%s/%s", strcmp(mount, "/") == 0 ? "" : mount, jobid) < 0 ||
-        asprintf(&plan_path, "%s/launch.plan", dir) < 0)
-        python_launcher(argv);
-    if (!load_plan(plan_path, &config, image, &plan))
-        python_launcher(argv);
+    {
+        /* a step's own environment first (srun --image=... built by slurmstepd), if it serves this request */
+        const char *step = getenv("SLURM_STEP_ID");
+        int found = 0;
+        if (step && valid_jobid(step) &&
+            asprintf(&dir, "%s/%s.%s", strcmp(mount, "/") == 0 ? "" : mount, jobid, step) >= 0 &&
+            asprintf(&plan_path, "%s/launch.plan", dir) >= 0)
+            found = load_plan(plan_path, &config, image, &plan);
+        if (!found) {
+            if (asprintf(&dir, "%s/%s", strcmp(mount, "/") == 0 ? "" : mount, jobid) < 0 ||
+                asprintf(&plan_path, "%s/launch.plan", dir) < 0)
+                python_launcher(argv);
+            if (!load_plan(plan_path, &config, image, &plan))
+                python_launcher(argv);
+        }
+    }
     if (argc >= 3 && argv[2][0] != '-' && may_be_script(argv[2]))
         python_launcher(argv);
     last_cap = last_capability();

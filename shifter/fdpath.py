@@ -208,6 +208,7 @@ _MOVE_MOUNT_T_EMPTY_PATH = 0x40
 _FSOPEN_CLOEXEC = _FSMOUNT_CLOEXEC = 0x1
 _FSCONFIG_SET_STRING, _FSCONFIG_CMD_CREATE = 1, 6
 _MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
+_MOUNT_ATTR_IDMAP = 0x100000
 _open_tree = linux._function("syscall", linux._ULong, linux._Int, linux._CharP, linux._ULong)
 _move_mount = linux._function("syscall", linux._ULong, linux._Int, linux._CharP, linux._Int, linux._CharP,
                               linux._ULong)
@@ -226,10 +227,13 @@ def _check(result: int, what: str) -> int:
     return result
 
 
-def _restrict(tree: int, *, readonly: bool, nodev: bool, propagation: int, recursive_flag: int) -> None:
-    """nosuid (nodev, read-only) and the propagation on a detached mount, before anyone can see it."""
+def _restrict(tree: int, *, readonly: bool, nodev: bool, propagation: int, recursive_flag: int,
+              userns_fd: int = -1) -> None:
+    """nosuid (nodev, read-only, idmapped) and the propagation on a detached mount, before anyone can see it."""
     attr_set = _MOUNT_ATTR_NOSUID | (_MOUNT_ATTR_NODEV if nodev else 0) | (_MOUNT_ATTR_RDONLY if readonly else 0)
-    attr = b"".join(value.to_bytes(8, sys.byteorder) for value in (attr_set, 0, propagation, 0))
+    if userns_fd >= 0:
+        attr_set |= _MOUNT_ATTR_IDMAP
+    attr = b"".join(value.to_bytes(8, sys.byteorder) for value in (attr_set, 0, propagation, max(userns_fd, 0)))
     _check(_mount_setattr(_SYS_MOUNT_SETATTR, tree, b"", _AT_EMPTY_PATH | recursive_flag, attr, len(attr)),
            "mount_setattr")
 
@@ -241,9 +245,10 @@ def _attach(tree: int, target_fd: int) -> None:
 
 
 def bind_fd(source_fd: int, target_fd: int, *, readonly: bool = False, recursive: bool = False,
-            nodev: bool = True, propagation: int = linux.MS_PRIVATE) -> None:
+            nodev: bool = True, propagation: int = linux.MS_PRIVATE, userns_fd: int = -1) -> None:
     """Bind ``source_fd``'s directory on ``target_fd``'s, already nosuid (nodev, read-only) and
-    private or slave when it appears.
+    private or slave when it appears.  With ``userns_fd`` the bind is an idmapped mount: owners
+    show (and new files are written) through that user namespace's uid and gid maps.
 
     The bind is a detached copy (open_tree) restricted before it is attached (move_mount onto
     the descriptor), so nothing half-made is ever visible and a failure needs no unmount:
@@ -253,7 +258,8 @@ def bind_fd(source_fd: int, target_fd: int, *, readonly: bool = False, recursive
     tree = _check(_open_tree(_SYS_OPEN_TREE, source_fd, b"",
                              _OPEN_TREE_CLONE | os.O_CLOEXEC | _AT_EMPTY_PATH | recursive_flag), "open_tree")
     try:
-        _restrict(tree, readonly=readonly, nodev=nodev, propagation=propagation, recursive_flag=recursive_flag)
+        _restrict(tree, readonly=readonly, nodev=nodev, propagation=propagation, recursive_flag=recursive_flag,
+                  userns_fd=userns_fd)
         _attach(tree, target_fd)
     finally:
         os.close(tree)

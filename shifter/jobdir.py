@@ -69,8 +69,9 @@ def admit_user(dir_fd: int, uid: int, gid: int) -> None:
         os.fchown(dir_fd, uid, gid)
 
 
-def record_error(udi_mount: str, jobid: str, uid: int, gid: int, reason: str) -> None:
-    """Write ``setup.error``, the reason every ``shifter`` of the job prints instead of running.
+def record_error(udi_mount: str, name: str, uid: int, gid: int, reason: str) -> None:
+    """Write ``setup.error`` in ``<udi_mount>/<name>`` (a job's or a step's directory): the reason every
+    ``shifter`` there prints instead of running.
 
     The job's directory (udiMount too, on a node that never ran a job) is made here when setupRoot
     stopped before making it; the file is created, never written through whatever stood there,
@@ -83,16 +84,16 @@ def record_error(udi_mount: str, jobid: str, uid: int, gid: int, reason: str) ->
     base_fd = os.open(udi_mount, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         with contextlib.suppress(FileExistsError):
-            os.mkdir(jobid, 0o700, dir_fd=base_fd)
+            os.mkdir(name, 0o700, dir_fd=base_fd)
         try:
-            dir_fd = os.open(jobid, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=base_fd)
+            dir_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=base_fd)
         except OSError:
-            raise ShifterError(f"{udi_mount}/{jobid} is not a directory") from None
+            raise ShifterError(f"{udi_mount}/{name} is not a directory") from None
     finally:
         os.close(base_fd)
     try:
         if os.fstat(dir_fd).st_uid not in (0, uid):
-            raise ShifterError(f"{udi_mount}/{jobid} belongs to another user")
+            raise ShifterError(f"{udi_mount}/{name} belongs to another user")
         os.fchown(dir_fd, 0, 0)  # nobody else may change it while the file is written
         for name in (ERROR_FILE, PLAN_FILE):
             with contextlib.suppress(FileNotFoundError):

@@ -28,24 +28,33 @@ def check_jobid(text: str | None) -> str:
 
 
 class JobEnv:
-    """The paths of one job's environment on this node."""
+    """The paths of one job's environment on this node, or of one step's (``step``).
 
-    __slots__ = ("jobid", "dir", "root", "userns", "marker", "meta", "loop_mount", "error", "plan",
-                 "gpu_env", "gpu_hide")
+    A step that asks for another image, volumes or modules than its job gets an environment of
+    its own, built by the SPANK plugin in slurmstepd: ``<udiMount>/<jobid>.<stepid>``, beside the
+    job's and removed with it.
+    """
 
-    def __init__(self, config: UdiRootConfig, jobid: str | None) -> None:
+    __slots__ = ("jobid", "step", "dir", "root", "userns", "marker", "meta", "loop_mount", "error", "plan",
+                 "writable", "gpu_env", "gpu_hide")
+
+    def __init__(self, config: UdiRootConfig, jobid: str | None, step: str | None = None) -> None:
         self.jobid = check_jobid(jobid)
-        self.dir = f"{config.udi_mount.rstrip('/')}/{self.jobid}"
+        self.step = None if step is None else check_jobid(step)
+        name = self.jobid if self.step is None else f"{self.jobid}.{self.step}"
+        self.dir = f"{config.udi_mount.rstrip('/')}/{name}"
         self.root = f"{self.dir}/root"
         self.userns = f"{self.dir}/userns"
         self.marker = f"{self.root}/var/shifterConfig.json"
         self.meta = f"{self.dir}/image.meta"
-        self.loop_mount = f"{config.loop_mount.rstrip('/')}/{self.jobid}"
+        self.loop_mount = f"{config.loop_mount.rstrip('/')}/{name}"
         # why the prolog could not build the environment (the user's request was at fault);
         # written by the prolog hook, read by the launcher, removed with the directory
         self.error = f"{self.dir}/{ERROR_FILE}"
         # what the interpreter-free launcher needs to enter this environment (shifter/launchplan.py)
         self.plan = f"{self.dir}/{PLAN_FILE}"
+        # present when the root has a writable layer (--writable); the launcher's --writable checks it
+        self.writable = f"{self.dir}/writable"
         # the job's GPU environment (shifter/gpu.py), for the Python launcher; what covers hidden devices
         self.gpu_env = f"{self.dir}/gpu.env"
         self.gpu_hide = f"{self.dir}/gpu-hidden"

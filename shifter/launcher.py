@@ -17,7 +17,8 @@ PROG = "shifter"
 USAGE = """\
 Usage: shifter [-h|--help] [-v|--verbose] [--image=<type>:<tag>] [--entrypoint[=cmd]]
                [-w|--workdir[=/path]] [-E|--clearenv] [-e|--env=VAR=val]... [--env-file=/file]
-               [-V|--volume=/from:/to[:flags][;...]]... [-m|--module=m1,m2|none] [--] [cmd args...]
+               [-V|--volume=/from:/to[:flags][;...]]... [-m|--module=m1,m2|none] [--writable]
+               [--] [cmd args...]
 
        shifter doctor   (checks this node's setup for the runtime)
 
@@ -25,23 +26,28 @@ Runs cmd in the image: the job's image (SHIFTER_IMAGE/SHIFTER_IMAGETYPE, set by 
 submission) unless --image names another.  Environment precedence, later wins: caller's
 environment (or none with --clearenv), SHIFTER_IMAGEREQUEST/SHIFTER_IMAGE, the image's ENV,
 --env-file, --env, the modules' and then the site's siteEnv settings.
+
+--writable: require the job's writable layer (sbatch --writable): writes to the image's
+directories are kept for every task of the job on this node and discarded when the job
+ends.  Without it a --writable job's root is writable all the same; with it a job
+submitted without --writable, or another image, fails instead of running read-only.
 """
 
 _SHORT_OPTIONS = "hnvV:i:e:Ew::m:"
 _LONG_OPTIONS = ["help", "verbose", "image=", "entrypoint=?", "entry=?", "workdir=?", "clearenv", "env=",
-                 "env-file=", "volume=", "module="]
+                 "env-file=", "volume=", "module=", "writable"]
 _OPTION_NAMES = {"-h": "help", "--help": "help", "-v": "verbose", "--verbose": "verbose", "-i": "image",
                  "--image": "image", "--entrypoint": "entrypoint", "--entry": "entrypoint", "-w": "workdir",
                  "--workdir": "workdir", "-E": "clearenv", "--clearenv": "clearenv", "-e": "env", "--env": "env",
                  "--env-file": "env_file", "-V": "volume", "--volume": "volume", "-m": "module",
-                 "--module": "module", "-n": "noop"}
+                 "--module": "module", "-n": "noop", "--writable": "writable"}
 
 
 class Options:
     """The parsed command line."""
 
     __slots__ = ("image", "envs", "env_files", "volumes", "module", "entrypoint", "workdir", "help",
-                 "verbose", "clearenv", "command")
+                 "verbose", "clearenv", "writable", "command")
 
     def __init__(self) -> None:
         self.image: str | None = None
@@ -54,6 +60,7 @@ class Options:
         self.help = False
         self.verbose = False
         self.clearenv = False
+        self.writable = False  # only the job's own environment, prepared with a writable layer, will do
         self.command: list[str] = []
 
     def set(self, name: str, value: str | bool) -> None:
@@ -290,6 +297,26 @@ def _prefer_visible_script(argv: list[str]) -> list[str]:
     return [argv[0], path, *argv[2:]]
 
 
+def _enter_step_environment(step, expected: str, opts: Options, environ: dict[str, str], request: Request,
+                            config, modules: list) -> None:
+    """Enter this step's own environment (built by slurmstepd for ``srun --image=...``) if it
+    serves this request; say why when slurmstepd could not build it; else return."""
+    from shifter.reuse import marker_matches
+
+    marker = _read_text(step.marker)
+    if marker is not None and marker_matches(marker, expected):
+        if opts.writable:
+            raise ShifterError("--writable needs the job's own environment, not a step's")
+        from shifter.meta import read_meta
+
+        enter_prepared(step, read_meta(step.meta), opts, environ, request, config, modules)
+    if marker is None:
+        reason = _read_text(step.error)
+        if reason and request.identifier == _first(environ, "IMAGE"):
+            node = environ.get("SLURMD_NODENAME") or os.uname().nodename
+            raise ShifterError(f"the step's container could not be set up on {node}: {reason.strip()}")
+
+
 def _raise_setup_error(job, environ: dict[str, str], request: Request) -> None:
     """The prolog could not build the job's environment (its request was at fault): say why."""
     if request.identifier != _first(environ, "IMAGE"):
@@ -397,20 +424,28 @@ def launch(args: list[str], environ: dict[str, str]) -> None:
         from shifter.reuse import marker_matches, marker_text
 
         job = JobEnv(config, jobid)
+        signature = ""
+        if request.volumes:
+            from shifter.volumemap import parse_volume_map, volume_signature
+
+            signature = volume_signature(parse_volume_map(request.volumes, site=False))
+        expected = marker_text(request.identifier or request.tag, _user_name(), signature, [m.name for m in modules])
+        step_id = environ.get("SLURM_STEP_ID", "")
+        if step_id.isascii() and step_id.isdigit():
+            _enter_step_environment(JobEnv(config, jobid, step_id), expected, opts, environ, request, config,
+                                    modules)
         marker = _read_text(job.marker)
         _raise_setup_error(job, environ, request)  # also after the build: the extern step's sshd may have failed
-        if marker is not None:
-            signature = ""
-            if request.volumes:
-                from shifter.volumemap import parse_volume_map, volume_signature
+        if marker is not None and marker_matches(marker, expected):
+            from shifter.meta import read_meta
 
-                signature = volume_signature(parse_volume_map(request.volumes, site=False))
-            expected = marker_text(request.identifier or request.tag, _user_name(), signature,
-                                   [m.name for m in modules])
-            if marker_matches(marker, expected):
-                from shifter.meta import read_meta
-
-                enter_prepared(job, read_meta(job.meta), opts, environ, request, config, modules)
+            if opts.writable and not os.path.exists(job.writable):
+                raise ShifterError(f"--writable: job {jobid}'s environment is read-only "
+                                   "(submit the job with --writable)")
+            enter_prepared(job, read_meta(job.meta), opts, environ, request, config, modules)
+    if opts.writable:
+        raise ShifterError("--writable needs the job's own environment (its image, volumes and modules, "
+                           "submitted with --image and --writable)")
     from shifter.fresh import run_fresh
 
     run_fresh(config, opts, environ, request, modules)

@@ -24,8 +24,14 @@ _SIGKILL = 9  # the signal module costs ~3 ms to import (enum, functools) on thi
 
 
 def processes_rooted_in(root: str) -> list[int]:
-    """Pids of processes whose root directory is ``root`` or below (the job's tasks and sshd)."""
+    """Pids of processes whose root directory is ``root`` or below (the job's tasks and sshd).
+
+    A process chrooted at a directory of the same path in another mount namespace (another
+    node's, where several nodes share a host, and a step ends on each node at its own time)
+    is not this environment's: a root equal to ``root`` must also be the same directory.
+    """
     found = []
+    here = None
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -33,8 +39,22 @@ def processes_rooted_in(root: str) -> list[int]:
             link = os.readlink(f"/proc/{name}/root")
         except OSError:
             continue
-        if mounts.is_under(link, root):
-            found.append(int(name))
+        if not mounts.is_under(link, root):
+            continue
+        if link.rstrip("/") == root.rstrip("/"):
+            if here is None:
+                try:
+                    info = os.stat(root)
+                    here = (info.st_dev, info.st_ino)
+                except OSError:  # nothing to compare with: the path decides, as before
+                    here = ()
+            try:
+                theirs = os.stat(f"/proc/{name}/root")
+            except OSError:
+                continue
+            if here and (theirs.st_dev, theirs.st_ino) != here:
+                continue
+        found.append(int(name))
     return found
 
 

@@ -86,3 +86,43 @@ def enter_user_namespace(path: str) -> None:
         linux.setns(fd, linux.CLONE_NEWUSER, path)
     finally:
         os.close(fd)
+
+
+def image_owner_namespace(account: Account) -> int:
+    """A descriptor of a user namespace mapping uid 0 and gid 0 to the job's user and primary group.
+
+    An idmapped mount of the image through it (shifter/fdpath.py ``bind_fd``) shows the image's
+    root-owned files as the user's, so a ``--writable`` job can change them in its own overlay
+    (as with an unpacked image) while its tasks stay the unprivileged user; no other id is mapped.
+    The namespace outlives its short-lived creator through the descriptor and the mount.
+    """
+    if account.uid == 0 or account.gid == 0:
+        raise ShifterError("refusing to map the image's owner to uid or gid 0")
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.close(ready_r)
+            os.close(go_w)
+            linux.unshare(linux.CLONE_NEWUSER)
+            os.write(ready_w, b"1")
+            os.read(go_r, 1)
+            status = 0
+        except BaseException:  # noqa: BLE001 - the child must end in _exit
+            pass
+        os._exit(status)
+    os.close(ready_w)
+    os.close(go_r)
+    try:
+        if os.read(ready_r, 1) != b"1":
+            raise ShifterError("could not create the user namespace of the image's owner")
+        _write_proc(pid, "uid_map", f"0 {account.uid} 1\n")
+        _write_proc(pid, "setgroups", "deny")
+        _write_proc(pid, "gid_map", f"0 {account.gid} 1\n")
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(go_w)
+        os.close(ready_r)
+        os.waitpid(pid, 0)

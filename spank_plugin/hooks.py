@@ -109,6 +109,14 @@ def submit(conf: PlugstackArgs, opts: dict[str, str]) -> list[tuple[str, str]]:
         raise ShifterError("--ccm cannot be combined with --image")
     if volume_text and not image_text:
         raise ShifterError("--volume needs --image")
+    writable = "writable" in opts
+    if writable and ccm:
+        raise ShifterError("--writable cannot be combined with --ccm")
+    if writable and not image_text:
+        raise ShifterError("--writable needs --image")
+    if writable and os.environ.get("SLURM_JOB_ID") and _first_env("WRITABLE") != "1":
+        # the job's environment is built once per node by the prolog: a step cannot change it
+        raise ShifterError("--writable applies to a whole job: give it to sbatch or salloc, not to an srun in a job")
 
     out: list[tuple[str, str]] = []
     if image_text and "image" in inherited and _first_env("IMAGE") and _first_env("IMAGETYPE"):
@@ -136,6 +144,8 @@ def submit(conf: PlugstackArgs, opts: dict[str, str]) -> list[tuple[str, str]]:
         out.append(("SHIFTER_MODULE", ",".join(names) or "none"))
     if ccm:
         out.append(("SHIFTER_CCM", "1"))
+    if writable:
+        out.append(("SHIFTER_WRITABLE", "1"))
     if conf.enable_sshd and (image_text or ccm):
         out.append(("SHIFTER_SSH_PUBKEY", user_ssh_pubkey()))
     return out
@@ -211,6 +221,7 @@ class JobRequest:
     ssh_pubkey: str | None
     node_spec: str
     gpus: str = ""  # SLURM_JOB_GPUS: the job's GPU indices on this node (Slurm 22.05 sets it in the prolog)
+    writable: bool = False
 
 
 def job_request(opts: dict[str, str], env: dict[str, str], conf: PlugstackArgs) -> JobRequest:
@@ -244,6 +255,7 @@ def job_request(opts: dict[str, str], env: dict[str, str], conf: PlugstackArgs) 
         ssh_pubkey=env.get("SPANK_SHIFTER_SSH_PUBKEY") if conf.enable_sshd else None,
         node_spec=node_spec,
         gpus=env.get("SLURM_JOB_GPUS", ""),
+        writable=env.get("SPANK_SHIFTER_WRITABLE") == "1" and not ccm,
     )
 
 
@@ -285,7 +297,8 @@ def _primary_gid(uid: int) -> int:
 
 
 def setuproot_argv(conf: PlugstackArgs, req: JobRequest) -> list[str]:
-    """The original's setupRoot argv contract, plus --config, --job-id, --memory-cgroup, --defer-sshd, --gpus."""
+    """The original's setupRoot argv contract, plus --config, --job-id, --memory-cgroup, --defer-sshd, --gpus,
+    --writable."""
     _check_image(req.image_type, req.image)
     argv = [os.path.join(buildinfo.PREFIX, "sbin", "setupRoot"), "--config", conf.shifter_config,
             "--job-id", req.job_id, "-U", str(req.uid), "-G", str(req.gid), "-u", req.user]
@@ -302,6 +315,8 @@ def setuproot_argv(conf: PlugstackArgs, req: JobRequest) -> list[str]:
         argv += ["-m", req.modules]
     if req.gpus:
         argv += ["--gpus", req.gpus]
+    if req.writable:
+        argv.append("--writable")
     return argv + ["--", req.image_type, req.image]  # "--": an image named "--config=..." stays an image
 
 
@@ -357,10 +372,17 @@ def drain_node(reason: str) -> None:
 
 def record_setup_error(conf: PlugstackArgs, req: JobRequest, reason: str) -> None:
     """Leave the reason where only the job's user can read it: <udiMount>/<jobid>/setup.error."""
-    from shifter import jobdir
     from shifter.config import load_config
+    from shifter.jobenv import JobEnv
 
-    jobdir.record_error(load_config(conf.shifter_config).udi_mount, req.job_id, req.uid, req.gid, reason)
+    record_error(JobEnv(load_config(conf.shifter_config), req.job_id), req.uid, req.gid, reason)
+
+
+def record_error(job, uid: int, gid: int, reason: str) -> None:
+    """Write ``reason`` to the job's (or step's) setup.error, readable by its user only (shifter/jobdir.py)."""
+    from shifter import jobdir
+
+    jobdir.record_error(os.path.dirname(job.dir), os.path.basename(job.dir), uid, gid, reason)
 
 
 def remove_stale_environments(conf: PlugstackArgs, current_job: str) -> None:
@@ -430,7 +452,7 @@ def _run_root_tool(argv: list[str]) -> tuple[int, str]:
 
 # ---------------------------------------------------------------- entry point
 
-HOOKS = {"submit", "prolog", "epilog", "extern", "ccm-task"}
+HOOKS = {"submit", "prolog", "epilog", "extern", "ccm-task", "step-setup", "step-teardown"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -448,11 +470,15 @@ def main(argv: list[str] | None = None) -> int:
             for key, value in submit(conf, opts):
                 sys.stdout.write(f"{key}={value}\n")
             return 0
-        if hook in ("extern", "ccm-task"):  # run by slurmstepd: spank_plugin/stephooks.py
+        if hook in ("extern", "ccm-task", "step-setup", "step-teardown"):  # by slurmstepd: stephooks.py
             from spank_plugin import stephooks
 
             if hook == "extern":
                 return stephooks.extern(conf, opts)
+            if hook == "step-setup":
+                return stephooks.step_setup(conf, opts)
+            if hook == "step-teardown":
+                return stephooks.step_teardown(conf, opts)
             sys.stdout.write(stephooks.ccm_task(conf, opts) + "\n")
             return 0
         return prolog(conf, opts) if hook == "prolog" else epilog(conf, opts)

@@ -9,7 +9,7 @@
  *
  * Hook protocol:
  *   submit  (sbatch/salloc/srun, as the user): options are passed as
- *           --image=, --volume=, --module=, --ccm.  On success the hook prints
+ *           --image=, --volume=, --module=, --ccm, --writable.  On success the hook prints
  *           KEY=VALUE lines; each is set in the job-control environment (so
  *           the prolog sees SPANK_KEY and tasks see SLURM_SPANK_KEY) and in
  *           this process's environment (so nested sruns inherit it).  On
@@ -58,6 +58,11 @@ static char *opt_image;
 static char *opt_volume;
 static char *opt_module;
 static int opt_ccm;
+
+struct job_ids {
+    char job_id[32], uid[32], gid[32];
+};
+static int opt_writable;
 
 static int use_long_options;
 static int enable_ccm;
@@ -143,10 +148,21 @@ static int ccm_cb(int val, const char *optarg, int remote)
     return 0;
 }
 
+static int writable_cb(int val, const char *optarg, int remote)
+{
+    (void)val;
+    (void)optarg;
+    (void)remote;
+    opt_writable = 1;
+    return 0;
+}
+
 static struct spank_option short_options[] = {
     {"image", "type:tag", "Shifter image to use (e.g. docker:ubuntu:22.04)", 1, 0, image_cb},
     {"volume", "from:to[:flags]", "Shifter volume to bind into the image (repeatable)", 1, 0, volume_cb},
     {"module", "mod1,mod2|none", "Shifter modules to enable in the image", 1, 0, module_cb},
+    {"writable", NULL, "Give the job a writable layer over its Shifter image, discarded at its end", 0, 0,
+     writable_cb},
     SPANK_OPTIONS_TABLE_END,
 };
 
@@ -155,6 +171,8 @@ static struct spank_option long_names[] = {
     {"shifter.volume", "from:to[:flags]", "Shifter volume to bind into the image (repeatable)", 1, 0,
      volume_cb},
     {"shifter.module", "mod1,mod2|none", "Shifter modules to enable in the image", 1, 0, module_cb},
+    {"shifter.writable", NULL, "Give the job a writable layer over its Shifter image, discarded at its end",
+     0, 0, writable_cb},
     SPANK_OPTIONS_TABLE_END,
 };
 
@@ -380,7 +398,113 @@ static int build_argv(char **argv, const char *hook, int ac, char **av)
     return n;
 }
 
-/* Submission: resolve the image once and publish the result. */
+static int append_job_ids(spank_t sp, char **argv, int n, struct job_ids *ids);
+
+/* Step ids at or above this are Slurm's own steps (extern, batch, interactive, pending). */
+#define FIRST_SPECIAL_STEP 0xfffffff0U
+
+static int step_prepared;
+static char step_arg[32];
+
+/* Is the step's SHIFTER_<name> set, and not what the job's SLURM_SPANK_SHIFTER_<name> says? */
+static int step_value(spank_t sp, const char *name, char *value, size_t len)
+{
+    return spank_getenv(sp, name, value, len) == ESPANK_SUCCESS && value[0] != '\0';
+}
+
+static int differs_from_job(spank_t sp, const char *name, const char *step_value_text)
+{
+    char job_name[64], job_value[MAX_VALUE];
+
+    snprintf(job_name, sizeof(job_name), "SLURM_SPANK_%s", name);
+    if (spank_getenv(sp, job_name, job_value, sizeof(job_value)) != ESPANK_SUCCESS)
+        return step_value_text[0] != '\0';
+    return strcmp(job_value, step_value_text) != 0;
+}
+
+/*
+ * slurmstepd (root), once per node and step, before the tasks start: a step whose image,
+ * volumes or modules differ from its job's (srun --image=X shifter ...) gets an environment of
+ * its own, built by the hook `step-setup`; slurm_spank_exit removes it.  A step of the job's
+ * own request costs nothing here (the comparison needs no hook).
+ */
+static int step_setup(spank_t sp, int ac, char **av)
+{
+    static char image[MAX_VALUE], type[64], volume[MAX_VALUE], module[MAX_VALUE];
+    static char image_arg[MAX_VALUE + 16], type_arg[96], volume_arg[MAX_VALUE + 16], module_arg[MAX_VALUE + 16];
+    char *argv[MAX_ARGS];
+    char out[256];
+    struct job_ids ids;
+    uint32_t step_id = 0;
+    int n, rc;
+
+    if (spank_get_item(sp, S_JOB_STEPID, &step_id) != ESPANK_SUCCESS || step_id >= FIRST_SPECIAL_STEP)
+        return 0;
+    if (!step_value(sp, "SHIFTER_IMAGE", image, sizeof(image)))
+        return 0;
+    if (!step_value(sp, "SHIFTER_IMAGETYPE", type, sizeof(type)))
+        snprintf(type, sizeof(type), "id");
+    if (!step_value(sp, "SHIFTER_VOLUME", volume, sizeof(volume)))
+        volume[0] = '\0';
+    if (!step_value(sp, "SHIFTER_MODULE", module, sizeof(module)))
+        module[0] = '\0';
+    if (!differs_from_job(sp, "SHIFTER_IMAGE", image) && !differs_from_job(sp, "SHIFTER_VOLUME", volume) &&
+        !differs_from_job(sp, "SHIFTER_MODULE", module))
+        return 0;
+    n = build_argv(argv, "step-setup", ac, av);
+    if (append_job_ids(sp, argv, n, &ids) < 0) {
+        slurm_error("shifter: step image: no job id, uid or gid");
+        return -1;
+    }
+    n += 3;
+    snprintf(step_arg, sizeof(step_arg), "--step-id=%u", step_id);
+    snprintf(image_arg, sizeof(image_arg), "--image=%s", image);
+    snprintf(type_arg, sizeof(type_arg), "--image-type=%s", type);
+    argv[n++] = step_arg;
+    argv[n++] = image_arg;
+    argv[n++] = type_arg;
+    if (volume[0]) {
+        snprintf(volume_arg, sizeof(volume_arg), "--volume=%s", volume);
+        argv[n++] = volume_arg;
+    }
+    if (module[0]) {
+        snprintf(module_arg, sizeof(module_arg), "--module=%s", module);
+        argv[n++] = module_arg;
+    }
+    argv[n] = NULL;
+    out[0] = '\0';
+    rc = run_hook(argv, out, sizeof(out), 0);
+    if (strncmp(out, "prepared", 8) == 0)
+        step_prepared = 1;
+    if (rc != 0) {
+        slurm_error("shifter: step-setup hook failed (status %d)", rc);
+        return -1;
+    }
+    return 0;
+}
+
+static void step_teardown(spank_t sp, int ac, char **av)
+{
+    char *argv[MAX_ARGS];
+    struct job_ids ids;
+    int n, rc, tries;
+
+    n = build_argv(argv, "step-teardown", ac, av);
+    if (append_job_ids(sp, argv, n, &ids) < 0) {
+        slurm_error("shifter: step image: no job id, uid or gid at the end of the step");
+        return;
+    }
+    argv[n + 3] = step_arg;
+    argv[n + 4] = NULL;
+    /* A cancelled step's processes are killed until none is left (proctrack), and the hook is
+     * one of them while that lasts: run it again, a little later, while a signal ends it. */
+    for (tries = 0; (rc = run_hook(argv, NULL, 0, 0)) < 0 && tries < 50; tries++)
+        usleep(100000);
+    if (rc != 0)
+        slurm_error("shifter: step-teardown hook failed (status %d)", rc);
+}
+
+/* Submission: resolve the image once and publish the result.  In slurmstepd: a step's image. */
 int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 {
     spank_context_t ctx = spank_context();
@@ -388,11 +512,13 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
     char image_arg[MAX_VALUE + 16], volume_arg[MAX_VALUE + 16], module_arg[MAX_VALUE + 16];
     char out[MAX_OUTPUT];
     char *save = NULL, *line;
-    int n, rc;
+    int n, rc, new_job;
 
+    if (ctx == S_CTX_REMOTE)
+        return step_setup(sp, ac, av);
     if (ctx != S_CTX_ALLOCATOR && ctx != S_CTX_LOCAL)
         return 0;
-    if (opt_image == NULL && opt_volume == NULL && opt_module == NULL && !opt_ccm)
+    if (opt_image == NULL && opt_volume == NULL && opt_module == NULL && !opt_ccm && !opt_writable)
         return 0;
     n = build_argv(argv, "submit", ac, av);
     if (opt_image) {
@@ -409,6 +535,8 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
     }
     if (opt_ccm)
         argv[n++] = "--ccm";
+    if (opt_writable)
+        argv[n++] = "--writable";
     argv[n] = NULL;
 
     rc = run_hook(argv, out, sizeof(out), 1);
@@ -420,13 +548,23 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
          * submitted yet, so leaving here (as the original plugin did) is safe. */
         exit(1);
     }
+    /* A new job (sbatch, salloc, or srun outside an allocation): its steps carry the job's
+     * request as SLURM_SPANK_SHIFTER_* too, as a batch script's do, so slurmstepd tells a step of
+     * another image (srun --image=X sets SHIFTER_* only) from the job's own without a hook. */
+    new_job = ctx == S_CTX_ALLOCATOR || getenv("SLURM_JOB_ID") == NULL;
     for (line = strtok_r(out, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
         char *eq = strchr(line, '=');
         if (eq == NULL || eq == line)
             continue;
         *eq = '\0';
-        if (strncmp(line, "SHIFTER_", 8) == 0)
+        if (strncmp(line, "SHIFTER_", 8) == 0) {
             spank_job_control_setenv(sp, line, eq + 1, 1);
+            if (new_job) {
+                char job_name[128];
+                snprintf(job_name, sizeof(job_name), "SLURM_SPANK_%s", line);
+                setenv(job_name, eq + 1, 1);
+            }
+        }
         setenv(line, eq + 1, 1);
     }
     return 0;
@@ -477,9 +615,10 @@ int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
 
 int slurm_spank_exit(spank_t sp, int ac, char **av)
 {
-    (void)sp;
-    (void)ac;
-    (void)av;
+    if (step_prepared && spank_context() == S_CTX_REMOTE) {
+        step_teardown(sp, ac, av);
+        step_prepared = 0;
+    }
     free(opt_image);
     free(opt_volume);
     free(opt_module);
@@ -488,10 +627,6 @@ int slurm_spank_exit(spank_t sp, int ac, char **av)
 }
 
 /* --job-id, --uid and --gid of the job, from Slurm (never from the user's environment). */
-struct job_ids {
-    char job_id[32], uid[32], gid[32];
-};
-
 static int append_job_ids(spank_t sp, char **argv, int n, struct job_ids *ids)
 {
     uint32_t job_id = 0;

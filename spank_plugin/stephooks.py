@@ -15,6 +15,12 @@ the job's ids and ``SHIFTER_ROOT`` in its environment; a failure is logged.
 ``ccm-task``: prints the job's container root, which the shim chroots the task into.  It runs
 once per task, so it only checks that the environment is there, the job's own and built for
 --ccm (by the prolog, as root: the task's ``SLURM_SPANK_SHIFTER_CCM`` alone never gets a chroot).
+
+``step-setup`` / ``step-teardown``: a step whose image, volumes or modules differ from its job's
+(``srun --image=X shifter ...``) gets its own environment, built here by setupRoot
+``--step-id`` once per node (slurmstepd, as root, before the tasks start) with the kernel's
+squashfs, and removed by unsetupRoot when the step's slurmstepd ends (the job's epilog removes
+whatever a killed slurmstepd left).  Every task of the step enters it like the job's.
 """
 
 from __future__ import annotations
@@ -205,3 +211,72 @@ def _user_name(uid: int) -> str | None:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return None
+
+
+def step_setup(conf: PlugstackArgs, opts: dict[str, str]) -> int:
+    """Build the step's environment unless its request is the job's; prints ``prepared`` if built.
+
+    A request the node cannot serve is recorded for the step's ``shifter`` to print (status 0,
+    the node stays up); a node failure returns non-zero and fails the step.
+    """
+    from shifter.config import load_config
+    from shifter.errors import REQUEST_FAILED
+    from shifter.jobenv import JobEnv
+    from shifter.modules import module_names, select_modules
+    from shifter.reuse import marker_text
+    from shifter.volumemap import parse_volume_map, volume_signature
+    from spank_plugin.hooks import _check_image, _run_root_tool, _user_name, record_error
+
+    job_id, uid, gid = _ids(opts, "step-setup")
+    step_id = opts.get("step-id", "")
+    config = load_config(conf.shifter_config)
+    step = JobEnv(config, job_id, step_id)
+    image_type, image = opts.get("image-type") or "id", opts.get("image", "")
+    volumes = [v for v in opts.get("volume", "").split(";") if v]
+    user = _user_name(uid)
+    try:
+        _check_image(image_type, image)
+        names = module_names(select_modules(config, opts.get("module") or None))
+        signature = volume_signature(parse_volume_map(";".join(volumes), site=False)) if volumes else ""
+        expected = marker_text(image, user, signature, names)
+    except ShifterError as err:
+        record_error(step, uid, gid, str(err))
+        return 0
+    try:
+        fd = os.open(JobEnv(config, job_id).marker, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd) as fh:
+            if fh.read() == expected:  # the job's own request: its tasks enter the job's environment
+                print(f"shifter: step {job_id}.{step_id} asks for the job's own environment", file=sys.stderr)
+                return 0
+    except OSError:
+        pass  # no job environment (a job without --image) or none readable: the step gets its own
+    from shifter import buildinfo
+
+    argv = [os.path.join(buildinfo.PREFIX, "sbin", "setupRoot"), "--config", conf.shifter_config,
+            "--job-id", job_id, "--step-id", step_id, "-U", str(uid), "-G", str(gid), "-u", user]
+    for volume in volumes:
+        argv += ["-v", volume]
+    if opts.get("module"):
+        argv += ["-m", opts["module"]]
+    status, reason = _run_root_tool(argv + ["--", image_type, image])
+    if status == REQUEST_FAILED:
+        record_error(step, uid, gid, reason)
+        sys.stdout.write("prepared\n")  # the error file goes with the step's teardown
+        return 0
+    if status == 0:
+        sys.stdout.write("prepared\n")
+    return status
+
+
+def step_teardown(conf: PlugstackArgs, opts: dict[str, str]) -> int:
+    """Remove the step's environment (its tasks are gone or are killed first)."""
+    from shifter import buildinfo
+    from spank_plugin.hooks import _run_root_tool
+
+    job_id, _uid, _gid = _ids(opts, "step-teardown")
+    step_id = opts.get("step-id", "")
+    if not step_id.isdigit():
+        raise ShifterError("step-teardown: needs --step-id")
+    argv = [os.path.join(buildinfo.PREFIX, "sbin", "unsetupRoot"), "--config", conf.shifter_config,
+            "--job-id", job_id, "--step-id", step_id]
+    return _run_root_tool(argv)[0]

@@ -1,7 +1,8 @@
 """unsetupRoot: remove a job's environment from this node (run as root by the epilog).
 
-``unsetupRoot [--config PATH] [--job-id ID] [--all]``: without --job-id the job in SLURM_JOB_ID;
-with --all every job environment on the node.  Idempotent: after a partial setup, a crash or a
+``unsetupRoot [--config PATH] [--job-id ID [--step-id ID]] [--all]``: without --job-id the job in
+SLURM_JOB_ID; a job's teardown also removes its steps' environments; --step-id only that step's;
+with --all every job and step environment on the node.  Idempotent: after a partial setup, a crash or a
 previous run it still exits 0 and leaves nothing behind.  Exit 1 only when something could not
 be removed (the message says what).
 """
@@ -18,7 +19,7 @@ from shifter.errors import ShifterError
 from shifter.jobenv import JobEnv
 
 PROG = "unsetupRoot"
-USAGE = "usage: unsetupRoot [--config PATH] [--memory-cgroup PATH] [--job-id ID | --all]"
+USAGE = "usage: unsetupRoot [--config PATH] [--memory-cgroup PATH] [--job-id ID [--step-id ID] | --all]"
 
 
 def job_ids_on_node(udi_mount: str, loop_mount: str) -> list[str]:
@@ -32,11 +33,27 @@ def job_ids_on_node(udi_mount: str, loop_mount: str) -> list[str]:
     return sorted(found)
 
 
+def step_ids_on_node(udi_mount: str, loop_mount: str, job_id: str | None = None) -> list[tuple[str, str]]:
+    """(job id, step id) of every step environment (``<jobid>.<stepid>``), of one job or of all."""
+    found: set[tuple[str, str]] = set()
+    for base in (udi_mount, loop_mount):
+        try:
+            names = os.listdir(base)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            job, sep, step = name.partition(".")
+            if sep and job.isascii() and job.isdigit() and step.isascii() and step.isdigit() \
+                    and job_id in (None, job):
+                found.add((job, step))
+    return sorted(found)
+
+
 def run(argv: list[str], inherited_jobid: str | None) -> None:
     from shifter.cmdline import getopt
 
     try:
-        opts, positional = getopt(argv, "", ["config=", "job-id=", "all", "memory-cgroup="])
+        opts, positional = getopt(argv, "", ["config=", "job-id=", "step-id=", "all", "memory-cgroup="])
     except ShifterError as err:
         raise ShifterError(f"{err}; {USAGE}") from None
     if positional:
@@ -51,14 +68,21 @@ def run(argv: list[str], inherited_jobid: str | None) -> None:
     memory_cgroup = options.get("--memory-cgroup")
     if memory_cgroup is not None:
         memory_cgroup = memory_cgroup_option(memory_cgroup)
+    envs: list[JobEnv] = []
     if "--all" in options:
-        jobids = job_ids_on_node(config.udi_mount, config.loop_mount)
+        envs += [JobEnv(config, job, step) for job, step in step_ids_on_node(config.udi_mount, config.loop_mount)]
+        envs += [JobEnv(config, job) for job in job_ids_on_node(config.udi_mount, config.loop_mount)]
+    elif "--step-id" in options:
+        envs.append(JobEnv(config, options.get("--job-id", inherited_jobid or ""), options["--step-id"]))
     else:
-        jobids = [options.get("--job-id", inherited_jobid or "")]
+        job = JobEnv(config, options.get("--job-id", inherited_jobid or ""))
+        envs += [JobEnv(config, job.jobid, step)
+                 for _, step in step_ids_on_node(config.udi_mount, config.loop_mount, job.jobid)]
+        envs.append(job)
     errors = []
-    for jobid in jobids:
+    for env in envs:
         try:
-            teardown.destroy(config, JobEnv(config, jobid), memory_cgroup)
+            teardown.destroy(config, env, memory_cgroup if env.step is None else None)
         except ShifterError as err:
             errors.append(str(err))
     if errors:

@@ -167,8 +167,12 @@ def test_doctor_reports_each_check(clean_site, users):
     out = site.shifter(users[0], "doctor", env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.startswith(f"ok   udiRoot.conf: {site.conf} parses")
-    for check in ("filesystem squashfs", "loop devices", "user namespaces", "imagePath", "memory cgroup"):
+    for check in ("filesystem squashfs", "loop devices", "user namespaces", "imagePath", "memory cgroup",
+                  "srun --image=... (step images)", "--writable"):
         assert f" {check}: " in out.stdout
+    fuse = "ok   shifter --image=... inside a task" if os.stat("/dev/fuse").st_mode & 0o006 == 0o006 else \
+        "WARN shifter --image=... inside a task: not available here"
+    assert fuse in out.stdout, out.stdout
     os.chmod(site.conf, 0o666)
     try:
         out = site.shifter(users[0], "doctor", env=env)

@@ -10,7 +10,7 @@ import pytest
 from setuproot.args import parse_args
 from setuproot.sshd import ensure_login_shell
 from shifter.errors import ShifterError
-from spank_plugin.hooks import check_sshd_on_node, job_request, parse_plugstack_args, setuproot_argv
+from spank_plugin.hooks import check_sshd_on_node, job_request, parse_plugstack_args, setuproot_argv, submit
 
 PROLOG_ENV = {"SLURM_JOB_ID": "42", "SLURM_JOB_UID": "1002", "SLURM_JOB_GID": "1003", "SLURM_JOB_USER": "alice",
               "SLURM_NODELIST": "n[1-2]", "SLURM_JOB_CPUS_PER_NODE": "2(x2)",
@@ -73,6 +73,39 @@ def test_ccm_job_gets_the_local_root_image() -> None:
     assert argv_for(["enable_ccm=1"], env)[-2:] == ["local", "/"]
     with pytest.raises(ShifterError, match="names no image"):  # enable_ccm=0: never the host's root
         argv_for([], env)
+
+
+def test_writable_reaches_setuproot_only_when_the_job_asked() -> None:
+    argv = argv_for([], {**PROLOG_ENV, "SPANK_SHIFTER_WRITABLE": "1"})
+    assert "--writable" in argv and parse_args(argv[1:], None).writable
+    for value in ("0", "", "yes"):
+        argv = argv_for([], {**PROLOG_ENV, "SPANK_SHIFTER_WRITABLE": value})
+        assert "--writable" not in argv and not parse_args(argv[1:], None).writable
+
+
+def _submit(opts: dict[str, str], monkeypatch, tmp_path: Path, **env: str) -> list[tuple[str, str]]:
+    conf_file = tmp_path / "udiRoot.conf"
+    conf_file.write_text("udiMount=/u\nloopMount=/l\nimagePath=/i\nudiRootPath=/r\netcPath=/e\nrootfsType=tmpfs\n")
+    for name in ("SLURM_JOB_ID", "SHIFTER_WRITABLE", "SLURM_SPANK_SHIFTER_WRITABLE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SHIFTER_UDIROOT_CONF", str(conf_file))
+    conf, _ = parse_plugstack_args([])
+    return submit(conf, opts)
+
+
+def test_submit_publishes_writable_and_refuses_it_where_it_cannot_apply(monkeypatch, tmp_path: Path) -> None:
+    image = "id:" + "a" * 64
+    assert ("SHIFTER_WRITABLE", "1") in _submit({"image": image, "writable": "1"}, monkeypatch, tmp_path)
+    assert all(k != "SHIFTER_WRITABLE" for k, _ in _submit({"image": image}, monkeypatch, tmp_path))
+    with pytest.raises(ShifterError, match="--writable needs --image"):
+        _submit({"writable": "1"}, monkeypatch, tmp_path)
+    with pytest.raises(ShifterError, match="give it to sbatch or salloc"):  # a step of a read-only job
+        _submit({"image": image, "writable": "1"}, monkeypatch, tmp_path, SLURM_JOB_ID="7")
+    # a step of a --writable job gets the option again from Slurm: accepted
+    assert _submit({"image": image, "writable": "1"}, monkeypatch, tmp_path, SLURM_JOB_ID="7",
+                   SLURM_SPANK_SHIFTER_WRITABLE="1")
 
 
 def test_an_image_that_looks_like_an_option_stays_a_positional_argument() -> None:
