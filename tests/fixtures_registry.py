@@ -2,7 +2,10 @@
 
 - ``Munged``: a private ``munged`` (own key, socket, pid, log and seed files).
 - ``Registry``: Debian's ``docker-registry`` on a free loopback port, with its access log.
-- ``GatewayProcess``: the real ``python -m gateway.service`` on a free loopback port.
+- ``GatewayProcess``: the real ``python -m gateway.service`` on a free loopback port; with
+  ``hostname=`` in a UTS namespace of its own (root only), so gateways of one machine see each
+  other as gateways of two hosts (the store's lease decides, not a pid on this host).
+- ``StallingProxy``: the registry, with one blob stalled after half its bytes.
 
 Every process is stopped by its pid. Used as plain helpers (not fixtures) so each test
 module decides the scope; import with ``from fixtures_registry import ...``.
@@ -11,6 +14,8 @@ module decides the scope; import with ``from fixtures_registry import ...``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import http.server
 import json
 import os
 import shutil
@@ -19,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -215,9 +221,12 @@ def gateway_config(root: Path, registry: Registry, munge_socket: str, **override
 class GatewayProcess:
     """The real gateway service as a subprocess (``python -m gateway.service --config``)."""
 
-    def __init__(self, root: Path, config: dict[str, Any]) -> None:
+    def __init__(self, root: Path, config: dict[str, Any], hostname: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.root = root
         self.config = config
+        self.hostname = hostname
+        self.env = env
         self.config_path = root / "imagemanager.json"
         host, _, port = config["Listen"][0].rpartition(":")
         self.url = f"http://{host}:{port}"
@@ -238,6 +247,8 @@ class GatewayProcess:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env={**os.environ, **self.env} if self.env else None,
+                preexec_fn=_own_hostname(self.hostname) if self.hostname else None,
             )
         return self
 
@@ -268,6 +279,81 @@ class GatewayProcess:
         if self.proc is not None:
             stop_pid(self.proc.pid)
             self.proc = None
+
+
+CLONE_NEWUTS = 0x04000000
+
+
+def _own_hostname(name: str) -> Callable[[], None]:
+    """For preexec_fn: a UTS namespace of the child's own with ``name`` as its host name."""
+    encoded = name.encode()
+
+    def enter() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(CLONE_NEWUTS) != 0:
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUTS)")
+        if libc.sethostname(encoded, len(encoded)) != 0:
+            raise OSError(ctypes.get_errno(), "sethostname")
+
+    return enter
+
+
+def metric(gw: GatewayProcess, name: str) -> float:
+    """The sum of a gateway's ``/metrics`` samples called ``name`` (all label sets)."""
+    with urllib.request.urlopen(f"{gw.url}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+class StallingProxy:
+    """Forwards GETs to the real registry; the one layer named by ``digest`` gets its headers
+    and half its bytes, then nothing until ``release``: a pull that is mid-download for as
+    long as the test wants. A test instrument in front of the real registry, for the gateway
+    whose Location URL names it; the gateways that take over talk to the registry itself."""
+
+    def __init__(self, upstream: str, digest: str) -> None:
+        self.upstream = upstream
+        self.digest = digest
+        self.stalled = threading.Event()
+        self.release = threading.Event()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                req = urllib.request.Request(proxy.upstream + self.path)
+                if self.headers.get("Accept"):
+                    req.add_header("Accept", self.headers["Accept"])
+                try:
+                    with urllib.request.urlopen(req, timeout=30) as resp:
+                        body, status, headers = resp.read(), resp.status, resp.headers
+                except urllib.error.HTTPError as err:
+                    body, status, headers = err.read(), err.code, err.headers
+                self.send_response(status)
+                for key in ("Content-Type", "Docker-Content-Digest"):
+                    if headers.get(key):
+                        self.send_header(key, headers[key])
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.path.endswith(f"/blobs/{proxy.digest}"):
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    proxy.stalled.set()
+                    proxy.release.wait(120)
+                    return
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def have(*programs: str) -> str | None:

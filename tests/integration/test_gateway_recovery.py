@@ -7,12 +7,10 @@ completions of one image at once (the per-image lock).
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import os
 import sqlite3
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures_registry import GatewayProcess, Munged, Registry, bound_credential, gateway_config, have, wait_for
+from fixtures_registry import (
+    GatewayProcess,
+    Munged,
+    Registry,
+    StallingProxy,
+    bound_credential,
+    gateway_config,
+    have,
+    metric,
+    wait_for,
+)
 
 from gateway.publish import host_key
 from gateway.store import SqliteStore
@@ -150,56 +158,6 @@ def test_start_up_removes_partial_files_of_dead_writers_only(services: tuple[Pat
 # -- two gateways taking over one killed pull ------------------------------------------------------
 
 
-class StallingProxy:
-    """Forwards GETs to the real registry; the one layer named by ``digest`` gets its headers
-    and half its bytes, then nothing until ``release``: a pull that is mid-download for as
-    long as the test wants. A test instrument in front of the real registry, for the first
-    gateway only (its Location URL); the gateways that take over talk to the registry itself."""
-
-    def __init__(self, upstream: str, digest: str) -> None:
-        self.upstream = upstream
-        self.digest = digest
-        self.stalled = threading.Event()
-        self.release = threading.Event()
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802
-                req = urllib.request.Request(proxy.upstream + self.path)
-                if self.headers.get("Accept"):
-                    req.add_header("Accept", self.headers["Accept"])
-                try:
-                    with urllib.request.urlopen(req, timeout=30) as resp:
-                        body, status, headers = resp.read(), resp.status, resp.headers
-                except urllib.error.HTTPError as err:
-                    body, status, headers = err.read(), err.code, err.headers
-                self.send_response(status)
-                for key in ("Content-Type", "Docker-Content-Digest"):
-                    if headers.get(key):
-                        self.send_header(key, headers[key])
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.path.endswith(f"/blobs/{proxy.digest}"):
-                    self.wfile.write(body[: len(body) // 2])
-                    self.wfile.flush()
-                    proxy.stalled.set()
-                    proxy.release.wait(120)
-                    return
-                self.wfile.write(body)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
 # nanosleep and clock_nanosleep, by architecture (/proc/<pid>/syscall shows the number)
 SLEEP_CALLS = {"x86_64": ("35", "230"), "aarch64": ("101", "115")}.get(os.uname().machine)
 
@@ -212,12 +170,6 @@ def _waiting_for_the_store(pid: int) -> bool:
     except OSError:
         return False
     return bool(call) and call[0] in (SLEEP_CALLS or ())
-
-
-def _metric(gw: GatewayProcess, name: str) -> float:
-    with urllib.request.urlopen(f"{gw.url}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
 @pytest.mark.skipif(SLEEP_CALLS is None, reason="sleep system call numbers known for x86_64 and aarch64 only")
@@ -295,7 +247,7 @@ def test_two_gateways_restarting_together_adopt_a_killed_pull_once(services: tup
         image_id = records[0]["id"]
         assert records[0]["owner"]["pid"] in pids and records[0]["owner"]["pid"] != killed
         assert records[0]["attempts"] == 2
-        conversions = sum(_metric(gw, "shifter_gateway_conversion_seconds_count") for gw in (restarted, second))
+        conversions = sum(metric(gw, "shifter_gateway_conversion_seconds_count") for gw in (restarted, second))
         assert conversions == 1
         assert sorted(p.name for p in (shared / "images").iterdir()) == [f"{image_id}.meta", f"{image_id}.squashfs"]
         assert not [p.name for p in blobs.iterdir() if ".partial-" in p.name]

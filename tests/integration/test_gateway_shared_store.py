@@ -5,11 +5,13 @@ real munged and a real MongoDB-wire server (tests/fixtures_mongo.py), no Slurm n
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +19,19 @@ from typing import Any
 
 import pymongo
 import pytest
-from fixtures_registry import GatewayProcess, Munged, Registry, bound_credential, gateway_config, have
+from fixtures_registry import (
+    GatewayProcess,
+    Munged,
+    Registry,
+    StallingProxy,
+    bound_credential,
+    gateway_config,
+    have,
+    metric,
+    wait_for,
+)
 
+from gateway.store import INFLIGHT
 from localcluster import oci
 
 missing = have("munged", "docker-registry", "tar2sqfs")
@@ -68,30 +81,54 @@ class Pair:
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory, mongo_uri: str) -> Iterator[Pair]:
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Munged, Registry]]:
+    """munged and a registry for the module; each test's gateways are its own."""
     root = tmp_path_factory.mktemp("two-gateways")
     os.chmod(root, 0o755)
-    shared_images = root / "images"
-    shared_images.mkdir()
-    dbname = f"Shifter_{uuid.uuid4().hex[:8]}"
-    client: pymongo.MongoClient = pymongo.MongoClient(mongo_uri, serverSelectionTimeoutMS=5000)
     munged = Munged().start()
     registry = Registry(root).start()
-    gateways: list[GatewayProcess] = []
     try:
-        for name in ("gw-a", "gw-b"):
-            own = root / name
-            own.mkdir()
-            config = gateway_config(own, registry, munged.socket, Store="mongodb", MongoDBURI=mongo_uri,
-                                    MongoDB=dbname)
-            config["Platforms"]["testsys"]["local"]["imageDir"] = str(shared_images)
-            gateways.append(GatewayProcess(own, config).start())
-        yield Pair(root, munged, registry, gateways, client[dbname])
+        yield root, munged, registry
+    finally:
+        registry.stop()
+        munged.stop()
+
+
+def two_gateways(services: tuple[Path, Munged, Registry], name: str, mongo_uri: str, dbname: str,
+                 hosts: tuple[str, str] | None = None, first: dict[str, Any] | None = None,
+                 first_env: dict[str, str] | None = None) -> list[GatewayProcess]:
+    """Two gateways (not started) on one database and one imageDir, each with its own cache and
+    scratch directory as on two hosts; ``hosts`` gives them host names of their own (root only),
+    ``first``/``first_env`` change the first one's config and environment."""
+    top, munged, registry = services
+    root = top / name
+    (root / "images").mkdir(parents=True)
+    gateways = []
+    for i, gw_name in enumerate(("gw-a", "gw-b")):
+        own = root / gw_name
+        own.mkdir()
+        config = gateway_config(own, registry, munged.socket, Store="mongodb", MongoDBURI=mongo_uri, MongoDB=dbname)
+        config["Platforms"]["testsys"]["local"]["imageDir"] = str(root / "images")
+        if i == 0 and first:
+            config.update(first)
+        gateways.append(GatewayProcess(own, config, hostname=hosts[i] if hosts else None,
+                                       env=first_env if i == 0 else None))
+    return gateways
+
+
+@pytest.fixture(scope="module")
+def pair(services: tuple[Path, Munged, Registry], mongo_uri: str) -> Iterator[Pair]:
+    top, munged, registry = services
+    dbname = f"Shifter_{uuid.uuid4().hex[:8]}"
+    client: pymongo.MongoClient = pymongo.MongoClient(mongo_uri, serverSelectionTimeoutMS=5000)
+    gateways = two_gateways(services, "pair", mongo_uri, dbname)
+    try:
+        for gw in gateways:
+            gw.start()
+        yield Pair(top / "pair", munged, registry, gateways, client[dbname])
     finally:
         for gw in gateways:
             gw.stop()
-        registry.stop()
-        munged.stop()
         client.drop_database(dbname)
         client.close()
 
@@ -163,3 +200,129 @@ def test_tags_of_one_image_finishing_on_both_gateways_share_one_record(pair: Pai
     ready = list(pair.db.images.find({"id": ids.pop(), "status": "READY"}))
     assert len(ready) == 1, [(r["_id"], r["tag"]) for r in ready]
     assert sorted(ready[0]["tag"]) == sorted(f"test/same:{t}" for t in tags)
+
+
+# -- failures: a gateway killed mid-pull, a gateway down for the clients, the database killed -------
+
+HOSTS = ("gw-host-a", "gw-host-b")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: each gateway gets a host name of its own")
+# a tar2sqfs that never converts: it says it started, then waits until the gateway that ran it is gone
+STALLED_TAR2SQFS = """#!/bin/sh
+touch {dir}/converting
+while kill -0 $PPID 2>/dev/null; do sleep 0.1; done
+exit 1
+"""
+
+
+def _push(registry: Registry, repo: str, name: str, size: int = 1 << 20) -> bytes:
+    """A one-layer image of random bytes; returns its compressed layer."""
+    layer = oci.tar_bytes([oci.file(f"data/{name}.bin", os.urandom(size))])
+    blob = oci.gzip_bytes(layer)
+    oci.push_image(registry.url, repo, "v1", [blob], oci.image_config([layer]))
+    return blob
+
+
+def _visible_images_are_whole(images: Path) -> None:
+    """Publication writes ``.meta`` last: every image with a ``.meta`` has its whole squashfs."""
+    names = set(os.listdir(images))
+    for name in names:
+        if name.endswith(".meta") and not name.startswith("."):
+            image_id = name.removesuffix(".meta")
+            assert f"{image_id}.squashfs" in names, sorted(names)
+            assert (images / f"{image_id}.squashfs").read_bytes()[:4] == b"hsqs"
+
+
+@needs_root
+def test_pulls_of_a_killed_gateway_are_taken_over_by_the_other_when_their_lease_runs_out(
+        services: tuple[Path, Munged, Registry], mongo_uri: str) -> None:
+    """Gateway A (host a) runs two pulls, one stalled mid-download, one mid-conversion, and is
+    killed (SIGKILL). Gateway B (host b) cannot see A's processes: it takes both records over
+    by the store's lease once it has run out (LEASE_SECONDS after A's last heartbeat, found
+    within RECLAIM_SECONDS), finishes them, and no half image is visible meanwhile. A restarted
+    afterwards runs neither a second time."""
+    from gateway.manager import LEASE_SECONDS, RECLAIM_SECONDS
+
+    top, munged, registry = services
+    root = top / "takeover"
+    stall = root / "stall"
+    stall.mkdir(parents=True)
+    (stall / "tar2sqfs").write_text(STALLED_TAR2SQFS.format(dir=stall))
+    (stall / "tar2sqfs").chmod(0o755)
+    downloading = _push(registry, "test/dl", "dl")
+    _push(registry, "test/conv", "conv")
+    proxy = StallingProxy(registry.url, "sha256:" + hashlib.sha256(downloading).hexdigest())
+    dbname = f"Shifter_{uuid.uuid4().hex[:8]}"
+    client: pymongo.MongoClient = pymongo.MongoClient(mongo_uri, serverSelectionTimeoutMS=5000)
+    images = client[dbname].images
+    locations = {registry.addr: {"remotetype": "dockerv2", "url": proxy.url, "authMethod": "token"}}
+    a, b = two_gateways(services, "takeover", mongo_uri, dbname, HOSTS, first={"Locations": locations},
+                        first_env={"PATH": f"{stall}:{os.environ['PATH']}"})
+    restarted = None
+    try:
+        a.start()
+        b.start()
+        pair = Pair(root, munged, registry, [a, b], client[dbname])
+        for tag in ("test%2Fdl%3Av1", "test%2Fconv%3Av1"):
+            status, body = pair.request(a, "POST", f"/api/pull/testsys/docker/{tag}/")
+            assert status == 200, body
+        assert proxy.stalled.wait(60), "gateway A never asked for the layer"
+        wait_for("a conversion on gateway A", lambda: (stall / "converting").exists(), 60)
+        wait_for("both records in their phase", lambda: {
+            r["pulltag"]: r["status"] for r in images.find({}, {"pulltag": 1, "status": 1})
+        } == {"test/dl:v1": "PULLING", "test/conv:v1": "CONVERSION"}, 30)
+        leases = {r["_id"]: r["lease_until"] for r in images.find({})}
+        assert {r["owner"]["host"] for r in images.find({})} == {HOSTS[0]}
+        a.kill()
+        killed = time.time()
+
+        adopted: dict[Any, float] = {}
+        deadline = killed + LEASE_SECONDS + RECLAIM_SECONDS + 90
+        while True:
+            records = list(images.find({}))
+            for rec in records:
+                if rec["owner"]["host"] == HOSTS[1] and rec["_id"] not in adopted:
+                    adopted[rec["_id"]] = time.time()
+            _visible_images_are_whole(root / "images")
+            for rec in records:  # a lookup never answers with an image before it is whole
+                tag = urllib.parse.quote(rec["pulltag"], safe="")
+                status, body = pair.request(b, "GET", f"/api/lookup/testsys/docker/{tag}/")
+                assert status in (200, 404), body
+                if status == 200:
+                    _visible_images_are_whole(root / "images")
+                    assert (root / "images" / f"{json.loads(body)['id']}.meta").exists()
+            if all(r["status"] == "READY" for r in records):
+                break
+            assert {r["status"] for r in records} <= INFLIGHT | {"READY"}, records
+            assert time.time() < deadline, [(r["pulltag"], r["status"], r["owner"]) for r in records]
+            time.sleep(0.5)
+
+        for rid, when in adopted.items():
+            assert when >= leases[rid] - 1, "taken over while the lease of the killed gateway ran"
+            assert when - killed <= LEASE_SECONDS + RECLAIM_SECONDS + 5, when - killed
+        assert len(adopted) == 2
+        records = list(images.find({}))
+        assert [(r["status"], r["attempts"], r["owner"]["host"]) for r in records] == [("READY", 2, HOSTS[1])] * 2
+        assert metric(b, "shifter_gateway_conversion_seconds_count") == 2
+        ids = sorted(r["id"] for r in records)
+        assert sorted(os.listdir(root / "images")) == sorted(f"{i}.{ext}" for i in ids for ext in ("meta", "squashfs"))
+
+        # the killed gateway comes back (the proxy and the stalled converter gone): nothing runs again
+        log_before = (a.root / "gateway.log").read_text(errors="replace")
+        gets = registry.blob_gets("test/dl") + registry.blob_gets("test/conv")
+        config = dict(a.config)
+        config["Locations"] = {registry.addr: {"remotetype": "dockerv2", "url": registry.url, "authMethod": "token"}}
+        restarted = GatewayProcess(a.root, config, hostname=HOSTS[0]).start()
+        time.sleep(RECLAIM_SECONDS / 6)
+        assert (a.root / "gateway.log").read_text(errors="replace")[len(log_before):].count("re-queued") == 0
+        assert metric(restarted, "shifter_gateway_conversion_seconds_count") == 0
+        assert registry.blob_gets("test/dl") + registry.blob_gets("test/conv") == gets
+        assert [(r["_id"], r["status"], r["attempts"]) for r in images.find({})] == [
+            (r["_id"], "READY", 2) for r in records]
+        assert not [p.name for p in (a.root / "expand").iterdir() if p.name.startswith("job-")]
+    finally:
+        for gw in (a, b, restarted):
+            if gw is not None:
+                gw.stop()
+        proxy.stop()
+        client.drop_database(dbname)
+        client.close()
