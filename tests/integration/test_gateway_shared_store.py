@@ -326,3 +326,68 @@ def test_pulls_of_a_killed_gateway_are_taken_over_by_the_other_when_their_lease_
         proxy.stop()
         client.drop_database(dbname)
         client.close()
+
+
+@needs_root
+def test_database_killed_during_a_pull_ends_it_failure_and_both_gateways_recover(
+        services: tuple[Path, Munged, Registry], tmp_path: Path) -> None:
+    """The database server is killed (SIGKILL) while gateway A is mid-download. Meanwhile
+    both gateways answer 503 with a clear line, never 500, and nothing hangs; A's pull ends
+    FAILURE naming the store as soon as the server is back (same storage), not a record left
+    in flight; then a new pull through B and lookups through both work."""
+    from fixtures_mongo import SecantusServer
+
+    top, munged, registry = services
+    root = top / "dbkill"
+    blob = _push(registry, "test/dbkill", "dbkill")
+    proxy = StallingProxy(registry.url, "sha256:" + hashlib.sha256(blob).hexdigest())
+    server = SecantusServer(tmp_path / "mongo", extra=("--sync-on-commit",)).start()
+    dbname = "Shifter"
+    locations = {registry.addr: {"remotetype": "dockerv2", "url": proxy.url, "authMethod": "token"}}
+    a, b = two_gateways(services, "dbkill", server.uri, dbname, HOSTS, first={"Locations": locations})
+    client: pymongo.MongoClient = pymongo.MongoClient(server.uri, serverSelectionTimeoutMS=5000)
+    try:
+        a.start()
+        b.start()
+        pair = Pair(root, munged, registry, [a, b], client[dbname])
+        path = "/api/pull/testsys/docker/test%2Fdbkill%3Av1/"
+        status, body = pair.request(a, "POST", path)
+        assert status == 200 and json.loads(body)["status"] in ("PENDING", "PULLING"), body
+        assert proxy.stalled.wait(60), "gateway A never asked for the layer"
+        (rid,) = [r["_id"] for r in client[dbname].images.find({})]
+
+        server.kill()
+        for gw in (a, b):
+            for method, route in (("GET", "/api/lookup/testsys/docker/test%2Fdbkill%3Av1/"), ("POST", path),
+                                  ("GET", "/api/list/testsys/")):
+                started = time.monotonic()
+                status, body = pair.request(gw, method, route)
+                assert status == 503, (gw.url, route, status, body)
+                assert json.loads(body)["error"].startswith("store unavailable: "), body
+                assert time.monotonic() - started < 15, route
+        time.sleep(8)  # A's worker finds the store gone while it reports progress
+
+        server.start()
+        deadline = time.monotonic() + 60
+        while (rec := client[dbname].images.find_one({"_id": rid}))["status"] in INFLIGHT:
+            assert time.monotonic() < deadline, rec
+            time.sleep(0.5)
+        assert rec["status"] == "FAILURE", rec
+        assert rec["status_message"].startswith("store unavailable: ") and "try again" in rec["status_message"], rec
+        assert client[dbname].images.count_documents({"status": {"$in": sorted(INFLIGHT)}}) == 0
+
+        time.sleep(3.5)  # the FAILURE stays visible for 3 s, then a pull starts again
+        done = pair.pull_until_done(b, "test%2Fdbkill%3Av1", timeout=120)
+        assert done["status"] == "READY", done
+        for gw in (a, b):
+            status, body = pair.request(gw, "GET", "/api/lookup/testsys/docker/test%2Fdbkill%3Av1/")
+            assert status == 200 and json.loads(body)["id"] == done["id"], body
+        for gw in (a, b):
+            log = (gw.root / "gateway.log").read_text(errors="replace")
+            assert "Traceback" not in log and "unexpected error" not in log, log[-3000:]
+    finally:
+        proxy.stop()
+        for gw in (a, b):
+            gw.stop()
+        client.close()
+        server.stop()
