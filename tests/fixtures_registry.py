@@ -356,6 +356,21 @@ class StallingProxy:
         self.server.server_close()
 
 
+def run_shifterimg(conf: Path, munge_socket: str, *args: str, home: Path, uid: int = 0,
+                   stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The real ``shifterimg`` as a subprocess of ``uid`` with the site's udiRoot.conf ``conf``."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(home),
+        "SHIFTER_UDIROOT_CONF": str(conf),
+        "SHIFTER_MUNGE_SOCKET": munge_socket,
+        "PYTHONPATH": str(REPO),
+    }
+    return subprocess.run([PYTHON, "-m", "shifter.shifterimg", *args], capture_output=True, text=True,
+                          input=stdin, env=env, cwd="/", timeout=180, user=uid or None, group=uid or None,
+                          check=False)
+
+
 def have(*programs: str) -> str | None:
     """The first missing program, or None."""
     for program in programs:

@@ -9,6 +9,8 @@ import hashlib
 import http.client
 import json
 import os
+import signal
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -28,11 +30,14 @@ from fixtures_registry import (
     gateway_config,
     have,
     metric,
+    run_shifterimg,
     wait_for,
 )
 
 from gateway.store import INFLIGHT
 from localcluster import oci
+from shifter.gatewayclient import GatewayClient
+from shifter.imageref import ImageRef
 
 missing = have("munged", "docker-registry", "tar2sqfs")
 pytestmark = pytest.mark.skipif(missing is not None, reason=f"needs {missing}")
@@ -391,3 +396,90 @@ def test_database_killed_during_a_pull_ends_it_failure_and_both_gateways_recover
             gw.stop()
         client.close()
         server.stop()
+
+
+GATEWAY_TIMEOUT = 3  # udiRoot.conf gatewayTimeout for the client tests: a frozen gateway costs this, once
+
+
+def _udiroot_conf(path: Path, gateways: list[GatewayProcess], images: Path) -> Path:
+    """A site's udiRoot.conf listing both gateways (root-owned, as shifterimg requires)."""
+    path.write_text(
+        "system=testsys\n"
+        f"imageGateway={' '.join(gw.url for gw in gateways)}\n"
+        "imageGatewayUser=root\n"
+        f"gatewayTimeout={GATEWAY_TIMEOUT}\n"
+        "udiMount=/var/udiMount\nloopMount=/var/udiLoopMount\n"
+        f"imagePath={images}\nudiRootPath=/usr/local\netcPath=/usr/local/etc\nrootfsType=tmpfs\n"
+    )
+    os.chmod(path, 0o644)
+    return path
+
+
+def _through_the_other(conf: Path, munged: Munged, down: GatewayProcess, up: GatewayProcess, reason: str,
+                       args: list[str], budget: float) -> subprocess.CompletedProcess[str]:
+    """Run ``shifterimg ARGS`` until it has met the gateway that is down first (the client
+    shuffles the list): each run succeeds within ``budget`` seconds and names that gateway
+    on one stderr line, or not at all when it asked the live one first."""
+    line = f"shifterimg: image gateway {down.url} did not answer ({reason}); used {up.url}"
+    for _ in range(16):
+        started = time.monotonic()
+        result = run_shifterimg(conf, munged.socket, *args, home=conf.parent)
+        took = time.monotonic() - started
+        assert result.returncode == 0, (args, result.stderr)
+        assert took < budget, (args, took)
+        lines = result.stderr.splitlines()
+        assert lines in ([], [line]), (args, lines)
+        if lines:
+            return result
+    raise AssertionError(f"shifterimg {args} never asked {down.url} first in 16 runs")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: udiRoot.conf must be root-owned")
+def test_clients_keep_working_through_the_other_gateway_when_one_is_frozen_or_stopped(
+        services: tuple[Path, Munged, Registry], mongo_uri: str) -> None:
+    """``imageGateway`` lists both; one is frozen (SIGSTOP: it accepts connections and never
+    answers), then stopped. ``shifterimg pull/lookup/images`` (the real command) and the
+    client library the submission hook and setupRoot use work through the other gateway,
+    wait at most gatewayTimeout for the dead one, once per command, and name it on one line."""
+    top, munged, registry = services
+    root = top / "clients"
+    dbname = f"Shifter_{uuid.uuid4().hex[:8]}"
+    a, b = two_gateways(services, "clients", mongo_uri, dbname)
+    for name in ("frozen", "stopped"):
+        _push(registry, f"test/{name}", name, 64 << 10)
+    frozen = False
+    try:
+        a.start()
+        b.start()
+        conf = _udiroot_conf(root / "udiRoot.conf", [a, b], root / "images")
+        os.kill(b.proc.pid, signal.SIGSTOP)
+        frozen = True
+        for args, budget in ((["pull", "test/frozen:v1"], GATEWAY_TIMEOUT + 60),
+                             (["lookup", "test/frozen:v1"], GATEWAY_TIMEOUT + 10),
+                             (["images"], GATEWAY_TIMEOUT + 10)):
+            result = _through_the_other(conf, munged, b, a, "timed out", args, budget)
+        assert "test/frozen:v1" in result.stdout
+
+        # the library the submission hook and setupRoot use: the frozen gateway listed first
+        warned: list[str] = []
+        client = GatewayClient([b.url, a.url], "testsys", GATEWAY_TIMEOUT, munge_socket=munged.socket,
+                               shuffle=False, gateway_user=0, warn=warned.append)
+        started = time.monotonic()
+        image_id = client.lookup(ImageRef("docker", "test/frozen:v1"))["id"]
+        assert GATEWAY_TIMEOUT - 0.5 < time.monotonic() - started < GATEWAY_TIMEOUT + 2
+        started = time.monotonic()
+        assert client.lookup(ImageRef("docker", "test/frozen:v1"))["id"] == image_id
+        assert client.images()
+        assert time.monotonic() - started < 1.5  # the frozen one is asked last from now on
+        assert warned == [f"image gateway {b.url} did not answer (timed out); used {a.url}"]
+
+        os.kill(b.proc.pid, signal.SIGCONT)
+        frozen = False
+        b.stop()
+        for args, budget in ((["pull", "test/stopped:v1"], 60), (["lookup", "test/stopped:v1"], 10), (["images"], 10)):
+            _through_the_other(conf, munged, b, a, "Connection refused", args, budget)
+    finally:
+        if frozen:
+            os.kill(b.proc.pid, signal.SIGCONT)
+        for gw in (a, b):
+            gw.stop()
