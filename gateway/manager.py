@@ -19,6 +19,8 @@ READY -> EXPIRING -> EXPIRED. What differs from the original and why:
   a custom tag belongs to the user who imported it, and no pull or import moves a tag
   another owner holds. Work on one image id (publish, merge, expire) holds that id's
   lock, so one id has one READY record and its files go only when nothing uses them.
+* A store that stops answering ends the pulls that needed it FAILURE, written as soon as it
+  answers again: no record stays in flight with a lease its live owner keeps renewing.
 * Lookups do not write to the store: expiration refreshes are batched every few seconds.
 * Images never looked up expire too (the original kept them forever).
 """
@@ -662,8 +664,9 @@ class ImageManager:
                     log.exception("%s job %s crashed", kind, rid)
                 else:
                     log.warning("%s job %s stopped: %s", kind, rid, down)
-                with self._running_lock:  # its record still says in flight: settle it later
-                    self._unsettled.setdefault(rid, (kind, f"interrupted: {down or 'the job crashed'}; try again"))
+                if down is not None or kind != "expire":  # its record still says in flight: settle it later
+                    with self._running_lock:  # (an expiry again only if the store was the cause, not a bug)
+                        self._unsettled.setdefault(rid, (kind, f"interrupted: {down or 'the job crashed'}; try again"))
             finally:
                 with self._running_lock:
                     self._running.discard(rid)
