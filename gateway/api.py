@@ -40,6 +40,7 @@ from gateway.auth import Authenticator, AuthError, AuthUnavailable, RequestFacts
 from gateway.config import GatewayConfig
 from gateway.manager import BadRequest, Forbidden, ImageManager, NotFound, check_tag, parse_acl
 from gateway.openapi import RECORD_KEYS, openapi_document
+from gateway.store import outage
 from shifter.errors import ShifterError
 
 log = logging.getLogger("gateway.api")
@@ -335,7 +336,10 @@ def _guard(handler: Any) -> Any:
             return error(400, "client disconnected before the body was complete", request)
         except ShifterError as err:
             return error(503 if "store" in str(err) else 500, str(err), request)
-        except Exception:
+        except Exception as err:
+            if (down := outage(err)) is not None:  # the database, not a bug: clients try another gateway
+                log.warning("%s %s: %s", request.method, request.url.path, down)
+                return error(503, down, request)
             log.exception("unexpected error on %s %s", request.method, request.url.path)
             return error(500, "internal error (logged by the gateway)", request)
 
@@ -451,7 +455,10 @@ class GatewayApp:
             return 400, _error_body(400, str(err), path)
         except ShifterError as err:
             return 503, _error_body(503, str(err), path)
-        except Exception:
+        except Exception as err:
+            if (down := outage(err)) is not None:
+                log.warning("GET %s: %s", path, down)
+                return 503, _error_body(503, down, path)
             log.exception("unexpected error on GET %s", path)
             return 500, _error_body(500, "internal error (logged by the gateway)", path)
 

@@ -19,6 +19,8 @@ READY -> EXPIRING -> EXPIRED. What differs from the original and why:
   a custom tag belongs to the user who imported it, and no pull or import moves a tag
   another owner holds. Work on one image id (publish, merge, expire) holds that id's
   lock, so one id has one READY record and its files go only when nothing uses them.
+* A store that stops answering ends the pulls that needed it FAILURE, written as soon as it
+  answers again: no record stays in flight with a lease its live owner keeps renewing.
 * Lookups do not write to the store: expiration refreshes are batched every few seconds.
 * Images never looked up expire too (the original kept them forever).
 """
@@ -44,7 +46,7 @@ from gateway.access import REGISTRY_OWNER, Access, combine, effective, for_tag, 
 from gateway.auth import Session
 from gateway.config import GatewayConfig, PlatformConfig
 from gateway.metrics import Metrics
-from gateway.store import INFLIGHT, Doc, Store, new_id
+from gateway.store import INFLIGHT, Doc, Store, new_id, outage
 from shifter.errors import ShifterError
 from shifter.imageref import split_docker_tag
 from shifter.meta import ImageMeta, read_meta
@@ -204,6 +206,9 @@ class ImageManager:
         self._stop = threading.Event()
         self._running: set[str] = set()
         self._running_lock = threading.Lock()
+        # jobs that ended without settling their record because the store did not answer:
+        # {rid: (kind, message)}, settled by the housekeeper once the store answers again
+        self._unsettled: dict[str, tuple[str, str]] = {}
         self._touch_lock = threading.Lock()
         self._touches: dict[str, float] = {}
         self._metric_docs: list[Doc] = []
@@ -467,8 +472,11 @@ class ImageManager:
         try:
             self.store.touch(touches)
             self.store.add_metrics(docs)
-        except Exception:
-            log.exception("could not write lookup refreshes")
+        except Exception as err:
+            if (down := outage(err)) is None:
+                log.exception("could not write lookup refreshes")
+            else:
+                log.warning("lookup refreshes not written: %s", down)
 
     def list_images(self, session: Session) -> list[Doc]:
         """READY images the caller may read, each showing only the tags the caller may read."""
@@ -650,8 +658,15 @@ class ImageManager:
                     self._run_expire(rid)
                 elif kind == "import":
                     self._run_import(rid)
-            except Exception:
-                log.exception("%s job %s crashed", kind, rid)
+            except Exception as err:
+                down = outage(err)
+                if down is None:
+                    log.exception("%s job %s crashed", kind, rid)
+                else:
+                    log.warning("%s job %s stopped: %s", kind, rid, down)
+                if down is not None or kind != "expire":  # its record still says in flight: settle it later
+                    with self._running_lock:  # (an expiry again only if the store was the cause, not a bug)
+                        self._unsettled.setdefault(rid, (kind, f"interrupted: {down or 'the job crashed'}; try again"))
             finally:
                 with self._running_lock:
                     self._running.discard(rid)
@@ -678,8 +693,11 @@ class ImageManager:
         except ShifterError as err:
             self._fail(rid, str(err), started, work_dir)
         except Exception as err:
-            log.exception("pull %s (%s) failed unexpectedly", rid, rec.get("pulltag"))
-            self._fail(rid, f"internal error: {type(err).__name__}: {err}", started, work_dir)
+            if (down := outage(err)) is not None:
+                self._fail(rid, f"{down}; try again", started, work_dir)
+            else:
+                log.exception("pull %s (%s) failed unexpectedly", rid, rec.get("pulltag"))
+                self._fail(rid, f"internal error: {type(err).__name__}: {err}", started, work_dir)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -687,14 +705,15 @@ class ImageManager:
         """FAILURE with a one-line reason; scratch files go first, so a settled record never has any."""
         if work_dir:
             shutil.rmtree(work_dir, ignore_errors=True)
-        self.store.update(
-            rid,
-            {
-                "status": "FAILURE",
-                "status_message": message.splitlines()[0][:500] if message else "failed",
-                "last_pull": time.time(),
-            },
-        )
+        message = message.splitlines()[0][:500] if message else "failed"
+        try:
+            self.store.update(rid, {"status": "FAILURE", "status_message": message, "last_pull": time.time()})
+        except Exception as err:
+            if outage(err) is None:
+                raise
+            log.warning("pull %s failed (%s); FAILURE written once the store answers", rid, message)
+            with self._running_lock:
+                self._unsettled[rid] = ("pull", message)
         self.metrics.inc("shifter_gateway_pulls_total", outcome="failure")
         self.metrics.observe("shifter_gateway_pull_seconds", time.monotonic() - started)
         log.info("pull %s failed: %s", rid, message)
@@ -1086,12 +1105,13 @@ class ImageManager:
         last_beat = 0.0
         while not self._stop.wait(FLUSH_SECONDS):
             self.flush()
+            self._settle()
             now = time.time()
             if now - last_beat >= HEARTBEAT_SECONDS:
                 last_beat = now
                 with contextlib.suppress(Exception):
                     for rec in self.store.find(statuses=INFLIGHT | {"EXPIRING"}):
-                        if rec.get("owner") == self.owner.as_doc():
+                        if rec.get("owner") == self.owner.as_doc() and rec["_id"] not in self._unsettled:
                             self.store.update(
                                 rec["_id"], self._lease(), only_if_status=INFLIGHT | {"EXPIRING"},
                                 expect={"owner": self.owner.as_doc()},
@@ -1100,8 +1120,37 @@ class ImageManager:
                 self._last_reclaim = now
                 try:
                     self._clean_scratch(self.reclaim())  # a dead owner's scratch goes with its record
-                except Exception:
-                    log.exception("could not check the owners of records in flight")
+                except Exception as err:
+                    if (down := outage(err)) is None:
+                        log.exception("could not check the owners of records in flight")
+                    else:
+                        log.warning("records in flight not checked: %s", down)
+
+
+    def _settle(self) -> None:
+        """Write what jobs could not when the store was down: a record this process owns is
+        never left in flight with nobody working on it (its lease would be renewed forever).
+        A pull or import ends FAILURE with its reason; an expiry is queued again."""
+        with self._running_lock:
+            pending = dict(self._unsettled)
+        for rid, (kind, message) in pending.items():
+            try:
+                if kind == "expire":
+                    self._jobs.put(("expire", rid))
+                else:
+                    self.store.update(
+                        rid,
+                        {"status": "FAILURE", "status_message": message, "last_pull": time.time()},
+                        only_if_status=INFLIGHT,
+                        expect={"owner": self.owner.as_doc()},
+                    )
+                    log.warning("record %s: FAILURE written now that the store answers: %s", rid, message)
+            except Exception as err:
+                if outage(err) is None:
+                    log.exception("could not settle record %s", rid)
+                return  # still down: the next pass tries again
+            with self._running_lock:
+                self._unsettled.pop(rid, None)
 
 
 def _config_fields(config: dict[str, Any]) -> dict[str, Any]:

@@ -39,6 +39,23 @@ STATUSES = INFLIGHT | {"READY", "FAILURE", "EXPIRING", "EXPIRED"}
 Doc = dict[str, Any]
 
 
+def outage(err: BaseException) -> str | None:
+    """One line for an error of the store's server or driver (the API answers 503 with it), else None.
+
+    pymongo's errors carry the whole topology description; a client needs the first clause.
+    SQLite's "database is locked" and disk errors count too: none of them is a gateway bug.
+    """
+    import sys
+
+    errors = sys.modules.get("pymongo.errors")
+    if errors is not None and isinstance(err, errors.PyMongoError):
+        text = str(err).split(", Timeout:")[0].split(" (configured timeouts")[0]
+        return f"store unavailable: {text.strip()[:200] or type(err).__name__}"
+    if isinstance(err, sqlite3.OperationalError):
+        return f"store unavailable: {str(err)[:200]}"
+    return None
+
+
 def pulltag_key(system: str, itype: str, pulltag: str) -> str:
     """The value of the unique ``inflight`` key for one pulltag (both stores index it)."""
     return f"{system}\x1f{itype}\x1f{pulltag}"

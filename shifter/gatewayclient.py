@@ -15,18 +15,22 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
+import time
 
 from shifter import munge, requestbinding
 from shifter.errors import ShifterError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~2 ms to import on the submission path: annotations only
+    from collections.abc import Callable
     from typing import Any
 
     from shifter.imageref import ImageRef
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _MAX_BODY = 64 * 1024 * 1024
+DEFAULT_TIMEOUT = 60.0  # udiRoot.conf gatewayTimeout unset or 0
 
 
 def escape(text: str) -> str:
@@ -140,7 +144,13 @@ def _read_chunked(data: bytes) -> bytes:
 def _raw_http(
     method: str, host: str, port: int, path: str, headers: dict[str, str], body: bytes, timeout: float
 ) -> _Response:
-    """One HTTP/1.1 exchange over a fresh TCP connection (Connection: close)."""
+    """One HTTP/1.1 exchange over a fresh TCP connection (Connection: close).
+
+    ``timeout`` bounds the whole exchange, not each read: a frozen gateway (SIGSTOP, a hung
+    host) still completes the TCP handshake from its listen backlog and then never answers,
+    and one that trickles bytes must not hold the caller past its gatewayTimeout either.
+    """
+    deadline = time.monotonic() + timeout
     head = [
         f"{method} {path} HTTP/1.1",
         f"Host: {host}:{port}",
@@ -149,11 +159,20 @@ def _raw_http(
     ]
     head += [f"{k}: {v}" for k, v in headers.items()]
     request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+    def recv(sock: socket.socket) -> bytes:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        sock.settimeout(left)
+        return sock.recv(65536)
+
     with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
         sock.sendall(request)
         raw = b""
         while b"\r\n\r\n" not in raw:
-            chunk = sock.recv(65536)
+            chunk = recv(sock)
             if not chunk:
                 raise ValueError("connection closed before a complete response")
             raw += chunk
@@ -172,7 +191,7 @@ def _raw_http(
         if length is not None and length > _MAX_BODY:
             raise ValueError("response too large")
         while length is None or len(payload) < length:
-            chunk = sock.recv(65536)
+            chunk = recv(sock)
             if not chunk:
                 break
             payload += chunk
@@ -202,18 +221,25 @@ def _https(
 
 
 class GatewayClient:
-    """Talks to the first gateway of ``urls`` (in random order, like the original) that answers."""
+    """Talks to the first gateway of ``urls`` (in random order, like the original) that answers.
+
+    A gateway that does not answer (refused, timed out after ``timeout`` seconds, 5xx) is
+    moved to the end of the list for this client's later requests, and named once, in one
+    ``warn`` line, when another gateway answered instead: a polling ``shifterimg pull`` with
+    one gateway frozen waits for it once, not on every poll, and says so once.
+    """
 
     def __init__(
         self,
         urls: list[str] | str,
         system: str,
-        timeout: float = 30.0,
+        timeout: float = DEFAULT_TIMEOUT,
         *,
         munge_socket: str | None = None,
         cred_file: str | None = None,
         shuffle: bool = True,
         gateway_user: str | int | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         if isinstance(urls, str):
             urls = urls.split()
@@ -227,11 +253,14 @@ class GatewayClient:
         if not system or "/" in system:
             raise ShifterError(f"bad system name {system!r}")
         self.system = system
-        self.timeout = timeout
+        # gatewayTimeout 0 or unset is the default, not "no wait at all" (a non-blocking socket)
+        self.timeout = float(timeout) if timeout and timeout > 0 else DEFAULT_TIMEOUT
         self.munge_socket = munge_socket if munge_socket is not None else munge.client_socket()
         self.cred_file = cred_file
         self.gateway_user = gateway_user
+        self.warn = warn if warn is not None else _warn_stderr
         self._gateway_uid: int | None = None
+        self._named: set[str] = set()  # dead gateways already reported
 
     # -- plumbing -------------------------------------------------------------
 
@@ -283,21 +312,26 @@ class GatewayClient:
         data = json.dumps(body, separators=(",", ":")).encode() if body is not None else None
         payload = self._logins() if with_logins else {}
         errors: list[str] = []
+        dead: list[tuple[str, str]] = []  # (url, reason) of gateways that did not answer
         saw_404 = False
-        for url in self.urls:
+        for url in list(self.urls):
             try:
                 resp = self._one(url, method, path, data, payload)
             except munge.MungeError:
                 raise
             except (OSError, ValueError) as err:
                 errors.append(f"image gateway {url}: {_reason(err)}")
+                dead.append((url, _reason(err)))
                 continue
             if 200 <= resp.status < 300:
                 try:
-                    return json.loads(resp.body)
+                    result = json.loads(resp.body)
                 except ValueError:
                     errors.append(f"image gateway {url}: response is not JSON")
+                    dead.append((url, "response is not JSON"))
                     continue
+                self._demote(dead, url)
+                return result
             message = _error_message(resp)
             if resp.status == 404:
                 saw_404 = True
@@ -305,11 +339,23 @@ class GatewayClient:
                 continue
             if resp.status >= 500:
                 errors.append(f"image gateway {url}: HTTP {resp.status} {message}")
+                dead.append((url, f"HTTP {resp.status} {message}"))
                 continue
+            self._demote(dead, url)
             raise ShifterError(f"image gateway {url}: HTTP {resp.status} {message}")
+        self._demote(dead, None)
         if saw_404 and not_found:
             raise ShifterError(not_found)
         raise ShifterError(errors[-1] if len(errors) == 1 else "; ".join(errors))
+
+    def _demote(self, dead: list[tuple[str, str]], answered: str | None) -> None:
+        """Try the gateways that did not answer last from now on; name each once when another answered."""
+        for url, reason in dead:
+            self.urls.remove(url)
+            self.urls.append(url)
+            if answered is not None and url not in self._named:
+                self._named.add(url)
+                self.warn(f"image gateway {url} did not answer ({reason}); used {answered}")
 
     def _image_path(self, mode: str, itype: str, tag: str) -> str:
         return f"/api/{mode}/{escape(self.system)}/{escape(itype)}/{escape(tag)}/"
@@ -400,6 +446,11 @@ def _record(rec: Any) -> dict[str, Any]:
     if not isinstance(rec, dict) or not isinstance(rec.get("status"), str):
         raise ShifterError("image gateway: malformed record in response")
     return rec
+
+
+def _warn_stderr(line: str) -> None:
+    sys.stderr.write(f"shifter: {line}\n")
+    sys.stderr.flush()
 
 
 def _reason(err: Exception) -> str:

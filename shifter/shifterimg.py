@@ -38,6 +38,7 @@ class Context:
         self.users = users
         self.groups = groups
         self._config: Any = None
+        self._client: GatewayClient | None = None
 
     @property
     def config(self) -> Any:
@@ -49,12 +50,17 @@ class Context:
         return self._config
 
     def client(self) -> GatewayClient:
-        cfg = self.config
-        if not cfg.system:
-            raise ShifterError("udiRoot.conf does not set system")
-        return GatewayClient(
-            cfg.image_gateways, cfg.system, float(cfg.gateway_timeout or 60), gateway_user=cfg.image_gateway_user
-        )
+        """One client per command: a pull's polls keep away from a gateway that did not answer."""
+        if self._client is None:
+            cfg = self.config
+            if not cfg.system:
+                raise ShifterError("udiRoot.conf does not set system")
+            self._client = GatewayClient(
+                cfg.image_gateways, cfg.system, float(cfg.gateway_timeout or 60),
+                gateway_user=cfg.image_gateway_user,
+                warn=lambda line: click.echo(f"shifterimg: {line}", err=True),
+            )
+        return self._client
 
     def ref(self, text: str) -> ImageRef:
         ref = parse_image_ref(text, self.config.default_image_type)

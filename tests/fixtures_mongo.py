@@ -31,9 +31,10 @@ def server_program() -> str | None:
 class SecantusServer:
     """One ``secantusd-py`` process in ``root``; ``uri`` is what MongoStore is given."""
 
-    def __init__(self, root: Path, standalone: bool = False) -> None:
+    def __init__(self, root: Path, standalone: bool = False, extra: tuple[str, ...] = ()) -> None:
         self.root = root
         self.standalone = standalone
+        self.extra = extra
         self.port = free_port()
         self.log = root / "secantusd.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -51,6 +52,7 @@ class SecantusServer:
                 "--storage-path", str(self.root / "data"), "--log-level", "WARNING"]
         if self.standalone:
             argv.append("--standalone")
+        argv += self.extra
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(argv, cwd=self.root, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)

@@ -2,7 +2,10 @@
 
 - ``Munged``: a private ``munged`` (own key, socket, pid, log and seed files).
 - ``Registry``: Debian's ``docker-registry`` on a free loopback port, with its access log.
-- ``GatewayProcess``: the real ``python -m gateway.service`` on a free loopback port.
+- ``GatewayProcess``: the real ``python -m gateway.service`` on a free loopback port; with
+  ``hostname=`` in a UTS namespace of its own (root only), so gateways of one machine see each
+  other as gateways of two hosts (the store's lease decides, not a pid on this host).
+- ``StallingProxy``: the registry, with one blob stalled after half its bytes.
 
 Every process is stopped by its pid. Used as plain helpers (not fixtures) so each test
 module decides the scope; import with ``from fixtures_registry import ...``.
@@ -11,6 +14,8 @@ module decides the scope; import with ``from fixtures_registry import ...``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import http.server
 import json
 import os
 import shutil
@@ -19,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -215,9 +221,12 @@ def gateway_config(root: Path, registry: Registry, munge_socket: str, **override
 class GatewayProcess:
     """The real gateway service as a subprocess (``python -m gateway.service --config``)."""
 
-    def __init__(self, root: Path, config: dict[str, Any]) -> None:
+    def __init__(self, root: Path, config: dict[str, Any], hostname: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.root = root
         self.config = config
+        self.hostname = hostname
+        self.env = env
         self.config_path = root / "imagemanager.json"
         host, _, port = config["Listen"][0].rpartition(":")
         self.url = f"http://{host}:{port}"
@@ -238,6 +247,8 @@ class GatewayProcess:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env={**os.environ, **self.env} if self.env else None,
+                preexec_fn=_own_hostname(self.hostname) if self.hostname else None,
             )
         return self
 
@@ -268,6 +279,83 @@ class GatewayProcess:
         if self.proc is not None:
             stop_pid(self.proc.pid)
             self.proc = None
+
+
+CLONE_NEWUTS = 0x04000000
+
+
+def _own_hostname(name: str) -> Callable[[], None]:
+    """For preexec_fn: a UTS namespace of the child's own with ``name`` as its host name."""
+    encoded = name.encode()
+
+    def enter() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(CLONE_NEWUTS) != 0:
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUTS)")
+        if libc.sethostname(encoded, len(encoded)) != 0:
+            raise OSError(ctypes.get_errno(), "sethostname")
+
+    return enter
+
+
+def metric(gw: GatewayProcess, name: str) -> float:
+    """The sum of a gateway's ``/metrics`` samples called ``name`` (all label sets)."""
+    with urllib.request.urlopen(f"{gw.url}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+class StallingProxy:
+    """Forwards GETs to the real registry; the one layer named by ``digest`` gets its headers
+    and half its bytes, then nothing until ``release``: a pull that is mid-download for as
+    long as the test wants. A test instrument in front of the real registry, for the gateway
+    whose Location URL names it; the gateways that take over talk to the registry itself."""
+
+    def __init__(self, upstream: str, digest: str) -> None:
+        self.upstream = upstream
+        self.digest = digest
+        self.stalled = threading.Event()
+        self.release = threading.Event()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                body = forward_to_registry(self, proxy.upstream)
+                if self.path.endswith(f"/blobs/{proxy.digest}"):
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    proxy.stalled.set()
+                    proxy.release.wait(120)
+                    return
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def run_shifterimg(conf: Path, munge_socket: str, *args: str, home: Path, uid: int = 0,
+                   stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The real ``shifterimg`` as a subprocess of ``uid`` with the site's udiRoot.conf ``conf``."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(home),
+        "SHIFTER_UDIROOT_CONF": str(conf),
+        "SHIFTER_MUNGE_SOCKET": munge_socket,
+        "PYTHONPATH": str(REPO),
+    }
+    return subprocess.run([PYTHON, "-m", "shifter.shifterimg", *args], capture_output=True, text=True,
+                          input=stdin, env=env, cwd="/", timeout=180, user=uid or None, group=uid or None,
+                          check=False)
 
 
 def have(*programs: str) -> str | None:

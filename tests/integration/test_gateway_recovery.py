@@ -7,12 +7,10 @@ completions of one image at once (the per-image lock).
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import os
 import sqlite3
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,10 +23,11 @@ from fixtures_registry import (
     GatewayProcess,
     Munged,
     Registry,
+    StallingProxy,
     bound_credential,
-    forward_to_registry,
     gateway_config,
     have,
+    metric,
     wait_for,
 )
 
@@ -159,43 +158,6 @@ def test_start_up_removes_partial_files_of_dead_writers_only(services: tuple[Pat
 # -- two gateways taking over one killed pull ------------------------------------------------------
 
 
-class StallingProxy:
-    """Forwards GETs to the real registry; the one layer named by ``digest`` gets its headers
-    and half its bytes, then nothing until ``release``: a pull that is mid-download for as
-    long as the test wants. A test instrument in front of the real registry, for the first
-    gateway only (its Location URL); the gateways that take over talk to the registry itself."""
-
-    def __init__(self, upstream: str, digest: str) -> None:
-        self.upstream = upstream
-        self.digest = digest
-        self.stalled = threading.Event()
-        self.release = threading.Event()
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802
-                body = forward_to_registry(self, proxy.upstream)
-                if self.path.endswith(f"/blobs/{proxy.digest}"):
-                    self.wfile.write(body[: len(body) // 2])
-                    self.wfile.flush()
-                    proxy.stalled.set()
-                    proxy.release.wait(120)
-                    return
-                self.wfile.write(body)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
 # nanosleep and clock_nanosleep, by architecture (/proc/<pid>/syscall shows the number)
 SLEEP_CALLS = {"x86_64": ("35", "230"), "aarch64": ("101", "115")}.get(os.uname().machine)
 
@@ -208,12 +170,6 @@ def _waiting_for_the_store(pid: int) -> bool:
     except OSError:
         return False
     return bool(call) and call[0] in (SLEEP_CALLS or ())
-
-
-def _metric(gw: GatewayProcess, name: str) -> float:
-    with urllib.request.urlopen(f"{gw.url}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
 @pytest.mark.skipif(SLEEP_CALLS is None, reason="sleep system call numbers known for x86_64 and aarch64 only")
@@ -291,7 +247,7 @@ def test_two_gateways_restarting_together_adopt_a_killed_pull_once(services: tup
         image_id = records[0]["id"]
         assert records[0]["owner"]["pid"] in pids and records[0]["owner"]["pid"] != killed
         assert records[0]["attempts"] == 2
-        conversions = sum(_metric(gw, "shifter_gateway_conversion_seconds_count") for gw in (restarted, second))
+        conversions = sum(metric(gw, "shifter_gateway_conversion_seconds_count") for gw in (restarted, second))
         assert conversions == 1
         assert sorted(p.name for p in (shared / "images").iterdir()) == [f"{image_id}.meta", f"{image_id}.squashfs"]
         assert not [p.name for p in blobs.iterdir() if ".partial-" in p.name]

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fixtures_registry import PYTHON, REPO, GatewayProcess, Munged, Registry, gateway_config, have
+from fixtures_registry import PYTHON, REPO, GatewayProcess, Munged, Registry, gateway_config, have, run_shifterimg
 
 from localcluster import oci
 from shifter import munge
@@ -50,25 +50,7 @@ class Site:
         home.mkdir(exist_ok=True)
         if uid:
             os.chown(home, uid, uid)
-        env = {
-            "PATH": "/usr/bin:/bin",
-            "HOME": str(home),
-            "SHIFTER_UDIROOT_CONF": str(self.conf),
-            "SHIFTER_MUNGE_SOCKET": self.munged.socket,
-            "PYTHONPATH": str(REPO),
-        }
-        return subprocess.run(
-            [PYTHON, "-m", "shifter.shifterimg", *args],
-            capture_output=True,
-            text=True,
-            input=stdin,
-            env=env,
-            cwd="/",
-            timeout=180,
-            user=uid or None,
-            group=uid or None,
-            check=False,
-        )
+        return run_shifterimg(self.conf, self.munged.socket, *args, home=home, uid=uid, stdin=stdin)
 
 
 @pytest.fixture(scope="module")
