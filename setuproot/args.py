@@ -7,14 +7,15 @@ from shifter.record import Record
 
 DEFAULT_CONFIG = "/etc/shifter/udiRoot.conf"
 USAGE = ("usage: setupRoot -U uid -G gid -u user [-s pubkey] [-N nodespec] [-v volmap]... [-m modules] [-V] "
-         "[--config PATH] [--job-id ID] [--memory-cgroup PATH] [--defer-sshd] [--gpus IDS] [--] <type> <image>")
+         "[--config PATH] [--job-id ID] [--memory-cgroup PATH] [--defer-sshd] [--gpus IDS] [--gpus-local] [--] "
+         "<type> <image>")
 
 
 class SetupRequest(Record):
     """What the prolog asked for."""
 
     __slots__ = ("uid", "gid", "user", "pubkey", "node_spec", "volumes", "modules", "verbose",
-                 "config_path", "jobid", "memory_cgroup", "defer_sshd", "gpus", "image_type", "image")
+                 "config_path", "jobid", "memory_cgroup", "defer_sshd", "gpus", "gpus_local", "image_type", "image")
     uid: int
     gid: int
     user: str
@@ -28,6 +29,7 @@ class SetupRequest(Record):
     memory_cgroup: str | None
     defer_sshd: bool  # prepare the sshd but let the extern step start it (plugstack extern_cgroup=1)
     gpus: str  # the job's GPU indices on this node (Slurm's SLURM_JOB_GPUS in the prolog); "" none
+    gpus_local: bool  # Slurm gives tasks job-relative GPU indices (task/cgroup, ConstrainDevices=yes)
     image_type: str
     image: str
 
@@ -58,7 +60,7 @@ def memory_cgroup_option(value: str) -> str:
 _INT_OPTIONS = {"-U": "uid", "-G": "gid"}
 _STRING_OPTIONS = {"-u": "user", "-s": "pubkey", "-N": "node_spec", "-m": "modules",
                    "--config": "config_path", "--job-id": "jobid", "--gpus": "gpus"}
-_SWITCHES = {"-V": "verbose", "--defer-sshd": "defer_sshd"}
+_SWITCHES = {"-V": "verbose", "--defer-sshd": "defer_sshd", "--gpus-local": "gpus_local"}
 
 
 def parse_args(argv: list[str], inherited_jobid: str | None) -> SetupRequest:
@@ -66,13 +68,13 @@ def parse_args(argv: list[str], inherited_jobid: str | None) -> SetupRequest:
 
     try:
         opts, positional = getopt(argv, "v:s:u:U:G:N:m:V",
-                                   ["config=", "job-id=", "memory-cgroup=", "defer-sshd", "gpus="])
+                                   ["config=", "job-id=", "memory-cgroup=", "defer-sshd", "gpus=", "gpus-local"])
     except ShifterError as err:
         raise ShifterError(f"{err}; {USAGE}") from None
     values: dict[str, object] = {"uid": None, "gid": None, "user": None, "pubkey": None, "node_spec": None,
                                  "volumes": [], "modules": None, "verbose": False, "config_path": None,
                                  "jobid": inherited_jobid, "memory_cgroup": None,
-                                 "defer_sshd": False, "gpus": ""}
+                                 "defer_sshd": False, "gpus": "", "gpus_local": False}
     for flag, value in opts:
         if flag in _INT_OPTIONS:
             values[_INT_OPTIONS[flag]] = _int_option(flag, value)

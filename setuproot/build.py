@@ -202,7 +202,7 @@ def plan_gpus(config: UdiRootConfig, request: SetupRequest, job: JobEnv):
         recipe = gpu.load_recipe(config.gpu_recipe)
         discovery = gpu.discover(recipe, config.gpu_driver_root, userspace=bool(gpus) and userspace)
         return gpu.plan_injection(discovery, gpus, userspace, config.site_resources, job.gpu_hide,
-                                  job.gpu_hide + ".d")
+                                  job.gpu_hide + ".d", local_ids=request.gpus_local)
     except NodeError:
         raise
     except (ShifterError, OSError) as err:

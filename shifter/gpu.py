@@ -42,7 +42,8 @@ class Recipe(Record):
 
     __slots__ = ("name", "version_file", "version_pattern", "gpu_dir", "gpu_pattern", "gpu_major", "gpu_index_base",
                  "control_devices", "required_devices", "capability_directories", "libraries",
-                 "required_libraries", "binaries", "binary_directories", "capabilities", "environment")
+                 "required_libraries", "binaries", "binary_directories", "capabilities", "environment",
+                 "renumber_variables")
     name: str
     version_file: str | None  # None: the driver's user-space comes with the image (no libraries injected)
     version_pattern: str
@@ -59,6 +60,7 @@ class Recipe(Record):
     binary_directories: list[str]
     capabilities: list[str]
     environment: dict[str, str]
+    renumber_variables: list[str]  # Slurm's device-index variables, renumbered when Slurm used node indices
 
 
 class CacheEntry(Record):
@@ -119,7 +121,8 @@ def load_recipe(name: str) -> Recipe:
         required_libraries=list(data.get("required_libraries", [])),
         binaries={k: list(v) for k, v in data.get("binaries", {}).items()},
         binary_directories=list(data.get("binary_directories", [])),
-        capabilities=list(data.get("capabilities", [])), environment=dict(data.get("environment", {})))
+        capabilities=list(data.get("capabilities", [])), environment=dict(data.get("environment", {})),
+        renumber_variables=list(data.get("renumber_variables", [])))
 
 
 def driver_version(text: str, recipe: Recipe) -> str | None:
@@ -321,6 +324,39 @@ def discover(recipe: Recipe, driver_root: str = "/", ldconfig: str = LDCONFIG, u
                      stale=stale, problems=problems)
 
 
+def _slurm_settings(path: str) -> dict[str, str]:
+    """``Key=Value`` lines of a Slurm config file, keys lower-cased (Slurm's keys are case-insensitive)."""
+    settings = {}
+    with open(path, errors="replace") as fh:
+        for line in fh:
+            key, sep, value = line.split("#", 1)[0].strip().partition("=")
+            if sep and key.strip():
+                settings[key.strip().lower()] = value.strip()
+    return settings
+
+
+def slurm_numbers_gpus_locally(slurm_conf: str) -> bool:
+    """Whether Slurm gives tasks job-relative GPU indices: TaskPlugin with task/cgroup and
+    ConstrainDevices=yes in the cgroup.conf beside slurm.conf (srun(1), --gpu-bind).
+
+    An unreadable slurm.conf is an error (the prolog gets SLURM_CONF from slurmd); a missing
+    cgroup.conf means Slurm's default, ConstrainDevices=no.
+    """
+    try:
+        plugins = _slurm_settings(slurm_conf).get("taskplugin", "")
+    except OSError as exc:
+        raise ShifterError(f"{slurm_conf}: {exc.strerror}") from None
+    if not any(p.strip() in ("task/cgroup", "cgroup") for p in plugins.split(",")):
+        return False
+    try:
+        cgroup = _slurm_settings(os.path.join(os.path.dirname(slurm_conf), "cgroup.conf"))
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise ShifterError(f"{os.path.join(os.path.dirname(slurm_conf), 'cgroup.conf')}: {exc.strerror}") from None
+    return cgroup.get("constraindevices", "no").lower() in ("yes", "true", "1")
+
+
 def parse_gpu_ids(text: str) -> list[int]:
     """Slurm's ``SLURM_JOB_GPUS`` (``0,2`` or ranges ``0-3``): sorted unique indices; bad text is an error."""
     ids: set[int] = set()
@@ -340,17 +376,18 @@ def parse_gpu_ids(text: str) -> list[int]:
 class Injection(Record):
     """What setupRoot binds into one job's root, decided before anything is mounted."""
 
-    __slots__ = ("discovery", "gpus", "userspace", "site_resources", "hide_file", "hide_dir")
+    __slots__ = ("discovery", "gpus", "userspace", "site_resources", "hide_file", "hide_dir", "local_ids")
     discovery: Discovery
     gpus: list[int]  # allocated indices; empty: the job has no GPU, everything is covered
     userspace: bool  # False: devices only (the job brings its own driver libraries)
+    local_ids: bool  # Slurm numbers the job's GPUs from 0 in tasks (task/cgroup with ConstrainDevices=yes)
     site_resources: str
     hide_file: str  # an empty root-owned mode-0 file and directory that cover what is not allocated
     hide_dir: str
 
 
 def plan_injection(discovery: Discovery, gpus: list[int], userspace: bool, site_resources: str,
-                   hide_file: str, hide_dir: str) -> Injection:
+                   hide_file: str, hide_dir: str, local_ids: bool = False) -> Injection:
     """Check the allocation against the node: an allocated GPU the node lacks is the node's fault."""
     from shifter.errors import NodeError
 
@@ -363,14 +400,19 @@ def plan_injection(discovery: Discovery, gpus: list[int], userspace: bool, site_
             raise NodeError(f"allocated GPU(s) {','.join(map(str, missing))} have no device node in "
                             f"{discovery.recipe.gpu_dir}")
     return Injection(discovery=discovery, gpus=gpus, userspace=userspace, site_resources=site_resources.rstrip("/"),
-                     hide_file=hide_file, hide_dir=hide_dir)
+                     hide_file=hide_file, hide_dir=hide_dir, local_ids=local_ids)
 
 
 def environment_operations(injection: Injection) -> list[tuple[str, str, str]]:
     """The container environment for the job (shifter/environment.py operations); none without GPUs.
 
-    ``CUDA_VISIBLE_DEVICES`` is left as Slurm set it for the task: with ConstrainDevices the
-    device cgroup hides the other GPUs from CUDA exactly as the covered nodes do here.
+    ``CUDA_VISIBLE_DEVICES`` must name the same GPUs inside as it does to a bare-metal task of
+    the same step.  CUDA numbers the GPUs a process can open.  With task/cgroup and
+    ConstrainDevices=yes the device cgroup already limits that set to the allocation, Slurm
+    numbers from 0 accordingly, and the container changes nothing: the value is kept.  Without
+    it a bare-metal task opens every GPU of the node and Slurm gives node indices, but in the
+    container the job's other GPUs are covered, so each index is renumbered to its place among
+    the job's GPUs (the ``%`` operation; nothing to do when the job holds GPUs 0..n-1).
     """
     if not injection.gpus:
         return []
@@ -381,6 +423,8 @@ def environment_operations(injection: Injection) -> list[tuple[str, str, str]]:
         if name == "NVIDIA_DRIVER_CAPABILITIES" and not injection.userspace:
             continue
         ops.append(("=", name, template.format(**values)))
+    if not injection.local_ids and injection.gpus != list(range(len(injection.gpus))):
+        ops += [("%", name, values["gpus"]) for name in injection.discovery.recipe.renumber_variables]
     if injection.userspace:
         dirs = [f"{injection.site_resources}/lib{bits}" for bits in (64, 32)
                 if any(lib.bits == bits for lib in injection.discovery.libraries)]
