@@ -102,8 +102,9 @@ def test_fake_gpu_job_with_one_gpu(gpu_cluster: Cluster, c_only: str) -> None:
         f"driver {VERSION} from {SITE_RESOURCES}/lib64/libnvidia-ml.so.1",
         *sorted([f"/dev/nvidia{index} char 195:{index}", f"/dev/nvidia{other} hidden Permission denied"]),
         "/dev/nvidia2 absent", "/dev/nvidia3 absent", "/dev/nvidiactl char 195:255", "/dev/nvidia-uvm char 509:0"]
-    bare = re.search(r"^bare 0 CVD=(\S*)$", output, re.MULTILINE).group(1)
-    assert (f"task 0 on {node}: NV={index} CVD={bare} CAP=compute,utility LD={SITE_RESOURCES}/lib64"
+    # Slurm's node index outside (no ConstrainDevices here); the job's only GPU is CUDA's 0 inside
+    assert f"bare 0 CVD={index}" in output.splitlines(), output
+    assert (f"task 0 on {node}: NV={index} CVD=0 CAP=compute,utility LD={SITE_RESOURCES}/lib64"
             in output.splitlines()), output
 
 
