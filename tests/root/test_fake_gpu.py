@@ -108,8 +108,10 @@ def test_fake_gpu_job_sees_only_its_gpus_and_the_drivers_libraries(fake_gpu_site
     setup = node.setup("701", user, "--gpus", "1,3")
     smi = node.shifter("701", user, "nvidia-smi")
     probe = node.shifter("701", user, "gpuprobe")
-    env_fast = node.shifter("701", user, "env", CUDA_VISIBLE_DEVICES="0,1")
-    env_python = node.shifter("701", user, "env", CUDA_VISIBLE_DEVICES="0,1", launcher="shifter-python")
+    # Slurm's node indices for the job's GPUs (no ConstrainDevices): CUDA numbers them 0,1 inside
+    env_fast = node.shifter("701", user, "env", CUDA_VISIBLE_DEVICES="1,3", GPU_DEVICE_ORDINAL="3")
+    env_python = node.shifter("701", user, "env", CUDA_VISIBLE_DEVICES="1,3", GPU_DEVICE_ORDINAL="3",
+                              launcher="shifter-python")
     listing = node.shifter("701", user, "ls", f"{SITE_RESOURCES}/lib64", f"{SITE_RESOURCES}/bin")
     link = node.shifter("701", user, "readlink", f"{SITE_RESOURCES}/lib64/libcuda.so.1")
     write = node.shifter("701", user, "sh", "-c", f"echo x > {SITE_RESOURCES}/lib64/libcuda.so.1")
@@ -133,7 +135,8 @@ def test_fake_gpu_job_sees_only_its_gpus_and_the_drivers_libraries(fake_gpu_site
         env = _env(_ok(results[index]))
         assert env["NVIDIA_VISIBLE_DEVICES"] == "1,3"  # the allocation, not the image's "all"
         assert env["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
-        assert env["CUDA_VISIBLE_DEVICES"] == "0,1"  # Slurm's value for the task, not the image's
+        # Slurm's value for the task (not the image's), renumbered as the container shows the GPUs
+        assert env["CUDA_VISIBLE_DEVICES"] == "0,1" and env["GPU_DEVICE_ORDINAL"] == "1"
         assert env["LD_LIBRARY_PATH"] == f"{SITE_RESOURCES}/lib64:/usr/local/cuda/lib64/stubs"
         assert env["PATH"].startswith(f"{SITE_RESOURCES}/bin:")
     assert sorted(_ok(results[listing]).split()) == sorted([
@@ -215,19 +218,21 @@ def test_fake_gpu_job_without_gpus_gets_nothing(fake_gpu_site, users):
 def test_fake_gpu_module_none_keeps_devices_but_not_the_driver(fake_gpu_site, users):
     site, user = fake_gpu_site, users[0]
     node = FakeGpuNode(site)
-    setup = node.setup("703", user, "--gpus", "0", "-m", "none")
+    # --gpus-local: Slurm numbers from 0 in tasks (ConstrainDevices), so its value is kept as is
+    setup = node.setup("703", user, "--gpus", "1", "--gpus-local", "-m", "none")
     devices = node.shifter("703", user, "stat", "-c", "%n %F", "/dev/nvidia0", "/dev/nvidia1", SHIFTER_MODULE="none")
     probe = node.shifter("703", user, "gpuprobe", SHIFTER_MODULE="none")
-    env = node.shifter("703", user, "env", SHIFTER_MODULE="none")
+    env = node.shifter("703", user, "env", SHIFTER_MODULE="none", CUDA_VISIBLE_DEVICES="0")
     unsetup = node.unsetup("--job-id", "703")
     results = node.run(gpus=2)
 
     _ok(results[setup])
-    assert _ok(results[devices]).splitlines() == ["/dev/nvidia0 character special file",
-                                                  "/dev/nvidia1 regular empty file"]
+    assert _ok(results[devices]).splitlines() == ["/dev/nvidia0 regular empty file",
+                                                  "/dev/nvidia1 character special file"]
     assert "image-stub" in _ok(results[probe])
     job_env = _env(_ok(results[env]))
-    assert job_env["NVIDIA_VISIBLE_DEVICES"] == "0" and "NVIDIA_DRIVER_CAPABILITIES" not in job_env
+    assert job_env["NVIDIA_VISIBLE_DEVICES"] == "1" and "NVIDIA_DRIVER_CAPABILITIES" not in job_env
+    assert job_env["CUDA_VISIBLE_DEVICES"] == "0"
     _ok(results[unsetup])
 
 
@@ -251,7 +256,7 @@ def test_fake_gpu_amd_recipe_shows_the_allocated_render_node_and_kfd(fake_gpu_si
     setup = node.setup("706", user, "--gpus", "1")
     devices = node.shifter("706", user, "stat", "-c", "%n %F", "/dev/dri/renderD128", "/dev/dri/renderD129",
                            "/dev/kfd")
-    env = node.shifter("706", user, "env", ROCR_VISIBLE_DEVICES="0")
+    env = node.shifter("706", user, "env", ROCR_VISIBLE_DEVICES="1")  # Slurm's node index (no ConstrainDevices)
     plain = node.setup("707", user)
     plain_devices = node.shifter("707", user, "stat", "-c", "%n %F", "/dev/dri/renderD129", "/dev/kfd")
     unsetup = node.unsetup("--all")
@@ -260,7 +265,7 @@ def test_fake_gpu_amd_recipe_shows_the_allocated_render_node_and_kfd(fake_gpu_si
     assert _ok(results[devices]).splitlines() == ["/dev/dri/renderD128 regular empty file",
                                                   "/dev/dri/renderD129 character special file",
                                                   "/dev/kfd character special file"]
-    assert _env(_ok(results[env]))["ROCR_VISIBLE_DEVICES"] == "0"  # Slurm's for the task; no driver libraries
+    assert _env(_ok(results[env]))["ROCR_VISIBLE_DEVICES"] == "0"  # ROCm's only GPU here; no driver libraries
     assert f"{SITE_RESOURCES}" not in _env(_ok(results[env])).get("LD_LIBRARY_PATH", "")
     _ok(results[plain])
     assert _ok(results[plain_devices]).splitlines() == ["/dev/dri/renderD129 regular empty file",
