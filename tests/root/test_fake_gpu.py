@@ -31,10 +31,13 @@ LIBDIR = fakegpu.LIBDIR
 def _build_image(work: str, images: str) -> None:
     """An image with no driver: glibc, busybox, a program that loads libcuda.so.1, and a CUDA stub."""
     tree = os.path.join(work, "tree-fake-gpu")
-    for sub in ("bin", "usr/bin", "lib64", "lib/x86_64-linux-gnu", "usr/local/cuda/lib64/stubs", "etc", "opt"):
+    # lib/firmware/nvidia/<version>: the image ships the directory (empty), as the GSP firmware needs a
+    # place in the image's read-only /lib; /run and /var/log it lacks, so they are made on the tmpfs
+    for sub in ("bin", "usr/bin", "lib64", "lib/x86_64-linux-gnu", "usr/local/cuda/lib64/stubs", "etc", "opt",
+                f"lib/firmware/nvidia/{VERSION}"):
         os.makedirs(os.path.join(tree, sub))
     shutil.copy("/bin/busybox", os.path.join(tree, "bin/busybox"))
-    for applet in ("sh", "cat", "ls", "env", "stat", "readlink"):
+    for applet in ("sh", "cat", "ls", "env", "stat", "readlink", "touch"):
         os.symlink("busybox", os.path.join(tree, "bin", applet))
     shutil.copy(os.path.realpath("/lib64/ld-linux-x86-64.so.2"), os.path.join(tree, "lib64/ld-linux-x86-64.so.2"))
     shutil.copy(os.path.realpath("/lib/x86_64-linux-gnu/libc.so.6"), os.path.join(tree, "lib/x86_64-linux-gnu"))
@@ -55,7 +58,11 @@ def fake_gpu_site(clean_site):
     if not os.path.isdir(driver):
         fakegpu.build_driver(driver)
         _build_image(site.base, site.images)
-    site.write_config(f"siteResources={SITE_RESOURCES}\ngpuRecipe=nvidia\ngpuDriverRoot={driver}\n")
+    pipe = os.path.join(site.base, "fake-mps-pipe")
+    os.makedirs(pipe, exist_ok=True)
+    os.chmod(pipe, 0o1777)
+    site.write_config(f"siteResources={SITE_RESOURCES}\ngpuRecipe=nvidia\ngpuDriverRoot={driver}\n"
+                      f"siteEnv=CUDA_MPS_PIPE_DIRECTORY={pipe}\n")
     return site
 
 
@@ -115,11 +122,27 @@ def test_fake_gpu_job_sees_only_its_gpus_and_the_drivers_libraries(fake_gpu_site
     listing = node.shifter("701", user, "ls", f"{SITE_RESOURCES}/lib64", f"{SITE_RESOURCES}/bin")
     link = node.shifter("701", user, "readlink", f"{SITE_RESOURCES}/lib64/libcuda.so.1")
     write = node.shifter("701", user, "sh", "-c", f"echo x > {SITE_RESOURCES}/lib64/libcuda.so.1")
+    pipe = os.path.join(site.base, "fake-mps-pipe")
+    host_paths = node.shifter("701", user, "sh", "-c",
+                              f"cat /lib/firmware/nvidia/{VERSION}/{fakegpu.FIRMWARE_FILE} "
+                              "/var/log/nvidia-mps/control.log"
+                              f" && stat -c '%n %F' /run/nvidia-persistenced/socket && touch {pipe}/client-701"
+                              f" && ls /lib/firmware/nvidia && echo MPS=$CUDA_MPS_PIPE_DIRECTORY")
+    firmware_write = node.shifter("701", user, "touch", f"/lib/firmware/nvidia/{VERSION}/x")
     unsetup = node.unsetup("--job-id", "701")
     doctor = node.shifter("701", user, "doctor")
     results = node.run()
 
     _ok(results[setup])
+    assert "not placed" not in results[setup]["stderr"]
+    # the running driver's firmware (read-only), the persistenced socket, the MPS log (site default)
+    # and pipe directory (the site's siteEnv value, writable): each at its own path
+    assert _ok(results[host_paths]).splitlines() == [
+        f"fake GSP firmware {VERSION}", "fake MPS control log", "/run/nvidia-persistenced/socket socket",
+        VERSION, f"MPS={pipe}"]
+    assert os.path.exists(f"{pipe}/client-701")
+    os.unlink(f"{pipe}/client-701")
+    assert results[firmware_write]["rc"] != 0
     assert _ok(results[smi]).splitlines() == [
         f"driver {VERSION} from {SITE_RESOURCES}/lib64/libnvidia-ml.so.1",
         "/dev/nvidia0 hidden Permission denied",
@@ -199,6 +222,7 @@ def test_fake_gpu_job_without_gpus_gets_nothing(fake_gpu_site, users):
     probe = node.shifter("702", user, "gpuprobe")
     env = node.shifter("702", user, "env")
     resources = node.shifter("702", user, "ls", SITE_RESOURCES)
+    host_paths = node.shifter("702", user, "ls", "/run/nvidia-persistenced", "/var/log/nvidia-mps")
     unsetup = node.unsetup("--job-id", "702")
     results = node.run()
 
@@ -211,6 +235,7 @@ def test_fake_gpu_job_without_gpus_gets_nothing(fake_gpu_site, users):
     assert not {"NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES"} & set(job_env)
     assert job_env["LD_LIBRARY_PATH"] == "/usr/local/cuda/lib64/stubs"
     assert results[resources]["rc"] != 0
+    assert results[host_paths]["rc"] != 0 and results[host_paths]["stdout"] == ""
     _ok(results[unsetup])
     assert results[unsetup]["mounts"] == []
 

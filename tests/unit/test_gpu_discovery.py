@@ -263,3 +263,53 @@ def test_slurm_numbers_gpus_locally_only_with_task_cgroup_and_constrain_devices(
 def test_unreadable_slurm_conf_is_one_clear_error(tmp_path):
     with pytest.raises(ShifterError, match=r"slurm.conf: No such file"):
         gpu.slurm_numbers_gpus_locally(str(tmp_path / "slurm.conf"))
+
+
+def _socket(path: str) -> None:
+    import socket
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(path)
+
+
+def test_host_paths_of_the_running_driver_under_the_driver_root(recipe, tmp_path):
+    """GSP firmware of the running version only, the persistenced socket (a socket, not a file),
+    MPS directories: each where the driver root has it, at the same path in the container."""
+    root = str(tmp_path)
+    os.makedirs(f"{root}/lib/firmware/nvidia/535.104.05")
+    os.makedirs(f"{root}/lib/firmware/nvidia/470.82.01")
+    _socket(f"{root}/run/nvidia-persistenced/socket")
+    os.makedirs(f"{root}/var/log/nvidia-mps")
+    found = gpu.find_host_paths(recipe, "535.104.05", root)
+    assert [(item.host, item.path, item.kind, item.writable) for item in found] == [
+        (f"{root}/lib/firmware/nvidia/535.104.05", "/lib/firmware/nvidia/535.104.05", "directory", False),
+        (f"{root}/run/nvidia-persistenced/socket", "/run/nvidia-persistenced/socket", "socket", False),
+        (f"{root}/var/log/nvidia-mps", "/var/log/nvidia-mps", "directory", True)]
+    assert gpu.find_host_paths(recipe, "550.54.14", root)[0].path == "/run/nvidia-persistenced/socket"
+
+
+def test_host_paths_absent_or_of_another_kind_are_skipped(recipe, tmp_path):
+    root = str(tmp_path)
+    os.makedirs(f"{root}/run/nvidia-persistenced")
+    with open(f"{root}/run/nvidia-persistenced/socket", "w"):  # a stale regular file is no socket
+        pass
+    with open(f"{root}/lib-firmware-missing", "w"):
+        pass
+    assert gpu.find_host_paths(recipe, "535.104.05", root) == []
+
+
+def test_mps_directories_the_site_sets_in_site_env(recipe, tmp_path):
+    pipe = tmp_path / "mps-pipe"
+    pipe.mkdir()
+    site = gpu.site_env_values([f"CUDA_MPS_PIPE_DIRECTORY={pipe}", "CUDA_MPS_LOG_DIRECTORY=relative/ignored",
+                                "OTHER=x"])
+    found = gpu.find_host_paths(recipe, "535.104.05", str(tmp_path / "driver"), site)
+    assert [(item.host, item.path, item.writable) for item in found] == [(str(pipe), str(pipe), True)]
+
+
+@pytest.mark.parametrize("entry", [{"path": "run/x", "kind": "socket"}, {"path": "/a/../b", "kind": "directory"},
+                                   {"path": "/a", "kind": "file"}, {"kind": "socket"}])
+def test_bad_host_path_entries_are_one_clear_error(entry):
+    with pytest.raises(ShifterError, match="recipe nvidia: bad host_paths entry"):
+        gpu._host_path_entry("nvidia", entry)
