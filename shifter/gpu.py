@@ -578,6 +578,8 @@ def _image_has_content(image_fd: int, path: str) -> bool:
         fd = fdpath.open_in_root(image_fd, path, os.O_PATH | os.O_NOFOLLOW)
     except FileNotFoundError:
         return False
+    except OSError:  # a file where a directory would be, a link loop: the image's, left alone
+        return True
     try:
         if not stat.S_ISDIR(os.fstat(fd).st_mode):
             return True
@@ -610,6 +612,8 @@ def prepare_host_paths(injection: Injection, root_fd: int, image_dir: str, tmpfs
                     continue  # the site's (a tmpfs directory, /tmp): the next component decides
                 except FileNotFoundError:
                     pass
+                except OSError:
+                    break  # not a directory on the way: bind_host_paths says so
                 if _image_has_content(image_fd, prefix):
                     break
                 directory = "/".join(parts if item.kind == "directory" else parts[:-1])
@@ -635,7 +639,11 @@ def bind_host_paths(injection: Injection, root: str, tmpfs_dev: int, propagation
     root_fd = fdpath.open_dir(root)
     try:
         for item in injection.discovery.host_paths:
-            source_fd = os.open(item.host, os.O_PATH | os.O_CLOEXEC)
+            try:
+                source_fd = os.open(item.host, os.O_PATH | os.O_CLOEXEC)
+            except OSError as exc:
+                notes.append(f"{item.path}: not placed ({item.host}: {exc.strerror})")
+                continue
             try:
                 target_fd = _host_path_target(root_fd, item, tmpfs_dev)
                 if target_fd is None:
@@ -645,6 +653,8 @@ def bind_host_paths(injection: Injection, root: str, tmpfs_dev: int, propagation
                     source, target = os.fstat(source_fd), os.fstat(target_fd)
                     if (source.st_dev, source.st_ino) != (target.st_dev, target.st_ino):
                         fdpath.bind_fd(source_fd, target_fd, readonly=not item.writable, propagation=propagation)
+                except OSError as exc:
+                    notes.append(f"{item.path}: not placed ({exc.strerror})")
                 finally:
                     os.close(target_fd)
             finally:
@@ -662,6 +672,8 @@ def _host_path_target(root_fd: int, item: HostPath, tmpfs_dev: int) -> int | Non
         return fdpath.open_in_root(root_fd, item.path, os.O_PATH | os.O_NOFOLLOW)
     except FileNotFoundError:
         pass
+    except OSError:
+        return None
     parent, name = os.path.split(item.path.rstrip("/"))
     try:
         parent_fd = fdpath.open_in_root(root_fd, parent, os.O_PATH | os.O_DIRECTORY)
@@ -674,6 +686,11 @@ def _host_path_target(root_fd: int, item: HostPath, tmpfs_dev: int) -> int | Non
             os.mkdir(name, 0o755, dir_fd=parent_fd)
         else:
             _new_file(parent_fd, name)
+    except OSError:
+        return None
     finally:
         os.close(parent_fd)
-    return fdpath.open_in_root(root_fd, item.path, os.O_PATH | os.O_NOFOLLOW)
+    try:
+        return fdpath.open_in_root(root_fd, item.path, os.O_PATH | os.O_NOFOLLOW)
+    except OSError:
+        return None
