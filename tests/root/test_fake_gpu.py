@@ -297,3 +297,33 @@ def test_fake_gpu_amd_recipe_shows_the_allocated_render_node_and_kfd(fake_gpu_si
                                                         "/dev/kfd regular empty file"]
     _ok(results[unsetup])
     assert results[unsetup]["mounts"] == []
+
+
+def test_fake_gpu_host_paths_never_hide_what_the_image_has(tmp_path):
+    """The way to a host path is made on the tmpfs only where the image has nothing (an empty /run);
+    below a directory the image fills (/lib, /var/log) the path is placed only if the image has it,
+    otherwise it is a note.  A fake driver tree and a plain directory as the image."""
+    import socket
+
+    driver, image = tmp_path / "driver", tmp_path / "image"
+    (driver / "lib/firmware/nvidia/1.0").mkdir(parents=True)
+    (driver / "lib/firmware/nvidia/1.0" / fakegpu.FIRMWARE_FILE).write_text("fw\n")
+    (driver / "run/nvidia-persistenced").mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(driver / "run/nvidia-persistenced/socket"))
+    (driver / "var/log/nvidia-mps").mkdir(parents=True)
+    (driver / "var/log/nvidia-mps/control.log").write_text("log\n")
+    (image / "lib/x86_64-linux-gnu").mkdir(parents=True)  # /lib with content, no firmware
+    (image / "run").mkdir()  # empty: nothing of the image is lost by making it on the tmpfs
+    (image / "var/log/apt").mkdir(parents=True)  # /var/log with content, no nvidia-mps
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", PYTHON,
+                          os.path.join(HERE, "placement.py"), str(tmp_path)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["notes"] == [
+        "/lib/firmware/nvidia/1.0: not placed (the image's read-only tree lacks its directory)",
+        "/var/log/nvidia-mps: not placed (the image's read-only tree lacks its directory)"]
+    assert result["shown"] == {"/lib/firmware/nvidia/1.0": False, "/run/nvidia-persistenced/socket": True,
+                               "/var/log/nvidia-mps": False, "/run listing": ["nvidia-persistenced"],
+                               "/var/log listing": ["apt"]}
