@@ -182,6 +182,9 @@ def test_fake_gpu_job_sees_only_its_gpus_and_the_drivers_libraries(fake_gpu_site
     assert (f"WARN GPU libraries: of another driver version, not used: {lib}/libnvidia-cfg.so.470.82.01 "
             "-> remove them and run ldconfig") in report
     assert f"ok   GPU binaries: nvidia-smi ({driver}/usr/bin/nvidia-smi)" in report
+    assert (f"ok   GPU host paths: /lib/firmware/nvidia/{VERSION} ({driver}/lib/firmware/nvidia/{VERSION}) "
+            f"/run/nvidia-persistenced/socket ({driver}/run/nvidia-persistenced/socket) {pipe} "
+            f"/var/log/nvidia-mps ({driver}/var/log/nvidia-mps)") in report
     assert not [line for line in report if line.startswith("FAIL GPU")]
 
 
