@@ -14,12 +14,17 @@ with ``FAKE_GPUS=N``, by the local cluster (each node's /dev in its own mount na
   ``gpuDriverRoot``): versioned shared objects built from fake_gpu/libfake.c with their
   sonames, a stale library of an older version, a loader cache made by the host's ldconfig,
   ``proc/driver/nvidia/version``, and an ``nvidia-smi`` (fake_gpu/nvidia-smi.c) that prints
-  the device nodes it sees and the libnvidia-ml it loaded.
+  the device nodes it sees and the libnvidia-ml it loaded; and the driver's other files a
+  container gets at their own paths: GSP firmware ``lib/firmware/nvidia/<version>/`` (plus
+  an older version's, which must not be used), the persistenced socket
+  ``run/nvidia-persistenced/socket`` (a Unix socket nobody listens on) and the MPS log
+  directory ``var/log/nvidia-mps``.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
 
@@ -34,6 +39,7 @@ STALE_VERSION = "470.82.01"
 LIBDIR = "usr/lib/x86_64-linux-gnu"
 LIBRARIES = ("libcuda", "libnvidia-ml", "libnvidia-ptxjitcompiler", "libnvidia-glcore")
 LOOP_NODES = 256
+FIRMWARE_FILE = "gsp_fake.bin"
 
 
 def _mount(argv: list[str]) -> None:
@@ -121,3 +127,15 @@ def build_driver(root: str) -> None:
     with open(os.path.join(root, "proc/driver/nvidia/version"), "w") as fh:
         fh.write(f"NVRM version: NVIDIA UNIX x86_64 Kernel Module  {VERSION}  Sat Aug 19 01:15:15 UTC 2023\n"
                  "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n")
+    for version in (VERSION, STALE_VERSION):
+        firmware = os.path.join(root, f"lib/firmware/nvidia/{version}")
+        os.makedirs(firmware)
+        with open(os.path.join(firmware, FIRMWARE_FILE), "w") as fh:
+            fh.write(f"fake GSP firmware {version}\n")
+    os.makedirs(os.path.join(root, "run/nvidia-persistenced"))
+    with socket.socket(socket.AF_UNIX) as sock:  # the file stays after close: what a container binds
+        sock.bind(os.path.join(root, "run/nvidia-persistenced/socket"))
+    os.chmod(os.path.join(root, "run/nvidia-persistenced/socket"), 0o666)
+    os.makedirs(os.path.join(root, "var/log/nvidia-mps"))
+    with open(os.path.join(root, "var/log/nvidia-mps/control.log"), "w") as fh:
+        fh.write("fake MPS control log\n")

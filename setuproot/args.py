@@ -8,15 +8,15 @@ from shifter.record import Record
 DEFAULT_CONFIG = "/etc/shifter/udiRoot.conf"
 USAGE = ("usage: setupRoot -U uid -G gid -u user [-s pubkey] [-N nodespec] [-v volmap]... [-m modules] [-V] "
          "[--config PATH] [--job-id ID] [--step-id ID] [--memory-cgroup PATH] [--defer-sshd] [--gpus IDS] "
-         "[--writable] [--] <type> <image>")
+         "[--gpus-local] [--writable] [--] <type> <image>")
 
 
 class SetupRequest(Record):
     """What the prolog asked for."""
 
     __slots__ = ("uid", "gid", "user", "pubkey", "node_spec", "volumes", "modules", "verbose",
-                 "config_path", "jobid", "step", "memory_cgroup", "defer_sshd", "gpus", "writable", "image_type",
-                 "image")
+                 "config_path", "jobid", "step", "memory_cgroup", "defer_sshd", "gpus", "gpus_local", "writable",
+                 "image_type", "image")
     uid: int
     gid: int
     user: str
@@ -32,6 +32,7 @@ class SetupRequest(Record):
     defer_sshd: bool  # prepare the sshd but let the extern step start it (plugstack extern_cgroup=1)
     gpus: str  # the job's GPU indices on this node (Slurm's SLURM_JOB_GPUS in the prolog); "" none
     writable: bool  # a per-job overlay over the image (sbatch --writable)
+    gpus_local: bool  # Slurm gives tasks job-relative GPU indices (task/cgroup, ConstrainDevices=yes)
     image_type: str
     image: str
 
@@ -62,7 +63,7 @@ def memory_cgroup_option(value: str) -> str:
 _INT_OPTIONS = {"-U": "uid", "-G": "gid"}
 _STRING_OPTIONS = {"-u": "user", "-s": "pubkey", "-N": "node_spec", "-m": "modules",
                    "--config": "config_path", "--job-id": "jobid", "--step-id": "step", "--gpus": "gpus"}
-_SWITCHES = {"-V": "verbose", "--defer-sshd": "defer_sshd", "--writable": "writable"}
+_SWITCHES = {"-V": "verbose", "--defer-sshd": "defer_sshd", "--gpus-local": "gpus_local", "--writable": "writable"}
 
 
 def parse_args(argv: list[str], inherited_jobid: str | None) -> SetupRequest:
@@ -70,13 +71,13 @@ def parse_args(argv: list[str], inherited_jobid: str | None) -> SetupRequest:
 
     try:
         opts, positional = getopt(argv, "v:s:u:U:G:N:m:V", ["config=", "job-id=", "step-id=", "memory-cgroup=",
-                                                                 "defer-sshd", "gpus=", "writable"])
+                                                                 "defer-sshd", "gpus=", "gpus-local", "writable"])
     except ShifterError as err:
         raise ShifterError(f"{err}; {USAGE}") from None
     values: dict[str, object] = {"uid": None, "gid": None, "user": None, "pubkey": None, "node_spec": None,
                                  "volumes": [], "modules": None, "verbose": False, "config_path": None,
                                  "jobid": inherited_jobid, "step": None, "memory_cgroup": None,
-                                 "defer_sshd": False, "gpus": "", "writable": False}
+                                 "defer_sshd": False, "gpus": "", "gpus_local": False, "writable": False}
     for flag, value in opts:
         if flag in _INT_OPTIONS:
             values[_INT_OPTIONS[flag]] = _int_option(flag, value)

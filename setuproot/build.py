@@ -242,9 +242,10 @@ def plan_gpus(config: UdiRootConfig, request: SetupRequest, job: JobEnv):
         userspace = "none" not in (request.modules or "").split(",")
     try:
         recipe = gpu.load_recipe(config.gpu_recipe)
-        discovery = gpu.discover(recipe, config.gpu_driver_root, userspace=bool(gpus) and userspace)
+        discovery = gpu.discover(recipe, config.gpu_driver_root, userspace=bool(gpus) and userspace,
+                                 site_env=gpu.site_env_values(config.site_env))
         return gpu.plan_injection(discovery, gpus, userspace, config.site_resources, job.gpu_hide,
-                                  job.gpu_hide + ".d")
+                                  job.gpu_hide + ".d", local_ids=request.gpus_local)
     except NodeError:
         raise
     except (ShifterError, OSError) as err:

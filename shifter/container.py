@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 
 from shifter import etcfiles, fdpath, filecopy, linux, mounts, pathsafe, sitefs
 from shifter.errors import ShifterError
@@ -544,9 +545,14 @@ def build_root(config: UdiRootConfig, spec: RootSpec) -> None:
     if spec.gpu is not None:  # after /dev, before the image's directories: siteResources is the site's
         from shifter import gpu
 
-        gpu.inject(spec.gpu, root, tmpfs_dev, _propagation(config))
+        gpu.inject(spec.gpu, root, tmpfs_dev, _propagation(config), spec.image_dir)
     for relpath in ("", "var", "opt"):
         _bind_image_dir(config, spec, relpath)
     _copy_image_etc(spec)
+    if spec.gpu is not None:  # the GSP firmware, persistenced socket, MPS directories: at their own paths
+        from shifter import gpu
+
+        for note in gpu.bind_host_paths(spec.gpu, root, tmpfs_dev, _propagation(config)):
+            print(f"setupRoot: GPU: {note}", file=sys.stderr)
     for mount in spec.user_volumes:
         _bind_user_volume(config, spec, mount, allowed_devices)

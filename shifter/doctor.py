@@ -180,7 +180,8 @@ def _check_gpu(report: Report, config) -> None:
     from shifter.errors import ShifterError
 
     try:
-        found = gpu.discover(gpu.load_recipe(config.gpu_recipe), config.gpu_driver_root)
+        found = gpu.discover(gpu.load_recipe(config.gpu_recipe), config.gpu_driver_root,
+                             site_env=gpu.site_env_values(config.site_env))
     except (ShifterError, OSError) as exc:
         report.line(FAIL, "GPU", str(exc), "reinstall shifter-slurm (its recipes are missing)")
         return
@@ -203,6 +204,9 @@ def _check_gpu(report: Report, config) -> None:
         names = [f"{name} ({path})" for name, path in found.binaries]
         report.line(OK if names else WARN, "GPU binaries", " ".join(names) or "none of the recipe's programs found",
                     "install the driver's utilities (nvidia-smi)")
+    if found.host_paths:
+        shown = [item.path + (f" ({item.host})" if item.host != item.path else "") for item in found.host_paths]
+        report.line(OK, "GPU host paths", " ".join(shown))
     if not found.gpus and not found.version:  # a CPU node sharing the GPU nodes' udiRoot.conf
         report.line(WARN, "GPU", "no GPU on this node: " + "; ".join(found.problems),
                     "only GPU nodes need the driver; jobs without GPUs run here")

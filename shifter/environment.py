@@ -39,7 +39,8 @@ def _user_entry(item: str, origin: str) -> tuple[str, str]:
     return pair
 
 
-# One environment change: ("=", name, value) set, ("+", ...) append, ("^", ...) prepend, ("-", name, "") unset.
+# One environment change: ("=", name, value) set, ("+", ...) append, ("^", ...) prepend, ("-", name, "") unset,
+# ("%", name, "1,3") renumber device indices (see renumber_devices).
 # The site's and the image's changes are kept in this form so that setupRoot can hand them to the
 # interpreter-free launcher (shifter/launchplan.py), which replays them in the same order.
 Operation = tuple[str, str, str]
@@ -71,11 +72,31 @@ def site_operations(modules: list[ModuleConfig], config: UdiRootConfig) -> list[
                                   config.site_env_unset)
 
 
+def renumber_devices(value: str, ids: str) -> str:
+    """``CUDA_VISIBLE_DEVICES=3`` with the job's GPUs ``1,3`` -> ``1``: each node index becomes its
+    place in ``ids`` (the GPUs the container shows); an index not in it is dropped (never widened);
+    anything else (``GPU-<uuid>``, ``MIG-...``) names a device the same way everywhere and is kept.
+    fastlaunch.c does the same for the prepared path."""
+    places = {item: str(place) for place, item in enumerate(ids.split(","))}
+    out = []
+    for item in value.split(","):
+        if item.isascii() and item.isdigit():
+            if str(int(item)) in places:
+                out.append(places[str(int(item))])
+        elif item:
+            out.append(item)
+    return ",".join(out)
+
+
 def apply_operations(env: dict[str, str], ops: list[Operation]) -> None:
     """Appending or prepending to a missing or empty variable just sets it."""
     for kind, name, value in ops:
         if kind == "-":
             env.pop(name, None)
+            continue
+        if kind == "%":
+            if name in env:
+                env[name] = renumber_devices(env[name], value)
             continue
         old = env.get(name)
         if kind == "+" and old:

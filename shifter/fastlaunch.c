@@ -226,7 +226,54 @@ static void copy_environment(struct environment *env)
     }
 }
 
-/* One record of the plan's environment changes: =NAME=VALUE +NAME=VALUE ^NAME=VALUE -NAME */
+/* "%NAME=IDS": each decimal index in the task's value becomes its place in IDS (the GPUs the
+ * container shows); one not in IDS is dropped; other items (GPU-<uuid>, MIG-...) are kept.
+ * The same as renumber_devices() in shifter/environment.py. */
+static char *renumber(const char *value, const char *ids)
+{
+    size_t size = strlen(value) + 1;
+    char *out = malloc(size), *copy = strdup(value), *save = NULL;
+
+    if (!out || !copy)
+        fail("environment", "out of memory");
+    out[0] = '\0';
+    for (char *item = strtok_r(copy, ",", &save); item; item = strtok_r(NULL, ",", &save)) {
+        char place[24];
+        const char *text = item;
+        size_t length = strspn(item, "0123456789");
+
+        if (length > 0 && item[length] == '\0') {
+            unsigned long index = strtoul(item, NULL, 10), position = 0;
+            const char *id = ids;
+            text = NULL;
+            while (*id) {
+                if (strtoul(id, NULL, 10) == index) {
+                    snprintf(place, sizeof place, "%lu", position);
+                    text = place;
+                    break;
+                }
+                id += strcspn(id, ",");
+                id += *id == ',';
+                position++;
+            }
+            if (!text)
+                continue;
+        }
+        if (strlen(out) + strlen(text) + 2 > size) {
+            size = strlen(out) + strlen(text) + 2;
+            out = realloc(out, size);
+            if (!out)
+                fail("environment", "out of memory");
+        }
+        if (out[0])
+            strcat(out, ",");
+        strcat(out, text);
+    }
+    free(copy);
+    return out;
+}
+
+/* One record of the plan's environment changes: =NAME=VALUE +NAME=VALUE ^NAME=VALUE -NAME %NAME=IDS */
 static void apply_operation(struct environment *env, const char *record)
 {
     char kind = record[0];
@@ -250,6 +297,11 @@ static void apply_operation(struct environment *env, const char *record)
         fail("environment", "out of memory");
     if (kind == '^' && *old && asprintf(&joined, "%s:%s", equals + 1, old) < 0)
         fail("environment", "out of memory");
+    if (kind == '%') {
+        if (!slot)
+            return;
+        joined = renumber(old, equals + 1);
+    }
     set_entry(env, name, name_length, joined ? joined : equals + 1);
 }
 
@@ -299,7 +351,7 @@ static int load_plan(const char *path, const struct stat *config, const char *im
     record += strlen(record) + 1;
     for (char *op = record; op < end; op += strlen(op) + 1) {
         const char *equals = op[0] ? strchr(op + 1, '=') : NULL;
-        int valid = op[0] == '-' ? op[1] != '\0' : strchr("=+^", op[0]) && equals && equals > op + 1;
+        int valid = op[0] == '-' ? op[1] != '\0' : strchr("=+^%", op[0]) && equals && equals > op + 1;
         if (!valid)
             return 0;
     }

@@ -33,6 +33,7 @@ LDCONFIG = "/sbin/ldconfig"
 # variables only the allocation decides: an image's value for them is dropped
 ALLOCATION_VARIABLES = frozenset({"NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
                                   "HIP_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL"})
+HOST_PATH_KINDS = {"directory": stat.S_ISDIR, "socket": stat.S_ISSOCK}
 _RECIPE_NAME = re.compile(r"[a-z0-9][a-z0-9-]*\Z")
 _CACHE_LINE = re.compile(r"^\s*(\S+)\s+\(([^)]*)\)\s+=>\s+(/\S.*?)\s*$")
 
@@ -42,7 +43,8 @@ class Recipe(Record):
 
     __slots__ = ("name", "version_file", "version_pattern", "gpu_dir", "gpu_pattern", "gpu_major", "gpu_index_base",
                  "control_devices", "required_devices", "capability_directories", "libraries",
-                 "required_libraries", "binaries", "binary_directories", "capabilities", "environment")
+                 "required_libraries", "binaries", "binary_directories", "capabilities", "environment",
+                 "renumber_variables", "host_paths")
     name: str
     version_file: str | None  # None: the driver's user-space comes with the image (no libraries injected)
     version_pattern: str
@@ -59,6 +61,8 @@ class Recipe(Record):
     binary_directories: list[str]
     capabilities: list[str]
     environment: dict[str, str]
+    renumber_variables: list[str]  # Slurm's device-index variables, renumbered when Slurm used node indices
+    host_paths: list[dict]  # {"path", "kind": directory|socket, "writable", "variable"}: bound at the same path
 
 
 class CacheEntry(Record):
@@ -85,7 +89,8 @@ class Discovery(Record):
     """What a node offers for one recipe; ``problems`` says exactly what is missing."""
 
     __slots__ = ("recipe", "version", "libraries", "binaries", "gpus", "control", "capability_dirs",
-                 "stale", "problems")
+                 "stale", "problems", "host_paths")
+    _defaults = {"host_paths": []}
     recipe: Recipe
     version: str | None
     libraries: list[Library]
@@ -95,6 +100,17 @@ class Discovery(Record):
     capability_dirs: list[str]
     stale: list[str]  # libraries of another driver version, skipped
     problems: list[str]
+    host_paths: list[HostPath]
+
+
+class HostPath(Record):
+    """A driver file or directory of the node bound at the same path in the container."""
+
+    __slots__ = ("host", "path", "kind", "writable")
+    host: str  # where it is on the node (site-trusted)
+    path: str  # where it goes in the container (resolved inside the root)
+    kind: str  # directory or socket
+    writable: bool
 
 
 def recipe_names() -> list[str]:
@@ -108,9 +124,10 @@ def load_recipe(name: str) -> Recipe:
         raise ShifterError(f"unknown GPU recipe {name!r} (known: {', '.join(recipe_names()) or 'none'})")
     with open(os.path.join(RECIPE_DIR, f"{name}.json")) as fh:
         data = json.load(fh)
+    name = data["name"]
     devices = data.get("gpu_devices", {})
     return Recipe(
-        name=data["name"], version_file=data.get("version_file"), version_pattern=data.get("version_pattern", ""),
+        name=name, version_file=data.get("version_file"), version_pattern=data.get("version_pattern", ""),
         gpu_dir=devices.get("directory", "/dev"), gpu_pattern=devices["pattern"], gpu_major=devices.get("major"),
         gpu_index_base=int(devices.get("index_base", 0)),
         control_devices=list(data.get("control_devices", [])), required_devices=list(data.get("required_devices", [])),
@@ -119,7 +136,19 @@ def load_recipe(name: str) -> Recipe:
         required_libraries=list(data.get("required_libraries", [])),
         binaries={k: list(v) for k, v in data.get("binaries", {}).items()},
         binary_directories=list(data.get("binary_directories", [])),
-        capabilities=list(data.get("capabilities", [])), environment=dict(data.get("environment", {})))
+        capabilities=list(data.get("capabilities", [])), environment=dict(data.get("environment", {})),
+        renumber_variables=list(data.get("renumber_variables", [])),
+        host_paths=[_host_path_entry(name, entry) for entry in data.get("host_paths", [])])
+
+
+def _host_path_entry(recipe: str, entry: dict) -> dict:
+    """One ``host_paths`` item, checked: a recipe mistake is one clear error, not a bind elsewhere."""
+    path, kind = entry.get("path", ""), entry.get("kind")
+    if not path.startswith("/") or ".." in path.split("/") or kind not in HOST_PATH_KINDS:
+        raise ShifterError(f"recipe {recipe}: bad host_paths entry {entry!r} (want an absolute path and kind "
+                           f"{' or '.join(sorted(HOST_PATH_KINDS))})")
+    return {"path": path, "kind": kind, "writable": bool(entry.get("writable", False)),
+            "variable": entry.get("variable")}
 
 
 def driver_version(text: str, recipe: Recipe) -> str | None:
@@ -275,8 +304,36 @@ def node_gpus(recipe: Recipe) -> dict[int, str]:
     return found
 
 
-def discover(recipe: Recipe, driver_root: str = "/", ldconfig: str = LDCONFIG, userspace: bool = True
-             ) -> Discovery:
+def find_host_paths(recipe: Recipe, version: str, driver_root: str = "/",
+                    site_env: dict[str, str] | None = None) -> list[HostPath]:
+    """The recipe's ``host_paths`` present on the node (the GSP firmware of the running driver,
+    the persistenced socket, the MPS directories).  A path is looked up under the driver root,
+    as libraries are; an entry with a ``variable`` the site sets in udiRoot.conf's siteEnv
+    (``CUDA_MPS_PIPE_DIRECTORY=/var/mps``) takes that value instead, as a path of the node."""
+    found = []
+    for entry in recipe.host_paths:
+        value = (site_env or {}).get(entry["variable"] or "")
+        if value and value.startswith("/") and ".." not in value.split("/"):
+            host = path = os.path.normpath(value)
+        else:
+            path = entry["path"].format(version=version)
+            host = _under(driver_root, path)
+        try:
+            info = os.stat(host)
+        except OSError:
+            continue
+        if HOST_PATH_KINDS[entry["kind"]](info.st_mode):
+            found.append(HostPath(host=host, path=path, kind=entry["kind"], writable=entry["writable"]))
+    return found
+
+
+def site_env_values(site_env: list[str]) -> dict[str, str]:
+    """udiRoot.conf's ``siteEnv`` settings as a dict (the last one of a name wins, as in the container)."""
+    return dict(item.split("=", 1) for item in site_env if "=" in item)
+
+
+def discover(recipe: Recipe, driver_root: str = "/", ldconfig: str = LDCONFIG, userspace: bool = True,
+             site_env: dict[str, str] | None = None) -> Discovery:
     """Everything the node offers for ``recipe``; never raises for a missing part, lists it instead.
 
     Without ``userspace`` only the device nodes are looked at (a job without GPUs, or one that
@@ -318,7 +375,41 @@ def discover(recipe: Recipe, driver_root: str = "/", ldconfig: str = LDCONFIG, u
     return Discovery(recipe=recipe, version=version, libraries=libraries,
                      binaries=find_binaries(recipe, driver_root) if userspace else [], gpus=gpus, control=control,
                      capability_dirs=[p for p in recipe.capability_directories if os.path.isdir(p)],
-                     stale=stale, problems=problems)
+                     stale=stale, problems=problems,
+                     host_paths=find_host_paths(recipe, version, driver_root, site_env) if version else [])
+
+
+def _slurm_settings(path: str) -> dict[str, str]:
+    """``Key=Value`` lines of a Slurm config file, keys lower-cased (Slurm's keys are case-insensitive)."""
+    settings = {}
+    with open(path, errors="replace") as fh:
+        for line in fh:
+            key, sep, value = line.split("#", 1)[0].strip().partition("=")
+            if sep and key.strip():
+                settings[key.strip().lower()] = value.strip()
+    return settings
+
+
+def slurm_numbers_gpus_locally(slurm_conf: str) -> bool:
+    """Whether Slurm gives tasks job-relative GPU indices: TaskPlugin with task/cgroup and
+    ConstrainDevices=yes in the cgroup.conf beside slurm.conf (srun(1), --gpu-bind).
+
+    An unreadable slurm.conf is an error (the prolog gets SLURM_CONF from slurmd); a missing
+    cgroup.conf means Slurm's default, ConstrainDevices=no.
+    """
+    try:
+        plugins = _slurm_settings(slurm_conf).get("taskplugin", "")
+    except OSError as exc:
+        raise ShifterError(f"{slurm_conf}: {exc.strerror}") from None
+    if not any(p.strip() in ("task/cgroup", "cgroup") for p in plugins.split(",")):
+        return False
+    try:
+        cgroup = _slurm_settings(os.path.join(os.path.dirname(slurm_conf), "cgroup.conf"))
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise ShifterError(f"{os.path.join(os.path.dirname(slurm_conf), 'cgroup.conf')}: {exc.strerror}") from None
+    return cgroup.get("constraindevices", "no").lower() in ("yes", "true", "1")
 
 
 def parse_gpu_ids(text: str) -> list[int]:
@@ -340,17 +431,18 @@ def parse_gpu_ids(text: str) -> list[int]:
 class Injection(Record):
     """What setupRoot binds into one job's root, decided before anything is mounted."""
 
-    __slots__ = ("discovery", "gpus", "userspace", "site_resources", "hide_file", "hide_dir")
+    __slots__ = ("discovery", "gpus", "userspace", "site_resources", "hide_file", "hide_dir", "local_ids")
     discovery: Discovery
     gpus: list[int]  # allocated indices; empty: the job has no GPU, everything is covered
     userspace: bool  # False: devices only (the job brings its own driver libraries)
+    local_ids: bool  # Slurm numbers the job's GPUs from 0 in tasks (task/cgroup with ConstrainDevices=yes)
     site_resources: str
     hide_file: str  # an empty root-owned mode-0 file and directory that cover what is not allocated
     hide_dir: str
 
 
 def plan_injection(discovery: Discovery, gpus: list[int], userspace: bool, site_resources: str,
-                   hide_file: str, hide_dir: str) -> Injection:
+                   hide_file: str, hide_dir: str, local_ids: bool = False) -> Injection:
     """Check the allocation against the node: an allocated GPU the node lacks is the node's fault."""
     from shifter.errors import NodeError
 
@@ -363,14 +455,19 @@ def plan_injection(discovery: Discovery, gpus: list[int], userspace: bool, site_
             raise NodeError(f"allocated GPU(s) {','.join(map(str, missing))} have no device node in "
                             f"{discovery.recipe.gpu_dir}")
     return Injection(discovery=discovery, gpus=gpus, userspace=userspace, site_resources=site_resources.rstrip("/"),
-                     hide_file=hide_file, hide_dir=hide_dir)
+                     hide_file=hide_file, hide_dir=hide_dir, local_ids=local_ids)
 
 
 def environment_operations(injection: Injection) -> list[tuple[str, str, str]]:
     """The container environment for the job (shifter/environment.py operations); none without GPUs.
 
-    ``CUDA_VISIBLE_DEVICES`` is left as Slurm set it for the task: with ConstrainDevices the
-    device cgroup hides the other GPUs from CUDA exactly as the covered nodes do here.
+    ``CUDA_VISIBLE_DEVICES`` must name the same GPUs inside as it does to a bare-metal task of
+    the same step.  CUDA numbers the GPUs a process can open.  With task/cgroup and
+    ConstrainDevices=yes the device cgroup already limits that set to the allocation, Slurm
+    numbers from 0 accordingly, and the container changes nothing: the value is kept.  Without
+    it a bare-metal task opens every GPU of the node and Slurm gives node indices, but in the
+    container the job's other GPUs are covered, so each index is renumbered to its place among
+    the job's GPUs (the ``%`` operation; nothing to do when the job holds GPUs 0..n-1).
     """
     if not injection.gpus:
         return []
@@ -381,6 +478,8 @@ def environment_operations(injection: Injection) -> list[tuple[str, str, str]]:
         if name == "NVIDIA_DRIVER_CAPABILITIES" and not injection.userspace:
             continue
         ops.append(("=", name, template.format(**values)))
+    if not injection.local_ids and injection.gpus != list(range(len(injection.gpus))):
+        ops += [("%", name, values["gpus"]) for name in injection.discovery.recipe.renumber_variables]
     if injection.userspace:
         dirs = [f"{injection.site_resources}/lib{bits}" for bits in (64, 32)
                 if any(lib.bits == bits for lib in injection.discovery.libraries)]
@@ -428,7 +527,7 @@ def _new_file(dir_fd: int, name: str) -> None:
     os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd))
 
 
-def inject(injection: Injection, root: str, tmpfs_dev: int, propagation: int) -> None:
+def inject(injection: Injection, root: str, tmpfs_dev: int, propagation: int, image_dir: str | None = None) -> None:
     """Bind the driver's files under siteResources and cover the devices the job may not see.
 
     Runs after /dev is bound and before the image's directories are, so siteResources is made
@@ -438,6 +537,8 @@ def inject(injection: Injection, root: str, tmpfs_dev: int, propagation: int) ->
 
     root_fd = fdpath.open_dir(root)
     try:
+        if image_dir is not None:
+            prepare_host_paths(injection, root_fd, image_dir, tmpfs_dev)
         nodes, dirs = hidden_devices(injection)
         for path in nodes:
             _bind_file(injection.hide_file, root_fd, path, propagation)
@@ -467,3 +568,129 @@ def inject(injection: Injection, root: str, tmpfs_dev: int, propagation: int) ->
                 os.close(dir_fd)
     finally:
         os.close(root_fd)
+
+
+def _image_has_content(image_fd: int, path: str) -> bool:
+    """Whether the image has ``path`` as anything but a missing or empty directory (resolved in the image)."""
+    from shifter import fdpath
+
+    try:
+        fd = fdpath.open_in_root(image_fd, path, os.O_PATH | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False
+    except OSError:  # a file where a directory would be, a link loop: the image's, left alone
+        return True
+    try:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            return True
+        listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+        try:
+            return bool(os.listdir(listing))
+        finally:
+            os.close(listing)
+    finally:
+        os.close(fd)
+
+
+def prepare_host_paths(injection: Injection, root_fd: int, image_dir: str, tmpfs_dev: int) -> None:
+    """Before the image's directories are bound: make the way to each host path on the tmpfs where
+    the image has nothing there (no ``/run``, an empty ``/run``, no ``/var/log``), so no content of
+    the image is hidden.  Below a directory the image fills, the image's own tree must hold the path
+    (see :func:`bind_host_paths`)."""
+    from shifter import fdpath
+
+    if not injection.gpus or not injection.userspace or not injection.discovery.host_paths:
+        return
+    image_fd = fdpath.open_dir(image_dir)
+    try:
+        for item in injection.discovery.host_paths:
+            parts = [p for p in item.path.split("/") if p]
+            for count in range(1, len(parts) + 1):
+                prefix = "/".join(parts[:count])
+                try:
+                    os.close(fdpath.open_in_root(root_fd, prefix, os.O_PATH | os.O_NOFOLLOW))
+                    continue  # the site's (a tmpfs directory, /tmp): the next component decides
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    break  # not a directory on the way: bind_host_paths says so
+                if _image_has_content(image_fd, prefix):
+                    break
+                directory = "/".join(parts if item.kind == "directory" else parts[:-1])
+                try:
+                    fdpath.make_dirs_in_root(root_fd, directory, device=tmpfs_dev)
+                except OSError:
+                    break  # below a host bind: bind_host_paths says so
+                break
+    finally:
+        os.close(image_fd)
+
+
+def bind_host_paths(injection: Injection, root: str, tmpfs_dev: int, propagation: int) -> list[str]:
+    """After the image's directories are bound: bind each host path at its own path; returns what
+    could not be placed (one line each).  A target is created only on the container's tmpfs; one
+    the container already shows as the same object (``/tmp/nvidia-mps`` in the host's /tmp) is
+    left as it is."""
+    from shifter import fdpath
+
+    if not injection.gpus or not injection.userspace:
+        return []
+    notes = []
+    root_fd = fdpath.open_dir(root)
+    try:
+        for item in injection.discovery.host_paths:
+            try:
+                source_fd = os.open(item.host, os.O_PATH | os.O_CLOEXEC)
+            except OSError as exc:
+                notes.append(f"{item.path}: not placed ({item.host}: {exc.strerror})")
+                continue
+            try:
+                target_fd = _host_path_target(root_fd, item, tmpfs_dev)
+                if target_fd is None:
+                    notes.append(f"{item.path}: not placed (the image's read-only tree lacks its directory)")
+                    continue
+                try:
+                    source, target = os.fstat(source_fd), os.fstat(target_fd)
+                    if (source.st_dev, source.st_ino) != (target.st_dev, target.st_ino):
+                        fdpath.bind_fd(source_fd, target_fd, readonly=not item.writable, propagation=propagation)
+                except OSError as exc:
+                    notes.append(f"{item.path}: not placed ({exc.strerror})")
+                finally:
+                    os.close(target_fd)
+            finally:
+                os.close(source_fd)
+    finally:
+        os.close(root_fd)
+    return notes
+
+
+def _host_path_target(root_fd: int, item: HostPath, tmpfs_dev: int) -> int | None:
+    """An O_PATH descriptor of the container's ``item.path`` (created on the tmpfs if missing), or None."""
+    from shifter import fdpath
+
+    try:
+        return fdpath.open_in_root(root_fd, item.path, os.O_PATH | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return None
+    parent, name = os.path.split(item.path.rstrip("/"))
+    try:
+        parent_fd = fdpath.open_in_root(root_fd, parent, os.O_PATH | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        if os.fstat(parent_fd).st_dev != tmpfs_dev:
+            return None
+        if item.kind == "directory":
+            os.mkdir(name, 0o755, dir_fd=parent_fd)
+        else:
+            _new_file(parent_fd, name)
+    except OSError:
+        return None
+    finally:
+        os.close(parent_fd)
+    try:
+        return fdpath.open_in_root(root_fd, item.path, os.O_PATH | os.O_NOFOLLOW)
+    except OSError:
+        return None

@@ -19,9 +19,10 @@ at teardown.  It is a sequence of NUL-terminated records, each a tag character a
     v<volume request>         SHIFTER_IMAGE, SHIFTER_VOLUME and SHIFTER_MODULE (or their
     m<module request>         SLURM_SPANK_SHIFTER_ twins; empty means unset) exactly these
     w<workdir>                the image's WORKDIR (may be empty)
-    =NAME=VALUE  +NAME=VALUE  ^NAME=VALUE  -NAME
+    =NAME=VALUE  +NAME=VALUE  ^NAME=VALUE  -NAME  %NAME=IDS
                               the image's and the site's environment changes, in order
-                              (shifter/environment.py)
+                              (shifter/environment.py); ``%`` renumbers the task's GPU
+                              indices to their places in IDS (shifter/gpu.py)
 
 No plan is written when an active module has a userhook: that path stays in Python.
 """
@@ -74,7 +75,7 @@ def decode_operations(data: bytes) -> list[tuple[str, str, str]]:
     ops = []
     for raw in data.split(b"\0"):
         record = raw.decode("utf-8", "surrogateescape")
-        if not record or record[0] not in "=+^-":
+        if not record or record[0] not in "=+^-%":
             continue
         if record[0] == "-":
             ops.append(("-", record[1:], ""))

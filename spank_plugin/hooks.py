@@ -222,6 +222,7 @@ class JobRequest:
     node_spec: str
     gpus: str = ""  # SLURM_JOB_GPUS: the job's GPU indices on this node (Slurm 22.05 sets it in the prolog)
     writable: bool = False
+    gpus_local: bool = False  # tasks get job-relative GPU indices (task/cgroup with ConstrainDevices=yes)
 
 
 def job_request(opts: dict[str, str], env: dict[str, str], conf: PlugstackArgs) -> JobRequest:
@@ -256,7 +257,15 @@ def job_request(opts: dict[str, str], env: dict[str, str], conf: PlugstackArgs) 
         node_spec=node_spec,
         gpus=env.get("SLURM_JOB_GPUS", ""),
         writable=env.get("SPANK_SHIFTER_WRITABLE") == "1" and not ccm,
+        gpus_local=_gpus_local(env) if env.get("SLURM_JOB_GPUS") else False,
     )
+
+
+def _gpus_local(env: dict[str, str]) -> bool:
+    """How Slurm numbers the GPUs in tasks, from the slurm.conf slurmd gives the prolog (SLURM_CONF)."""
+    from shifter.gpu import slurm_numbers_gpus_locally
+
+    return slurm_numbers_gpus_locally(env.get("SLURM_CONF") or "/etc/slurm/slurm.conf")
 
 
 def _check_image(image_type: str, image: str) -> None:
@@ -298,7 +307,7 @@ def _primary_gid(uid: int) -> int:
 
 def setuproot_argv(conf: PlugstackArgs, req: JobRequest) -> list[str]:
     """The original's setupRoot argv contract, plus --config, --job-id, --memory-cgroup, --defer-sshd, --gpus,
-    --writable."""
+    --gpus-local and --writable."""
     _check_image(req.image_type, req.image)
     argv = [os.path.join(buildinfo.PREFIX, "sbin", "setupRoot"), "--config", conf.shifter_config,
             "--job-id", req.job_id, "-U", str(req.uid), "-G", str(req.gid), "-u", req.user]
@@ -315,6 +324,8 @@ def setuproot_argv(conf: PlugstackArgs, req: JobRequest) -> list[str]:
         argv += ["-m", req.modules]
     if req.gpus:
         argv += ["--gpus", req.gpus]
+        if req.gpus_local:
+            argv.append("--gpus-local")
     if req.writable:
         argv.append("--writable")
     return argv + ["--", req.image_type, req.image]  # "--": an image named "--config=..." stays an image

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,6 +54,21 @@ def c_only(gpu_cluster: Cluster) -> Iterator[str]:
     path.unlink()
 
 
+def _where(label: str) -> str:
+    """A task's line naming the device node its CUDA_VISIBLE_DEVICES selects, found the way CUDA
+    numbers GPUs: among the GPU nodes the process can open (covered ones are empty files), in order.
+    A stand-in for CUDA itself, which cannot run here."""
+    return (f"srun {{}} /bin/sh -c 'n=0; dev=none; for d in /dev/nvidia[0-9]*; do [ -c \"$d\" ] || continue; "
+            f"[ \"$n\" = \"$CUDA_VISIBLE_DEVICES\" ] && dev=$d; n=$((n+1)); done; "
+            f"echo \"{label} $SLURM_PROCID CVD=$CUDA_VISIBLE_DEVICES dev=$dev\"'\n")
+
+
+def _devices(output: str, label: str) -> dict[str, tuple[str, str]]:
+    """task -> (CUDA_VISIBLE_DEVICES, device node it selects) from the lines of :func:`_where`."""
+    return {task: (cvd, dev) for task, cvd, dev in
+            re.findall(rf"^{label} (\d+) CVD=(\S*) dev=(\S+)$", output, re.MULTILINE)}
+
+
 def _image(cluster: Cluster) -> str:
     try:
         return cluster.image("demo/debian")  # glibc, for the fake nvidia-smi
@@ -86,8 +102,9 @@ def test_fake_gpu_job_with_one_gpu(gpu_cluster: Cluster, c_only: str) -> None:
         f"driver {VERSION} from {SITE_RESOURCES}/lib64/libnvidia-ml.so.1",
         *sorted([f"/dev/nvidia{index} char 195:{index}", f"/dev/nvidia{other} hidden Permission denied"]),
         "/dev/nvidia2 absent", "/dev/nvidia3 absent", "/dev/nvidiactl char 195:255", "/dev/nvidia-uvm char 509:0"]
-    bare = re.search(r"^bare 0 CVD=(\S*)$", output, re.MULTILINE).group(1)
-    assert (f"task 0 on {node}: NV={index} CVD={bare} CAP=compute,utility LD={SITE_RESOURCES}/lib64"
+    # Slurm's node index outside (no ConstrainDevices here); the job's only GPU is CUDA's 0 inside
+    assert f"bare 0 CVD={index}" in output.splitlines(), output
+    assert (f"task 0 on {node}: NV={index} CVD=0 CAP=compute,utility LD={SITE_RESOURCES}/lib64"
             in output.splitlines()), output
 
 
@@ -100,11 +117,36 @@ def test_fake_gpu_two_gpus_per_node_on_two_nodes(gpu_cluster: Cluster, c_only: s
 
 def test_fake_gpu_per_task_gpus_keep_slurms_numbering(gpu_cluster: Cluster, c_only: str) -> None:
     body = (f"srun {c_only} /bin/sh -c '{ENV_LINE}'\n"
-            "srun /bin/sh -c 'echo \"bare $SLURM_PROCID CVD=$CUDA_VISIBLE_DEVICES\"'\n")
+            "srun /bin/sh -c 'echo \"bare $SLURM_PROCID CVD=$CUDA_VISIBLE_DEVICES\"'\n"
+            + _where("in").format(c_only) + _where("out").format(""))
     output = _run(gpu_cluster, body, "--gpus-per-task=1", "--ntasks=2", "--nodes=1")
     inside = dict(re.findall(r"^task (\d) on n\d: NV=0,1 CVD=(\S*) CAP=compute,utility", output, re.MULTILINE))
     bare = dict(re.findall(r"^bare (\d) CVD=(\S*)$", output, re.MULTILINE))
     assert len(inside) == 2 and inside == bare, output
+    # each task its own GPU, the same one in the container as on bare metal
+    assert _devices(output, "in") == _devices(output, "out"), output
+    assert sorted(dev for _, dev in _devices(output, "in").values()) == ["/dev/nvidia0", "/dev/nvidia1"], output
+
+
+def test_fake_gpu_second_gpu_of_a_node_keeps_its_meaning(gpu_cluster: Cluster, c_only: str) -> None:
+    """The job holds only GPU 1 (another job holds GPU 0).  Slurm (task/none here, no ConstrainDevices)
+    gives the task CUDA_VISIBLE_DEVICES=1, a node index; in the container GPU 0 is covered, so CUDA's
+    device 0 is GPU 1 and the value is renumbered to 0 (the prepared path does it)."""
+    holder = gpu_cluster.submit_batch(USER, batch_script("sleep 300", "--gpus=1", "--nodes=1", "--nodelist=n1"))
+    try:
+        for _ in range(300):
+            if gpu_cluster.job_fields(holder).get("JobState") == "RUNNING":
+                break
+            time.sleep(0.2)
+        body = ("echo \"batch: SLURM_JOB_GPUS=$SLURM_JOB_GPUS\"\n"
+                + _where("in").format(c_only) + _where("out").format(""))
+        output = _run(gpu_cluster, body, "--gpus=1", "--nodes=1", "--nodelist=n1")
+    finally:
+        gpu_cluster.run(["scancel", holder])
+        gpu_cluster.wait_job(holder)
+    assert "batch: SLURM_JOB_GPUS=1" in output.splitlines(), output
+    assert _devices(output, "out") == {"0": ("1", "/dev/nvidia1")}, output
+    assert _devices(output, "in") == {"0": ("0", "/dev/nvidia1")}, output
 
 
 def test_fake_gpu_job_without_gpus_gets_nothing(gpu_cluster: Cluster, c_only: str) -> None:

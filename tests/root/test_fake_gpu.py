@@ -31,10 +31,13 @@ LIBDIR = fakegpu.LIBDIR
 def _build_image(work: str, images: str) -> None:
     """An image with no driver: glibc, busybox, a program that loads libcuda.so.1, and a CUDA stub."""
     tree = os.path.join(work, "tree-fake-gpu")
-    for sub in ("bin", "usr/bin", "lib64", "lib/x86_64-linux-gnu", "usr/local/cuda/lib64/stubs", "etc", "opt"):
+    # lib/firmware/nvidia/<version>: the image ships the directory (empty), as the GSP firmware needs a
+    # place in the image's read-only /lib; /run and /var/log it lacks, so they are made on the tmpfs
+    for sub in ("bin", "usr/bin", "lib64", "lib/x86_64-linux-gnu", "usr/local/cuda/lib64/stubs", "etc", "opt",
+                f"lib/firmware/nvidia/{VERSION}"):
         os.makedirs(os.path.join(tree, sub))
     shutil.copy("/bin/busybox", os.path.join(tree, "bin/busybox"))
-    for applet in ("sh", "cat", "ls", "env", "stat", "readlink"):
+    for applet in ("sh", "cat", "ls", "env", "stat", "readlink", "touch"):
         os.symlink("busybox", os.path.join(tree, "bin", applet))
     shutil.copy(os.path.realpath("/lib64/ld-linux-x86-64.so.2"), os.path.join(tree, "lib64/ld-linux-x86-64.so.2"))
     shutil.copy(os.path.realpath("/lib/x86_64-linux-gnu/libc.so.6"), os.path.join(tree, "lib/x86_64-linux-gnu"))
@@ -55,7 +58,11 @@ def fake_gpu_site(clean_site):
     if not os.path.isdir(driver):
         fakegpu.build_driver(driver)
         _build_image(site.base, site.images)
-    site.write_config(f"siteResources={SITE_RESOURCES}\ngpuRecipe=nvidia\ngpuDriverRoot={driver}\n")
+    pipe = os.path.join(site.base, "fake-mps-pipe")
+    os.makedirs(pipe, exist_ok=True)
+    os.chmod(pipe, 0o1777)
+    site.write_config(f"siteResources={SITE_RESOURCES}\ngpuRecipe=nvidia\ngpuDriverRoot={driver}\n"
+                      f"siteEnv=CUDA_MPS_PIPE_DIRECTORY={pipe}\n")
     return site
 
 
@@ -108,16 +115,34 @@ def test_fake_gpu_job_sees_only_its_gpus_and_the_drivers_libraries(fake_gpu_site
     setup = node.setup("701", user, "--gpus", "1,3")
     smi = node.shifter("701", user, "nvidia-smi")
     probe = node.shifter("701", user, "gpuprobe")
-    env_fast = node.shifter("701", user, "env", CUDA_VISIBLE_DEVICES="0,1")
-    env_python = node.shifter("701", user, "env", CUDA_VISIBLE_DEVICES="0,1", launcher="shifter-python")
+    # Slurm's node indices for the job's GPUs (no ConstrainDevices): CUDA numbers them 0,1 inside
+    env_fast = node.shifter("701", user, "env", CUDA_VISIBLE_DEVICES="1,3", GPU_DEVICE_ORDINAL="3")
+    env_python = node.shifter("701", user, "env", CUDA_VISIBLE_DEVICES="1,3", GPU_DEVICE_ORDINAL="3",
+                              launcher="shifter-python")
     listing = node.shifter("701", user, "ls", f"{SITE_RESOURCES}/lib64", f"{SITE_RESOURCES}/bin")
     link = node.shifter("701", user, "readlink", f"{SITE_RESOURCES}/lib64/libcuda.so.1")
     write = node.shifter("701", user, "sh", "-c", f"echo x > {SITE_RESOURCES}/lib64/libcuda.so.1")
+    pipe = os.path.join(site.base, "fake-mps-pipe")
+    host_paths = node.shifter("701", user, "sh", "-c",
+                              f"cat /lib/firmware/nvidia/{VERSION}/{fakegpu.FIRMWARE_FILE} "
+                              "/var/log/nvidia-mps/control.log"
+                              f" && stat -c '%n %F' /run/nvidia-persistenced/socket && touch {pipe}/client-701"
+                              f" && ls /lib/firmware/nvidia && echo MPS=$CUDA_MPS_PIPE_DIRECTORY")
+    firmware_write = node.shifter("701", user, "touch", f"/lib/firmware/nvidia/{VERSION}/x")
     unsetup = node.unsetup("--job-id", "701")
     doctor = node.shifter("701", user, "doctor")
     results = node.run()
 
     _ok(results[setup])
+    assert "not placed" not in results[setup]["stderr"]
+    # the running driver's firmware (read-only), the persistenced socket, the MPS log (site default)
+    # and pipe directory (the site's siteEnv value, writable): each at its own path
+    assert _ok(results[host_paths]).splitlines() == [
+        f"fake GSP firmware {VERSION}", "fake MPS control log", "/run/nvidia-persistenced/socket socket",
+        VERSION, f"MPS={pipe}"]
+    assert os.path.exists(f"{pipe}/client-701")
+    os.unlink(f"{pipe}/client-701")
+    assert results[firmware_write]["rc"] != 0
     assert _ok(results[smi]).splitlines() == [
         f"driver {VERSION} from {SITE_RESOURCES}/lib64/libnvidia-ml.so.1",
         "/dev/nvidia0 hidden Permission denied",
@@ -133,7 +158,8 @@ def test_fake_gpu_job_sees_only_its_gpus_and_the_drivers_libraries(fake_gpu_site
         env = _env(_ok(results[index]))
         assert env["NVIDIA_VISIBLE_DEVICES"] == "1,3"  # the allocation, not the image's "all"
         assert env["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
-        assert env["CUDA_VISIBLE_DEVICES"] == "0,1"  # Slurm's value for the task, not the image's
+        # Slurm's value for the task (not the image's), renumbered as the container shows the GPUs
+        assert env["CUDA_VISIBLE_DEVICES"] == "0,1" and env["GPU_DEVICE_ORDINAL"] == "1"
         assert env["LD_LIBRARY_PATH"] == f"{SITE_RESOURCES}/lib64:/usr/local/cuda/lib64/stubs"
         assert env["PATH"].startswith(f"{SITE_RESOURCES}/bin:")
     assert sorted(_ok(results[listing]).split()) == sorted([
@@ -156,6 +182,9 @@ def test_fake_gpu_job_sees_only_its_gpus_and_the_drivers_libraries(fake_gpu_site
     assert (f"WARN GPU libraries: of another driver version, not used: {lib}/libnvidia-cfg.so.470.82.01 "
             "-> remove them and run ldconfig") in report
     assert f"ok   GPU binaries: nvidia-smi ({driver}/usr/bin/nvidia-smi)" in report
+    assert (f"ok   GPU host paths: /lib/firmware/nvidia/{VERSION} ({driver}/lib/firmware/nvidia/{VERSION}) "
+            f"/run/nvidia-persistenced/socket ({driver}/run/nvidia-persistenced/socket) {pipe} "
+            f"/var/log/nvidia-mps ({driver}/var/log/nvidia-mps)") in report
     assert not [line for line in report if line.startswith("FAIL GPU")]
 
 
@@ -196,6 +225,7 @@ def test_fake_gpu_job_without_gpus_gets_nothing(fake_gpu_site, users):
     probe = node.shifter("702", user, "gpuprobe")
     env = node.shifter("702", user, "env")
     resources = node.shifter("702", user, "ls", SITE_RESOURCES)
+    host_paths = node.shifter("702", user, "ls", "/run/nvidia-persistenced", "/var/log/nvidia-mps")
     unsetup = node.unsetup("--job-id", "702")
     results = node.run()
 
@@ -208,6 +238,7 @@ def test_fake_gpu_job_without_gpus_gets_nothing(fake_gpu_site, users):
     assert not {"NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES"} & set(job_env)
     assert job_env["LD_LIBRARY_PATH"] == "/usr/local/cuda/lib64/stubs"
     assert results[resources]["rc"] != 0
+    assert results[host_paths]["rc"] != 0 and results[host_paths]["stdout"] == ""
     _ok(results[unsetup])
     assert results[unsetup]["mounts"] == []
 
@@ -215,19 +246,21 @@ def test_fake_gpu_job_without_gpus_gets_nothing(fake_gpu_site, users):
 def test_fake_gpu_module_none_keeps_devices_but_not_the_driver(fake_gpu_site, users):
     site, user = fake_gpu_site, users[0]
     node = FakeGpuNode(site)
-    setup = node.setup("703", user, "--gpus", "0", "-m", "none")
+    # --gpus-local: Slurm numbers from 0 in tasks (ConstrainDevices), so its value is kept as is
+    setup = node.setup("703", user, "--gpus", "1", "--gpus-local", "-m", "none")
     devices = node.shifter("703", user, "stat", "-c", "%n %F", "/dev/nvidia0", "/dev/nvidia1", SHIFTER_MODULE="none")
     probe = node.shifter("703", user, "gpuprobe", SHIFTER_MODULE="none")
-    env = node.shifter("703", user, "env", SHIFTER_MODULE="none")
+    env = node.shifter("703", user, "env", SHIFTER_MODULE="none", CUDA_VISIBLE_DEVICES="0")
     unsetup = node.unsetup("--job-id", "703")
     results = node.run(gpus=2)
 
     _ok(results[setup])
-    assert _ok(results[devices]).splitlines() == ["/dev/nvidia0 character special file",
-                                                  "/dev/nvidia1 regular empty file"]
+    assert _ok(results[devices]).splitlines() == ["/dev/nvidia0 regular empty file",
+                                                  "/dev/nvidia1 character special file"]
     assert "image-stub" in _ok(results[probe])
     job_env = _env(_ok(results[env]))
-    assert job_env["NVIDIA_VISIBLE_DEVICES"] == "0" and "NVIDIA_DRIVER_CAPABILITIES" not in job_env
+    assert job_env["NVIDIA_VISIBLE_DEVICES"] == "1" and "NVIDIA_DRIVER_CAPABILITIES" not in job_env
+    assert job_env["CUDA_VISIBLE_DEVICES"] == "0"
     _ok(results[unsetup])
 
 
@@ -251,7 +284,7 @@ def test_fake_gpu_amd_recipe_shows_the_allocated_render_node_and_kfd(fake_gpu_si
     setup = node.setup("706", user, "--gpus", "1")
     devices = node.shifter("706", user, "stat", "-c", "%n %F", "/dev/dri/renderD128", "/dev/dri/renderD129",
                            "/dev/kfd")
-    env = node.shifter("706", user, "env", ROCR_VISIBLE_DEVICES="0")
+    env = node.shifter("706", user, "env", ROCR_VISIBLE_DEVICES="1")  # Slurm's node index (no ConstrainDevices)
     plain = node.setup("707", user)
     plain_devices = node.shifter("707", user, "stat", "-c", "%n %F", "/dev/dri/renderD129", "/dev/kfd")
     unsetup = node.unsetup("--all")
@@ -260,10 +293,40 @@ def test_fake_gpu_amd_recipe_shows_the_allocated_render_node_and_kfd(fake_gpu_si
     assert _ok(results[devices]).splitlines() == ["/dev/dri/renderD128 regular empty file",
                                                   "/dev/dri/renderD129 character special file",
                                                   "/dev/kfd character special file"]
-    assert _env(_ok(results[env]))["ROCR_VISIBLE_DEVICES"] == "0"  # Slurm's for the task; no driver libraries
+    assert _env(_ok(results[env]))["ROCR_VISIBLE_DEVICES"] == "0"  # ROCm's only GPU here; no driver libraries
     assert f"{SITE_RESOURCES}" not in _env(_ok(results[env])).get("LD_LIBRARY_PATH", "")
     _ok(results[plain])
     assert _ok(results[plain_devices]).splitlines() == ["/dev/dri/renderD129 regular empty file",
                                                         "/dev/kfd regular empty file"]
     _ok(results[unsetup])
     assert results[unsetup]["mounts"] == []
+
+
+def test_fake_gpu_host_paths_never_hide_what_the_image_has(tmp_path):
+    """The way to a host path is made on the tmpfs only where the image has nothing (an empty /run);
+    below a directory the image fills (/lib, /var/log) the path is placed only if the image has it,
+    otherwise it is a note.  A fake driver tree and a plain directory as the image."""
+    import socket
+
+    driver, image = tmp_path / "driver", tmp_path / "image"
+    (driver / "lib/firmware/nvidia/1.0").mkdir(parents=True)
+    (driver / "lib/firmware/nvidia/1.0" / fakegpu.FIRMWARE_FILE).write_text("fw\n")
+    (driver / "run/nvidia-persistenced").mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(driver / "run/nvidia-persistenced/socket"))
+    (driver / "var/log/nvidia-mps").mkdir(parents=True)
+    (driver / "var/log/nvidia-mps/control.log").write_text("log\n")
+    (image / "lib/x86_64-linux-gnu").mkdir(parents=True)  # /lib with content, no firmware
+    (image / "run").mkdir()  # empty: nothing of the image is lost by making it on the tmpfs
+    (image / "var/log/apt").mkdir(parents=True)  # /var/log with content, no nvidia-mps
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", PYTHON,
+                          os.path.join(HERE, "placement.py"), str(tmp_path)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["notes"] == [
+        "/lib/firmware/nvidia/1.0: not placed (the image's read-only tree lacks its directory)",
+        "/var/log/nvidia-mps: not placed (the image's read-only tree lacks its directory)"]
+    assert result["shown"] == {"/lib/firmware/nvidia/1.0": False, "/run/nvidia-persistenced/socket": True,
+                               "/var/log/nvidia-mps": False, "/run listing": ["nvidia-persistenced"],
+                               "/var/log listing": ["apt"]}

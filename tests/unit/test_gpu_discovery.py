@@ -12,6 +12,7 @@ import os
 import pytest
 
 from shifter import gpu
+from shifter.environment import apply_operations, renumber_devices
 from shifter.errors import NodeError, ShifterError
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "gpu")
@@ -174,11 +175,13 @@ def test_environment_and_hidden_devices_follow_the_allocation(recipe):
     inj = gpu.plan_injection(_discovery(recipe, node), [0, 2], True, "/opt/shifter/site-resources/", "/h", "/d")
     assert gpu.environment_operations(inj) == [
         ("=", "NVIDIA_VISIBLE_DEVICES", "0,2"), ("=", "NVIDIA_DRIVER_CAPABILITIES", "compute,utility"),
+        ("%", "CUDA_VISIBLE_DEVICES", "0,2"), ("%", "GPU_DEVICE_ORDINAL", "0,2"),
         ("^", "LD_LIBRARY_PATH", "/opt/shifter/site-resources/lib64:/opt/shifter/site-resources/lib32"),
         ("^", "PATH", "/opt/shifter/site-resources/bin")]
     assert gpu.hidden_devices(inj) == (["/dev/nvidia1"], [])
     devices_only = gpu.plan_injection(_discovery(recipe, node), [1], False, "/sr", "/h", "/d")
-    assert gpu.environment_operations(devices_only) == [("=", "NVIDIA_VISIBLE_DEVICES", "1")]
+    assert gpu.environment_operations(devices_only) == [
+        ("=", "NVIDIA_VISIBLE_DEVICES", "1"), ("%", "CUDA_VISIBLE_DEVICES", "1"), ("%", "GPU_DEVICE_ORDINAL", "1")]
     none = gpu.plan_injection(_discovery(recipe, node), [], True, "/sr", "/h", "/d")
     assert gpu.environment_operations(none) == []
     assert gpu.hidden_devices(none) == (["/dev/nvidia0", "/dev/nvidia1", "/dev/nvidia2", "/dev/nvidiactl",
@@ -203,6 +206,110 @@ def test_amd_is_one_more_recipe_file():
     found = gpu.Discovery(recipe=amd, version=None, libraries=[], binaries=[], gpus=node, control=["/dev/kfd"],
                           capability_dirs=[], stale=[], problems=[])
     one = gpu.plan_injection(found, [1], True, "/sr", "/h", "/d")
-    assert gpu.hidden_devices(one) == (["/dev/dri/renderD128"], []) and gpu.environment_operations(one) == []
+    assert gpu.hidden_devices(one) == (["/dev/dri/renderD128"], [])
+    assert gpu.environment_operations(one) == [("%", "ROCR_VISIBLE_DEVICES", "1"), ("%", "GPU_DEVICE_ORDINAL", "1")]
     none = gpu.plan_injection(found, [], True, "/sr", "/h", "/d")
     assert gpu.hidden_devices(none) == (["/dev/dri/renderD128", "/dev/dri/renderD129", "/dev/kfd"], [])
+
+
+def test_cuda_visible_devices_renumbered_only_when_slurm_used_node_indices(recipe):
+    """Without ConstrainDevices a bare-metal task opens every GPU of the node and Slurm gives node
+    indices; in the container only the job's GPUs open, so CUDA numbers them 0..n-1."""
+    node = {0: "/dev/nvidia0", 1: "/dev/nvidia1", 2: "/dev/nvidia2", 3: "/dev/nvidia3"}
+
+    def renumbering(gpus, local_ids=False):
+        inj = gpu.plan_injection(_discovery(recipe, node), gpus, False, "/sr", "/h", "/d", local_ids=local_ids)
+        return [op for op in gpu.environment_operations(inj) if op[0] == "%"]
+
+    assert renumbering([1, 3]) == [("%", "CUDA_VISIBLE_DEVICES", "1,3"), ("%", "GPU_DEVICE_ORDINAL", "1,3")]
+    assert renumbering([0, 1]) == []  # the job holds GPUs 0..n-1: the same numbers either way
+    assert renumbering([1, 3], local_ids=True) == []  # the device cgroup already numbers them from 0
+    assert renumbering([]) == []
+    env = {"CUDA_VISIBLE_DEVICES": "3", "GPU_DEVICE_ORDINAL": "1,3"}
+    apply_operations(env, renumbering([1, 3]))
+    assert env == {"CUDA_VISIBLE_DEVICES": "1", "GPU_DEVICE_ORDINAL": "0,1"}
+    unset: dict[str, str] = {}
+    apply_operations(unset, renumbering([1, 3]))
+    assert unset == {}
+
+
+@pytest.mark.parametrize(("value", "ids", "expected"), [
+    ("3", "1,3", "1"), ("1,3", "1,3", "0,1"), ("3,1", "1,3", "1,0"), ("03", "3", "0"),
+    ("2", "1,3", ""),  # not the job's: dropped, never widened
+    ("GPU-8e1d4c2a,3", "1,3", "GPU-8e1d4c2a,1"), ("MIG-0f3c", "1", "MIG-0f3c"), ("1,,3", "1,3", "0,1"), ("", "1", ""),
+])
+def test_renumber_devices(value, ids, expected):
+    assert renumber_devices(value, ids) == expected
+
+
+def _slurm_conf(tmp_path, task_plugin: str | None, constrain: str | None) -> str:
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=x\n" + (f"taskplugin = {task_plugin}  # comment\n" if task_plugin else ""))
+    if constrain is not None:
+        (tmp_path / "cgroup.conf").write_text(f"# ConstrainDevices=yes\nConstrainDevices={constrain}\n")
+    return str(conf)
+
+
+@pytest.mark.parametrize(("task_plugin", "constrain", "local"), [
+    ("task/affinity,task/cgroup", "yes", True), ("task/cgroup", "Yes", True), ("cgroup", "yes", True),
+    ("task/cgroup", "no", False), ("task/cgroup", None, False),  # cgroup.conf's default is no
+    ("task/affinity", "yes", False), (None, "yes", False), ("task/none", "yes", False),
+])
+def test_slurm_numbers_gpus_locally_only_with_task_cgroup_and_constrain_devices(tmp_path, task_plugin, constrain,
+                                                                                local):
+    assert gpu.slurm_numbers_gpus_locally(_slurm_conf(tmp_path, task_plugin, constrain)) is local
+
+
+def test_unreadable_slurm_conf_is_one_clear_error(tmp_path):
+    with pytest.raises(ShifterError, match=r"slurm.conf: No such file"):
+        gpu.slurm_numbers_gpus_locally(str(tmp_path / "slurm.conf"))
+
+
+def _socket(path: str) -> None:
+    import socket
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(path)
+
+
+def test_host_paths_of_the_running_driver_under_the_driver_root(recipe, tmp_path):
+    """GSP firmware of the running version only, the persistenced socket (a socket, not a file),
+    MPS directories: each where the driver root has it, at the same path in the container."""
+    root = str(tmp_path)
+    os.makedirs(f"{root}/lib/firmware/nvidia/535.104.05")
+    os.makedirs(f"{root}/lib/firmware/nvidia/470.82.01")
+    _socket(f"{root}/run/nvidia-persistenced/socket")
+    os.makedirs(f"{root}/var/log/nvidia-mps")
+    found = gpu.find_host_paths(recipe, "535.104.05", root)
+    assert [(item.host, item.path, item.kind, item.writable) for item in found] == [
+        (f"{root}/lib/firmware/nvidia/535.104.05", "/lib/firmware/nvidia/535.104.05", "directory", False),
+        (f"{root}/run/nvidia-persistenced/socket", "/run/nvidia-persistenced/socket", "socket", False),
+        (f"{root}/var/log/nvidia-mps", "/var/log/nvidia-mps", "directory", True)]
+    assert gpu.find_host_paths(recipe, "550.54.14", root)[0].path == "/run/nvidia-persistenced/socket"
+
+
+def test_host_paths_absent_or_of_another_kind_are_skipped(recipe, tmp_path):
+    root = str(tmp_path)
+    os.makedirs(f"{root}/run/nvidia-persistenced")
+    with open(f"{root}/run/nvidia-persistenced/socket", "w"):  # a stale regular file is no socket
+        pass
+    with open(f"{root}/lib-firmware-missing", "w"):
+        pass
+    assert gpu.find_host_paths(recipe, "535.104.05", root) == []
+
+
+def test_mps_directories_the_site_sets_in_site_env(recipe, tmp_path):
+    pipe = tmp_path / "mps-pipe"
+    pipe.mkdir()
+    site = gpu.site_env_values([f"CUDA_MPS_PIPE_DIRECTORY={pipe}", "CUDA_MPS_LOG_DIRECTORY=relative/ignored",
+                                "OTHER=x"])
+    found = gpu.find_host_paths(recipe, "535.104.05", str(tmp_path / "driver"), site)
+    assert [(item.host, item.path, item.writable) for item in found] == [(str(pipe), str(pipe), True)]
+
+
+@pytest.mark.parametrize("entry", [{"path": "run/x", "kind": "socket"}, {"path": "/a/../b", "kind": "directory"},
+                                   {"path": "/a", "kind": "file"}, {"kind": "socket"}])
+def test_bad_host_path_entries_are_one_clear_error(entry):
+    with pytest.raises(ShifterError, match="recipe nvidia: bad host_paths entry"):
+        gpu._host_path_entry("nvidia", entry)

@@ -172,10 +172,24 @@ def test_extern_sshd_stays_in_the_step_cgroup_on_a_fake_cgroup_v2_tree(tmp_path)
     assert sshd_cgroup(None, 1000, "7") is None
 
 
-def test_the_jobs_gpus_from_the_prolog_environment_reach_setuproot() -> None:
-    """Slurm 22.05 gives the prolog SLURM_JOB_GPUS (slurm.conf(5), "Prolog and Epilog" environment)."""
-    argv = argv_for([], {**PROLOG_ENV, "SLURM_JOB_GPUS": "0,2"})
+def test_the_jobs_gpus_from_the_prolog_environment_reach_setuproot(tmp_path) -> None:
+    """Slurm 22.05 gives the prolog SLURM_JOB_GPUS and SLURM_CONF (slurm.conf(5), "Prolog and Epilog")."""
+    (tmp_path / "slurm.conf").write_text("TaskPlugin=task/none\n")
+    env = {**PROLOG_ENV, "SLURM_JOB_GPUS": "0,2", "SLURM_CONF": str(tmp_path / "slurm.conf")}
+    argv = argv_for([], env)
     assert argv[argv.index("--gpus") + 1] == "0,2" and argv.index("--gpus") < argv.index("--")
-    assert parse_args(argv[1:], None).gpus == "0,2"
+    assert "--gpus-local" not in argv
+    assert parse_args(argv[1:], None).gpus == "0,2" and not parse_args(argv[1:], None).gpus_local
     without = argv_for([], PROLOG_ENV)
     assert "--gpus" not in without and parse_args(without[1:], None).gpus == ""
+    # task/cgroup with ConstrainDevices=yes: tasks get job-relative indices, nothing to renumber
+    (tmp_path / "slurm.conf").write_text("TaskPlugin=task/affinity,task/cgroup\n")
+    (tmp_path / "cgroup.conf").write_text("ConstrainDevices=yes\n")
+    local = argv_for([], env)
+    assert "--gpus-local" in local and parse_args(local[1:], None).gpus_local
+
+
+def test_a_gpu_job_with_an_unreadable_slurm_conf_is_one_clear_error(tmp_path) -> None:
+    env = {**PROLOG_ENV, "SLURM_JOB_GPUS": "0", "SLURM_CONF": str(tmp_path / "missing.conf")}
+    with pytest.raises(ShifterError, match="missing.conf: No such file or directory"):
+        argv_for([], env)
