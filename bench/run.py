@@ -79,6 +79,7 @@ def main() -> int:
     record(metrics, "P1", lambda: slurm.measure_p1(USER, env, python, busybox))
     record(metrics, "P2/P2x/P2c/P7s/P7u", runtime.measure_all, group=True)
     record(metrics, "P2f", lambda: slurm.measure_p2f(USER, env, python, busybox, debian))
+    record(metrics, "P2u", lambda: slurm.measure_p2u(USER, env, python, busybox, debian))
     record(metrics, "P3", lambda: pull.measure_p3(env["SHIFTER_REGISTRY"], "demo/debian", "bookworm",
                                                   str(state / "bench")))
     if "P3" in metrics and "P3f" in metrics["P3"]:
