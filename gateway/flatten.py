@@ -111,10 +111,16 @@ _OPAQUE = b".wh..wh..opq"
 
 @dataclass
 class Layer:
-    """A layer blob on disk; ``number`` is 1-based from the bottom, used in messages."""
+    """A layer blob on disk; ``number`` is 1-based from the bottom, used in messages.
+
+    ``ready``, when set, says whether the blob is downloaded and verified yet, waiting at most
+    the given seconds, and raises the download's failure: the merge starts on the top layer
+    while the lower ones are still arriving, and never reads a blob before its digest matched.
+    """
 
     path: str
     number: int
+    ready: Callable[[float], bool] | None = None
 
 
 @dataclass
@@ -437,7 +443,7 @@ class _Prefetch:
     def __init__(self, layers: list[Layer], scratch: str, limit: int,
                  deadline: Deadline | None = None) -> None:
         self.deadline = deadline
-        self.layers = [layer for layer in layers if _compression(layer.path)]
+        self.layers = list(layers)  # an uncompressed one is skipped once downloaded (see _work)
         self.scratch = scratch
         self.limit = limit
         self.lock = threading.Lock()
@@ -449,17 +455,29 @@ class _Prefetch:
         self.thread = threading.Thread(target=self._work, name="layer-prefetch", daemon=True)
         self.thread.start()
 
+    def _downloaded(self, layer: Layer) -> bool:
+        """Wait for the layer's download (if any); False when it failed or we stop first."""
+        while layer.ready is not None and not self.stopping:
+            try:
+                if layer.ready(0.2):
+                    return True
+            except Exception:
+                return False  # the merge waits for it too and reports the failure
+        return not self.stopping
+
     def _work(self) -> None:
         used = 0
         for layer in self.layers:
+            downloaded = self._downloaded(layer)
             with self.lock:
-                if self.stopping or self.state[layer.number] != "pending":
+                if self.stopping or not downloaded or self.state[layer.number] != "pending":
                     self.done[layer.number].set()
                     continue
                 self.state[layer.number] = "running"
             path = None
             with contextlib.suppress(Exception):  # on failure the merge streams this layer
-                path = self._inflate(layer, self.limit - used)
+                if _compression(layer.path):  # an uncompressed layer is read in place
+                    path = self._inflate(layer, self.limit - used)
             if path:
                 used += os.path.getsize(path)
             with self.lock:
@@ -678,6 +696,7 @@ class Flattener:
         prefetch = _Prefetch(order[1:], scratch, self.budget.limit, self.deadline) if scratch else None
         try:
             for layer in order:
+                self._await(layer)
                 ready = prefetch.take(layer) if prefetch else None
                 source = Layer(ready, layer.number) if ready else layer
                 try:
@@ -756,6 +775,13 @@ class Flattener:
                 if not self.deferred:
                     break
             reader.drain()
+
+    def _await(self, layer: Layer) -> None:
+        """Block until ``layer``'s blob is downloaded and verified (its failure is raised),
+        checking the pull's deadline twice a second."""
+        while layer.ready is not None and not layer.ready(0.5):
+            if self.deadline is not None and self.deadline.expired():
+                raise self.deadline.error(f"downloading layer {layer.number}")
 
     # -- reading ----------------------------------------------------------------------
 
