@@ -320,7 +320,9 @@ class _Downloads:
         while not top(0.5):
             self.progress.send("PULLING")
             self.deadline.check("downloading layers")
-        self.progress.send("PULLING")
+
+    def all_done(self) -> bool:
+        return all(future.done() for future in self.futures.values())
 
     def finish(self) -> None:
         """Every download done (each layer was awaited by the merge; this re-raises nothing new)."""
@@ -355,21 +357,33 @@ def _convert(spec: PullSpec, resolved: ResolvedImage, meta: ImageMeta, layers: l
     fd, output = tempfile.mkstemp(prefix=f"{resolved.image_id[:16]}-", suffix=".squashfs",
                                   dir=spec.expand_dir)
     os.close(fd)
-    # conversion progress counts compressed layer bytes, converted top layer first
+    # conversion progress counts compressed layer bytes, converted top layer first; while
+    # lower layers still download, the download counters are reported (PULLING) instead
     conversion = {"layers": len(layers), "layers_done": 0, "bytes": 0,
                   "bytes_total": sum(d["size"] for d in layers)}
-    progress("CONVERSION", dict(conversion))
+    pulling = [True]
+
+    def report() -> None:
+        if pulling[0]:
+            downloads.progress.send("PULLING")
+            if not downloads.all_done():
+                return
+            pulling[0] = False  # the last PULLING report above counted every layer
+        progress("CONVERSION", dict(conversion))
 
     def layer_done(layer: Layer) -> None:
         conversion["layers_done"] += 1
         conversion["bytes"] += layers[layer.number - 1]["size"]
-        progress("CONVERSION", dict(conversion))
+        report()
 
+    report()
     try:
         with _disk_full(spec.expand_dir, "converting"):
             squash_layers(downloads.layers(), output, spec.converter_options, spec.max_image_bytes,
                           layer_done, spec.deadline, spec.max_image_paths)
         downloads.finish()
+        if pulling[0]:
+            report()
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(output)

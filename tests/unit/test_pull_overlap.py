@@ -117,18 +117,32 @@ def _spec(reg: Registry, tmp_path: Path) -> pipeline.PullSpec:
 
 def test_conversion_starts_while_the_lower_layers_still_download(registry: Registry, tmp_path: Path) -> None:
     registry.hold = {1, 2}
-    phases: list[str] = []
+    events: list[tuple[str, dict]] = []
+    expand = tmp_path / "expand"
+    stop = threading.Event()
 
-    def progress(phase: str, info: dict) -> None:
-        phases.append(phase)
-        if phase == "CONVERSION":
-            registry.release.set()  # the lower layers arrive only once the conversion has begun
+    def release_once_converting() -> None:
+        """The lower layers arrive only once the squashfs output exists (tar2sqfs started)."""
+        while not stop.wait(0.01):
+            if expand.is_dir() and any(p.suffix == ".squashfs" for p in expand.iterdir()):
+                registry.release.set()
+                return
 
+    watcher = threading.Thread(target=release_once_converting, daemon=True)
+    watcher.start()
     spec = _spec(registry, tmp_path)
-    built = pipeline.build_image(spec, pipeline.resolve(spec), progress)
+    try:
+        built = pipeline.build_image(spec, pipeline.resolve(spec), lambda *event: events.append(event))
+    finally:
+        stop.set()
+        watcher.join()
     assert not registry.held_too_long, "the conversion waited for every layer before it started"
     assert registry.served[0] == 3  # the top layer first
-    assert phases[0] == "PULLING" and "CONVERSION" in phases
+    # progress keeps its order: downloads (all three counted last), then the conversion
+    phases = [phase for phase, _ in events]
+    assert phases[0] == "PULLING" and phases[-1] == "CONVERSION"
+    assert [info for phase, info in events if phase == "PULLING"][-1]["layers_done"] == 3
+    assert phases.index("CONVERSION") > max(i for i, p in enumerate(phases) if p == "PULLING")
     files = read_squashfs(built.squashfs_path)
     assert files["etc/shared"][1] == b"new\n"
     assert files["etc/base"][1] == b"bottom\n"
