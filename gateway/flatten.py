@@ -14,9 +14,10 @@ File bodies go from the inflater's pipe to the tar2sqfs pipe with ``splice`` (1 
 buffers), never through Python.
 
 Measured here (bench/pull.py, cold cache, download included, medians): the 3-layer
-debootstrap Debian image (92 MB compressed) in 1.00 s against 1.14 s for the floor
-(extract to tmpfs + mksquashfs zstd-3) and 8.8 s for the original's skopeo/umoci/mksquashfs
-pipeline; a 2.1 GB 3-layer image in 15.2 s against 14.3 s and 157 s.  Lower layers are
+debootstrap Debian image (92 MB compressed) in 0.91 s against 1.38 s for the floor
+(extract to tmpfs + mksquashfs zstd-3) and 11.2 s for the original's skopeo/umoci/mksquashfs
+pipeline (docs/performance.md has the stage profile); earlier, with pigz, a 2.1 GB 3-layer
+image in 15.2 s against 14.3 s and 157 s.  Lower layers are
 inflated ahead while the upper ones stream (``_Prefetch``), which keeps both cores busy
 while tar2sqfs's single reader works through directories of small files.
 
