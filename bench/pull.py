@@ -9,7 +9,9 @@ pipeline and against the floor, measured in the same run (BENCHMARKS.md).
   then ``mksquashfs`` of the extracted tree with our compressor (zstd level 3).
 
 All scratch space (layouts, unpacked trees, outputs) is on tmpfs when it has room, so the
-baselines are not slowed by disk writes; each timing is the median of ``runs`` runs.
+baselines are not slowed by disk writes; each timing is the median of ``runs`` runs, and the
+runs of ours and of the floor alternate (after one warm-up run of ours), so that load from
+other work on the machine falls on both.
 
 Usage: ``python bench/pull.py 127.0.0.1:5000 demo/debian bookworm [--runs N] [--workdir D]``
 """
@@ -130,11 +132,17 @@ def measure_p3(registry: str, repo: str, tag: str, workdir: str, runs: int = 3,
     compressed = sum(d["size"] for d in resolved.layers)
     scratch = _scratch(workdir, compressed * 12)
     try:
-        ours = [run_ours(registry, repo, tag, scratch) for _ in range(runs)]
-        # the last run of ours left every blob in the scratch cache: the floor starts from them
-        blobs = [os.path.join(scratch, "cache", "blobs", "sha256", d["digest"].split(":")[1])
-                 for d in resolved.layers]
-        floors = [run_floor(blobs, scratch) for _ in range(runs)]
+        run_ours(registry, repo, tag, scratch)  # warm-up; it leaves every blob for the floor
+        kept = os.path.join(scratch, "floor-blobs")
+        os.makedirs(kept)
+        blobs = []
+        for desc in resolved.layers:
+            blobs.append(os.path.join(kept, desc["digest"].split(":")[1]))
+            os.rename(os.path.join(scratch, "cache", "blobs", "sha256", os.path.basename(blobs[-1])), blobs[-1])
+        ours, floors = [], []
+        for _ in range(runs):  # interleaved: a burst of load on this shared machine hits both
+            ours.append(run_ours(registry, repo, tag, scratch))
+            floors.append(run_floor(blobs, scratch))
         originals = [run_original(registry, repo, tag, scratch) for _ in range(original_runs)]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -143,7 +151,7 @@ def measure_p3(registry: str, repo: str, tag: str, workdir: str, runs: int = 3,
     original_s = statistics.median(t for t, _ in originals)
     where = "tmpfs" if scratch.startswith("/dev/shm") else workdir
     image = f"{repo}:{tag} ({len(resolved.layers)} layers, {compressed / 1e6:.0f} MB compressed)"
-    p3f = {"value": round(ours_s / floor_s, 3), "unit": "ratio", "goal": "<= 1.5", "runs": runs,
+    p3f = {"value": round(ours_s / floor_s, 3), "unit": "ratio", "goal": "<= 0.65", "runs": runs,
            "baseline": f"floor on {image}: extract {statistics.median(e for e, _, _ in floors):.2f} s"
                        f" + mksquashfs zstd-3 {statistics.median(s for _, s, _ in floors):.2f} s"
                        f" = {floor_s:.2f} s median ({where})",

@@ -1,5 +1,5 @@
 """Time and resource bounds of a pull: one deadline shared by all its steps, and the
-limits under which external tools (pigz, tar2sqfs, the examiner, unsquashfs
+limits under which external tools (igzip/pigz, tar2sqfs, the examiner, unsquashfs
 on an import) work on untrusted data.
 
 Why both: a trickling registry or a tool stuck on a hostile layer would otherwise keep a

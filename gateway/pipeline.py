@@ -2,8 +2,9 @@
 
 ``resolve`` is cheap (manifests and the small config blob, which is cached by digest) so
 a re-pull of an unchanged tag can be recognised by its id without downloading layers.
-``build_image`` downloads the missing blobs (3 at a time, each verified while it streams),
-then flattens and converts them in one streaming pass (``gateway.convert``).
+``build_image`` downloads the missing blobs (3 at a time, top layer first, each verified
+while it streams) and flattens and converts them in one streaming pass (``gateway.convert``)
+that starts as soon as the top layer is verified, while the lower ones still arrive.
 Every failure is a ShifterError whose message names the problem.  A pull has one deadline
 (``PullDeadline``, ``gateway.bounds``) that every step checks; a full filesystem is reported
 as "no space left on <dir> while <step>"; the layers' declared sizes are checked against
@@ -20,7 +21,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
 
 from gateway.bounds import Deadline
@@ -240,45 +242,95 @@ class _Progress:
         self.report(phase, info)
 
 
-def _download(spec: PullSpec, client: RegistryClient, layers: list[dict],
-              progress: _Progress) -> list[str]:
-    """Cached paths of all layers; only missing blobs are fetched, in parallel.
+def _chain(done: Future[str], into: Future[str]) -> None:
+    """Copy a finished download's outcome into the future the merge waits on."""
+    if into.done():
+        return
+    if done.cancelled():
+        into.cancel()
+    elif done.exception() is not None:
+        into.set_exception(done.exception())  # type: ignore[arg-type]
+    else:
+        into.set_result(done.result())
 
-    The deadline is checked on every chunk received (a download that trickles stops
-    within a chunk's time) and by this thread twice a second, which gives up on the
-    downloads without waiting for a stuck one (its thread ends with its connection).
+
+class _Downloads:
+    """The missing blobs, fetched in parallel (top layer first) while the conversion runs.
+
+    The merge reads layers top-down, so it starts as soon as the top layer is verified
+    while the lower ones still arrive; each layer's ``ready`` (``flatten.Layer``) waits for
+    its own download and raises its failure.  The deadline is checked on every chunk
+    received (a download that trickles stops within a chunk's time) and by the waiting
+    thread twice a second, which gives up without waiting for a stuck download (its thread
+    ends with its connection).
     """
-    cache = BlobCache(spec.cache_dir)
-    deadline = spec.deadline
 
-    def one(desc: dict) -> str:
+    def __init__(self, spec: PullSpec, client: RegistryClient, layers: list[dict],
+                 progress: _Progress) -> None:
+        self.cache = BlobCache(spec.cache_dir)
+        self.deadline = spec.deadline
+        self.client = client
+        self.progress = progress
+        self.pool = ThreadPoolExecutor(max_workers=_PARALLEL_DOWNLOADS)
+        self.paths = {number: self.cache.path(desc["digest"]) for number, desc in enumerate(layers, 1)}
+        # the top layer alone first, at the full speed of one connection: the merge starts on
+        # it; the lower ones follow in parallel while it is converted
+        top = len(layers)
+        self.futures: dict[int, Future[str]] = {top: self.pool.submit(self._one, layers[-1])}
+        self.lower: dict[int, Future[str]] = {number: Future() for number in range(1, top)}
+        self.futures.update(self.lower)
+        self.futures[top].add_done_callback(lambda _: self._start_lower(layers))
+
+    def _start_lower(self, layers: list[dict]) -> None:
+        for number, future in self.lower.items():
+            with contextlib.suppress(RuntimeError):  # the pool was shut down: the pull failed
+                self.pool.submit(self._one, layers[number - 1]).add_done_callback(
+                    lambda done, into=future: _chain(done, into))
+
+    def _one(self, desc: dict) -> str:
         digest = desc["digest"]
 
         def received(n: int) -> None:
-            progress.add_bytes(n)
-            deadline.check(f"downloading layer {digest[:19]}")
+            self.progress.add_bytes(n)
+            self.deadline.check(f"downloading layer {digest[:19]}")
 
-        cached = cache.has(digest, desc["size"])
-        with _disk_full(cache.dir, f"downloading layer {digest[:19]}"):
-            path = cache.fetch(client, digest, desc["size"], received)
-        progress.layer_done(desc["size"], downloaded=not cached)
+        cached = self.cache.has(digest, desc["size"])
+        with _disk_full(self.cache.dir, f"downloading layer {digest[:19]}"):
+            path = self.cache.fetch(self.client, digest, desc["size"], received)
+        self.progress.layer_done(desc["size"], downloaded=not cached)
         return path
 
-    pool = ThreadPoolExecutor(max_workers=_PARALLEL_DOWNLOADS)
-    try:
-        futures = [pool.submit(one, desc) for desc in layers]
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
-            progress.send("PULLING")
-            for future in done:
-                if future.exception() is not None:
-                    raise future.exception()  # type: ignore[misc]
-            if pending:
-                deadline.check("downloading layers")
-        return [f.result() for f in futures]
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    def ready(self, number: int) -> Callable[[float], bool]:
+        future = self.futures[number]
+
+        def wait_for(timeout: float) -> bool:
+            try:
+                future.result(timeout)  # raises the download's failure
+            except FuturesTimeout:
+                return False
+            return True
+        return wait_for
+
+    def layers(self) -> list[Layer]:
+        return [Layer(self.paths[number], number, self.ready(number)) for number in sorted(self.futures)]
+
+    def wait_top(self) -> None:
+        """Report download progress until the top layer is verified (the merge's first need)."""
+        top = self.ready(max(self.futures))
+        while not top(0.5):
+            self.progress.send("PULLING")
+            self.deadline.check("downloading layers")
+
+    def all_done(self) -> bool:
+        return all(future.done() for future in self.futures.values())
+
+    def finish(self) -> None:
+        """Every download done (each layer was awaited by the merge; this re-raises nothing new)."""
+        for future in self.futures.values():
+            future.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def build_image(spec: PullSpec, resolved: ResolvedImage,
@@ -290,32 +342,54 @@ def build_image(spec: PullSpec, resolved: ResolvedImage,
     _check_declared_size(layers, spec.max_image_bytes)
     counters = _Progress(layers, progress)
     counters.send("PULLING")
-    paths = _download(spec, client, layers, counters)
-    if client.private:
-        resolved.private = True
+    downloads = _Downloads(spec, client, layers, counters)
+    try:
+        return _convert(spec, resolved, meta, layers, downloads, progress)
+    finally:
+        downloads.close()
+
+
+def _convert(spec: PullSpec, resolved: ResolvedImage, meta: ImageMeta, layers: list[dict],
+             downloads: _Downloads, progress: Callable[[str, dict], None]) -> BuiltImage:
+    """Flatten and convert while the lower layers still download (``_Downloads``)."""
+    downloads.wait_top()
     os.makedirs(spec.expand_dir, exist_ok=True)
     fd, output = tempfile.mkstemp(prefix=f"{resolved.image_id[:16]}-", suffix=".squashfs",
                                   dir=spec.expand_dir)
     os.close(fd)
-    # conversion progress counts compressed layer bytes, converted top layer first
+    # conversion progress counts compressed layer bytes, converted top layer first; while
+    # lower layers still download, the download counters are reported (PULLING) instead
     conversion = {"layers": len(layers), "layers_done": 0, "bytes": 0,
                   "bytes_total": sum(d["size"] for d in layers)}
-    progress("CONVERSION", dict(conversion))
+    pulling = [True]
+
+    def report() -> None:
+        if pulling[0]:
+            downloads.progress.send("PULLING")
+            if not downloads.all_done():
+                return
+            pulling[0] = False  # the last PULLING report above counted every layer
+        progress("CONVERSION", dict(conversion))
 
     def layer_done(layer: Layer) -> None:
         conversion["layers_done"] += 1
         conversion["bytes"] += layers[layer.number - 1]["size"]
-        progress("CONVERSION", dict(conversion))
+        report()
 
+    report()
     try:
         with _disk_full(spec.expand_dir, "converting"):
-            squash_layers([Layer(path, number) for number, path in enumerate(paths, 1)], output,
-                          spec.converter_options, spec.max_image_bytes, layer_done, spec.deadline,
-                          spec.max_image_paths)
+            squash_layers(downloads.layers(), output, spec.converter_options, spec.max_image_bytes,
+                          layer_done, spec.deadline, spec.max_image_paths)
+        downloads.finish()
+        if pulling[0]:
+            report()
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(output)
         raise
+    if downloads.client.private:  # a blob needed the credentials
+        resolved.private = True
     return BuiltImage(output, meta)
 
 
