@@ -19,8 +19,9 @@ once per task, so it only checks that the environment is there, the job's own an
 ``step-setup`` / ``step-teardown``: a step whose image, volumes or modules differ from its job's
 (``srun --image=X shifter ...``) gets its own environment, built here by setupRoot
 ``--step-id`` once per node (slurmstepd, as root, before the tasks start) with the kernel's
-squashfs, and removed by unsetupRoot when the step's slurmstepd ends (the job's epilog removes
-whatever a killed slurmstepd left).  Every task of the step enters it like the job's.
+squashfs and the job's GPUs on the node (:func:`_gpu_args`), and removed by unsetupRoot when
+the step's slurmstepd ends (the job's epilog removes whatever a killed slurmstepd left).
+Every task of the step enters it like the job's.
 """
 
 from __future__ import annotations
