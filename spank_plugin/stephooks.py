@@ -19,13 +19,15 @@ once per task, so it only checks that the environment is there, the job's own an
 ``step-setup`` / ``step-teardown``: a step whose image, volumes or modules differ from its job's
 (``srun --image=X shifter ...``) gets its own environment, built here by setupRoot
 ``--step-id`` once per node (slurmstepd, as root, before the tasks start) with the kernel's
-squashfs, and removed by unsetupRoot when the step's slurmstepd ends (the job's epilog removes
-whatever a killed slurmstepd left).  Every task of the step enters it like the job's.
+squashfs and the job's GPUs on the node (:func:`_gpu_args`), and removed by unsetupRoot when
+the step's slurmstepd ends (the job's epilog removes whatever a killed slurmstepd left).
+Every task of the step enters it like the job's.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -258,6 +260,7 @@ def step_setup(conf: PlugstackArgs, opts: dict[str, str]) -> int:
         argv += ["-v", volume]
     if opts.get("module"):
         argv += ["-m", opts["module"]]
+    argv += _gpu_args(job_id)
     status, reason = _run_root_tool(argv + ["--", image_type, image])
     if status == REQUEST_FAILED:
         record_error(step, uid, gid, reason)
@@ -266,6 +269,62 @@ def step_setup(conf: PlugstackArgs, opts: dict[str, str]) -> int:
     if status == 0:
         sys.stdout.write("prepared\n")
     return status
+
+
+# one GRES of a node's line in `scontrol show job -d`: gpu[:type]:count(IDX:0-1,3)
+_GPU_GRES = re.compile(r"(?:^|,)gpu(?::[^:(),]+)?:\d+\(IDX:([0-9,-]+)\)")
+
+
+def job_gpus_on_node(show_job: str, node: str) -> str:
+    """The job's GPU indices on ``node`` (``0,2``; empty: none) from ``scontrol show job -d``.
+
+    Each ``Nodes=<hostlist> ... GRES=<gres>`` line gives the allocation of its nodes; the GRES
+    list separates entries with commas, and an index list may hold commas too.
+    """
+    from shifter.gpu import parse_gpu_ids
+    from shifter.hostsfile import expand_hostlist
+
+    for line in show_job.splitlines():
+        fields = dict(word.split("=", 1) for word in line.split() if "=" in word)
+        if "Nodes" not in fields or "GRES" not in fields or node not in expand_hostlist(fields["Nodes"]):
+            continue
+        ids: set[int] = set()
+        for match in _GPU_GRES.finditer(fields["GRES"]):
+            ids.update(parse_gpu_ids(match.group(1)))
+        return ",".join(str(i) for i in sorted(ids))
+    return ""
+
+
+def _gpu_args(job_id: str) -> list[str]:
+    """setupRoot's ``--gpus``/``--gpus-local`` for a step's environment: the job's GPUs on this node.
+
+    Why the job's and not the step's: when step_setup runs (slurmstepd, before the tasks),
+    SPANK shows only the environment srun sent, copied from where srun ran (SLURMD_NODENAME
+    there names the batch node, SLURM_JOB_GPUS/SLURM_STEP_GPUS are that node's and any user can
+    set them); Slurm gives a task its step's GPUs only when it starts it.  So the allocation is
+    asked from slurmctld, which knows it per node; Slurm's CUDA_VISIBLE_DEVICES and device
+    cgroup (ConstrainDevices) still narrow each task to its step's GPUs.  If slurmctld cannot
+    answer, the step gets no GPU (logged), as a job without GPUs.
+    """
+    from spank_plugin.hooks import _gpus_local
+
+    node = os.environ.get("SLURMD_NODENAME", "")
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    if os.environ.get("SLURM_CONF"):
+        env["SLURM_CONF"] = os.environ["SLURM_CONF"]
+    try:
+        proc = subprocess.run(["scontrol", "show", "job", "-d", job_id], env=env, capture_output=True, text=True,
+                              timeout=30, stdin=subprocess.DEVNULL, check=False)
+        if proc.returncode != 0:
+            raise ShifterError(proc.stderr.strip() or f"scontrol exited with status {proc.returncode}")
+        gpus = job_gpus_on_node(proc.stdout, node) if node else ""
+    except (OSError, subprocess.SubprocessError, ShifterError) as err:
+        print(f"shifter: job {job_id}: the step's GPUs on {node or 'this node'} are unknown, it gets none: {err}",
+              file=sys.stderr)
+        return []
+    if not gpus:
+        return []
+    return ["--gpus", gpus] + (["--gpus-local"] if _gpus_local(dict(os.environ)) else [])
 
 
 def step_teardown(conf: PlugstackArgs, opts: dict[str, str]) -> int:

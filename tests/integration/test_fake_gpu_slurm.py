@@ -158,3 +158,53 @@ def test_fake_gpu_job_without_gpus_gets_nothing(gpu_cluster: Cluster, c_only: st
         assert f"{path} regular empty file" in lines, output
     assert any("No such file or directory" in line for line in lines), output
     assert re.search(r"^task 0 on n\d: NV= CVD= CAP= LD=$", output, re.MULTILINE), output
+
+
+def _step_image_job(cluster: Cluster, body: str, *options: str) -> str:
+    """A job whose image is busybox running ``body``, whose steps ask for demo/debian (glibc, for nvidia-smi)."""
+    job_id, output = cluster.run_batch(USER, batch_script(body, f"--image=docker:{cluster.image('demo/busybox')}",
+                                                          *options), timeout=300)
+    assert cluster.job_leftovers(job_id) == [], f"job {job_id} left things behind"
+    return output
+
+
+def test_fake_gpu_step_image_sees_its_gpu_on_each_node(gpu_cluster: Cluster) -> None:
+    """A step image is built in slurmstepd, not by the prolog: it must still get the node's GPU and driver.
+
+    Another job holds GPU 0 of n2, so the job's GPU is 0 on n1 and 1 on n2: each node's
+    environment must follow its own allocation, not the batch node's (which srun's environment,
+    all SPANK shows in slurmstepd, carries to every node)."""
+    other = f"docker:{_image(gpu_cluster)}"
+    holder = gpu_cluster.submit_batch(USER, batch_script("sleep 300", "--gpus=1", "--nodes=1", "--nodelist=n2"))
+    try:
+        for _ in range(300):
+            if gpu_cluster.job_fields(holder).get("JobState") == "RUNNING":
+                break
+            time.sleep(0.2)
+        body = ("scontrol show job -d $SLURM_JOB_ID | grep GRES=\n"  # on failure: what the hook parsed
+                "srun -N2 --ntasks-per-node=1 /bin/sh -c 'echo \"alloc $(hostname) $SLURM_STEP_GPUS\"'\n"
+                f"srun -N2 --ntasks-per-node=1 --image={other} shifter /bin/sh -c "
+                "'nvidia-smi | sed \"s/^/$(hostname): /\"'\n")
+        output = _step_image_job(gpu_cluster, body, "--gpus-per-node=1", "--nodes=2", "--ntasks-per-node=1")
+    finally:
+        gpu_cluster.run(["scancel", holder])
+        gpu_cluster.wait_job(holder)
+    alloc = dict(re.findall(r"^alloc (n\d) (\d)$", output, re.MULTILINE))
+    assert alloc == {"n1": "0", "n2": "1"}, output
+    for node, index in alloc.items():
+        other_gpu = 1 - int(index)
+        assert _smi(output, node)[:3] == [
+            f"driver {VERSION} from {SITE_RESOURCES}/lib64/libnvidia-ml.so.1",
+            *sorted([f"/dev/nvidia{index} char 195:{index}", f"/dev/nvidia{other_gpu} hidden Permission denied"])
+        ], output
+
+
+def test_fake_gpu_step_image_of_a_job_without_gpus_gets_none(gpu_cluster: Cluster) -> None:
+    other = f"docker:{_image(gpu_cluster)}"
+    body = (f"srun -N1 --image={other} shifter /bin/sh -c 'stat -c \"%n %F\" /dev/nvidia0 /dev/nvidia1; "
+            f"ls {SITE_RESOURCES} 2>&1 | head -1; command -v nvidia-smi || echo no-smi'\n")
+    output = _step_image_job(gpu_cluster, body, "--nodes=1")
+    lines = output.splitlines()
+    for path in ("/dev/nvidia0", "/dev/nvidia1"):
+        assert f"{path} regular empty file" in lines, output
+    assert any("No such file or directory" in line for line in lines) and "no-smi" in lines, output
