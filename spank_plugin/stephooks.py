@@ -260,7 +260,8 @@ def step_setup(conf: PlugstackArgs, opts: dict[str, str]) -> int:
         argv += ["-v", volume]
     if opts.get("module"):
         argv += ["-m", opts["module"]]
-    argv += _gpu_args(job_id)
+    if config.gpu_recipe:  # a node without GPUs asks slurmctld nothing
+        argv += _gpu_args(job_id)
     status, reason = _run_root_tool(argv + ["--", image_type, image])
     if status == REQUEST_FAILED:
         record_error(step, uid, gid, reason)
