@@ -1,0 +1,184 @@
+"""P5m: P5 (authenticated lookups/s and p99, 32 clients) against each of two gateways on one
+MongoDB-wire store, compared with P5 on the cluster's SQLite gateway measured in the same run.
+
+The bench starts what it measures and stops it by pid: a ``secantusd-py`` server (the
+MongoDB-wire server of the test extra, as tests/fixtures_mongo.py starts it) on a free loopback
+port, and two more gateway processes of the installed code, configured like the cluster's first
+gateway but with ``Store: mongodb`` on that server, their own port, cache, scratch directory
+and logs, and one image directory of their own (so the cluster's images are not touched).
+Each gateway is measured alone with ``measure_p5`` (the load generator in its own process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+from bench import lookups  # noqa: E402
+
+SERVER = "secantusd-py"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait(what: str, ready: Any, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {log.read_text(errors='replace')[-1500:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not ready after {timeout:.0f} s: {log.read_text(errors='replace')[-1500:]}")
+        time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM by pid, SIGKILL after 15 s."""
+    if proc.poll() is not None:
+        return
+    with suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        with suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def _server_program() -> str:
+    beside = Path(sys.executable).parent / SERVER
+    found = str(beside) if beside.exists() else shutil.which(SERVER)
+    if found is None:
+        raise RuntimeError(f"{SERVER} is not installed: run `make venv` (the test extra pins secantusdb)")
+    return found
+
+
+@contextmanager
+def mongo_server(root: Path) -> Iterator[str]:
+    """A ``secantusd-py`` on a free loopback port with its own storage; yields its URI."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    config = root / "secantusd.toml"
+    config.write_text("")  # no ./secantusd.toml or ~/.secantus is picked up
+    log = root / "secantusd.log"
+    uri = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([_server_program(), "--config", str(config), "--host", "127.0.0.1",
+                                 "--port", str(port), "--storage-path", str(root / "data"), "--log-level", "WARNING"],
+                                cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        import pymongo
+        from pymongo.errors import PyMongoError
+
+        def answers() -> bool:
+            client: pymongo.MongoClient = pymongo.MongoClient(uri, serverSelectionTimeoutMS=300)
+            try:
+                client.admin.command("ping")
+                return True
+            except PyMongoError:
+                return False
+            finally:
+                client.close()
+
+        _wait(SERVER, answers, proc, log)
+        yield uri
+    finally:
+        _stop(proc)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/api/status", timeout=3) as reply:
+            return reply.status == 200
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+@contextmanager
+def mongo_gateways(prefix: Path, template: Path, root: Path, uri: str, count: int = 2) -> Iterator[list[str]]:
+    """``count`` gateways of the installed code on the database at ``uri``: configured like
+    ``template`` (the cluster's imagemanager.json) except for the store, their listen port,
+    cache, scratch directory and logs; one image directory for all. Yields their URLs."""
+    base = json.loads(template.read_text())
+    images = root / "images"
+    images.mkdir(mode=0o755, parents=True, exist_ok=True)
+    procs: list[subprocess.Popen[bytes]] = []
+    urls = []
+    try:
+        for i in range(count):
+            own = root / f"gw-{i + 1}"
+            for sub in ("cache", "expand"):
+                (own / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+            port = _free_port()
+            config = {**base, "Listen": [f"127.0.0.1:{port}"], "Store": "mongodb", "MongoDBURI": uri,
+                      "MongoDB": "ShifterBench", "CacheDirectory": str(own / "cache"),
+                      "ExpandDirectory": str(own / "expand"), "LogFile": str(own / "gateway.log"),
+                      "AccessLog": str(own / "gateway-access.log")}
+            platforms = json.loads(json.dumps(base["Platforms"]))
+            for platform in platforms.values():
+                platform["local"]["imageDir"] = str(images)
+            config["Platforms"] = platforms
+            path = own / "imagemanager.json"
+            path.write_text(json.dumps(config, indent=1) + "\n")
+            log = own / "gateway.out"
+            with open(log, "ab") as out:
+                proc = subprocess.Popen([str(prefix / "sbin" / "shifter-gateway"), "--config", str(path)],
+                                        cwd=own, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            procs.append(proc)
+            url = f"http://127.0.0.1:{port}"
+            _wait(f"gateway {url}", lambda url=url: _answers(url), proc, log)
+            urls.append(url)
+        yield urls
+    finally:
+        for proc in procs:
+            _stop(proc)
+
+
+def measure_p5m(sqlite_url: str, system: str, tag: str, prefix: Path, template: Path, work: Path,
+                seconds: float = 10, clients: int = 32) -> dict[str, Any]:
+    """P5 on the SQLite gateway ``sqlite_url`` and on each of two gateways on one MongoDB-wire
+    store (started here, removed afterwards), all idle, in one run."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        with mongo_server(work / "mongo") as uri, mongo_gateways(prefix, template, work, uri) as urls:
+            for url in urls:  # the first pulls and converts; the second finds it READY in the store
+                lookups._ready_client(url, system, tag, None)
+            baseline = lookups.measure_p5(sqlite_url, system, tag, seconds, clients)
+            each = [lookups.measure_p5(url, system, tag, seconds, clients) for url in urls]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"sqlite": baseline, "mongo": each}
+
+
+def p5m_metric(r: dict[str, Any]) -> dict[str, Any]:
+    base = r["sqlite"]
+    ratios = [m["lookups_per_s"] / base["lookups_per_s"] for m in r["mongo"]]
+    per = "; ".join(f"gateway {i + 1}: {m['lookups_per_s']:.0f}/s, p99 {m['p99_ms']:.1f} ms, "
+                    f"{m['errors']} errors ({ratio:.2f} of SQLite)"
+                    for i, (m, ratio) in enumerate(zip(r["mongo"], ratios, strict=True)))
+    return {"value": round(min(ratios), 2), "unit": "ratio (lowest gateway / SQLite)",
+            "baseline": f"one gateway on SQLite: {base['lookups_per_s']:.0f}/s, p99 {base['p99_ms']:.1f} ms",
+            "measured": f"two gateways on one MongoDB-wire store (secantusd-py), each alone with "
+                        f"{base['clients']} clients for {base['seconds']:.0f} s: {per}",
+            "runs": None, "goal": ">= 0.8 per gateway", "note": base.get("note")}
