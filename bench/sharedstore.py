@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -166,10 +167,33 @@ def measure_p5m(sqlite_url: str, system: str, tag: str, prefix: Path, template: 
                 lookups._ready_client(url, system, tag, munge_socket)
             baseline = lookups.measure_p5(sqlite_url, system, tag, seconds, clients, munge_socket)
             each = [lookups.measure_p5(url, system, tag, seconds, clients, munge_socket) for url in urls]
+            together = _at_once(urls, system, tag, seconds, clients, munge_socket)
             server = _server_reads(uri, system)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {"sqlite": baseline, "mongo": each, "server_reads_per_s": server}
+    return {"sqlite": baseline, "mongo": each, "together": together, "server_reads_per_s": server}
+
+
+def _at_once(urls: list[str], system: str, tag: str, seconds: float, clients: int,
+             munge_socket: str | None) -> list[dict[str, Any]]:
+    """P5 against every gateway at the same time (``clients`` each): the deployment's total."""
+    results: list[dict[str, Any]] = [{} for _ in urls]
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            results[i] = lookups.measure_p5(urls[i], system, tag, seconds, clients, munge_socket)
+        except BaseException as err:  # noqa: BLE001 - raised below
+            errors.append(err)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(urls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 def _server_reads(uri: str, system: str, count: int = 500) -> float:
@@ -200,6 +224,9 @@ def p5m_metric(r: dict[str, Any]) -> dict[str, Any]:
             "baseline": f"one gateway on SQLite: {base['lookups_per_s']:.0f}/s, p99 {base['p99_ms']:.1f} ms",
             "measured": f"two gateways on one MongoDB-wire store (secantusd-py), each alone with "
                         f"{base['clients']} clients for {base['seconds']:.0f} s: {per}",
+            "together": "both gateways loaded at once: " + ", ".join(
+                f"{m['lookups_per_s']:.0f}/s (p99 {m['p99_ms']:.1f} ms)" for m in r["together"])
+                + f", {sum(m['lookups_per_s'] for m in r['together']):.0f}/s in all",
             "runs": None, "goal": ">= 0.8 per gateway",
             "note": f"all idle, measured one after another; the server alone answers the lookup query "
                     f"{r['server_reads_per_s']:.0f} times/s from one client; {base.get('note')}"}
