@@ -1,6 +1,7 @@
 """`make bench`: measure the metrics of BENCHMARKS.md on the running local cluster.
 
-Writes bench/results.json.  Each metric is a ratio against a baseline measured
+Writes bench/results.json.  `bench/run.py KEY...` (e.g. `P5m P6g`) measures only those
+metrics and prints them without writing results.json.  Each metric is a ratio against a baseline measured
 in the same run; a metric that cannot be measured is recorded with its error
 instead of stopping the others.
 """
@@ -23,6 +24,7 @@ from bench import slurm  # noqa: E402
 from localcluster.testing import Cluster  # noqa: E402
 
 USER = "shifter-u1"
+ONLY: set[str] = set()  # metric keys named on the command line: measure just these
 
 
 def image_named(env: dict[str, str], needle: str) -> str:
@@ -34,6 +36,8 @@ def image_named(env: dict[str, str], needle: str) -> str:
 
 def record(metrics: dict, key: str, fn: Callable[[], dict], group: bool = False) -> None:
     """Measure one metric (or, with group, a dict of metrics) without letting a failure hide the others."""
+    if ONLY and key not in ONLY:
+        return
     print(f"bench: {key} ...", flush=True)
     try:
         result = fn()
@@ -64,6 +68,7 @@ def lookup_metric(r: dict, idle: dict) -> dict:
 
 
 def main() -> int:
+    ONLY.update(sys.argv[1:])
     cluster = Cluster.from_state_dir()
     state = cluster.state_dir
     env = cluster.environ()
@@ -90,6 +95,15 @@ def main() -> int:
         lookups.measure_p5(env["SHIFTER_GATEWAY"], system, busybox, busy_tag=debian),
         lookups.measure_p5(env["SHIFTER_GATEWAY"], system, busybox)))
     record(metrics, "P6", lambda: slurm.measure_p6(USER, env, busybox))
+    from bench import sharedstore
+
+    record(metrics, "P5m", lambda: sharedstore.p5m_metric(sharedstore.measure_p5m(
+        env["SHIFTER_GATEWAY"], system, busybox, prefix, cluster.settings.imagemanager_json, state / "bench" / "p5m")))
+    if len(cluster.gateways) >= 2:
+        record(metrics, "P6g", lambda: slurm.measure_p6g(USER, env, busybox, cluster.gateway_pid(1),
+                                                         float(cluster.config_value("gatewayTimeout"))))
+    else:
+        metrics["P6g"] = {"value": None, "error": "the cluster runs one gateway (start it with GATEWAYS=2)"}
     if len(nodes) >= 8:
         record(metrics, "P8", lambda: slurm.measure_p8(USER, env, python, busybox, len(nodes)))
     else:
@@ -108,6 +122,10 @@ def main() -> int:
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "metrics": metrics,
     }
+    if ONLY:
+        results["metrics"] = {k: v for k, v in metrics.items() if k in ONLY}
+        print(json.dumps(results, indent=2))
+        return 0
     out = HERE / "results.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"bench: wrote {out}")

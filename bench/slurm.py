@@ -198,6 +198,50 @@ def measure_p6(user: str, env: dict[str, str], image: str, runs: int = 10) -> di
     }
 
 
+def measure_p6g(user: str, env: dict[str, str], image: str, freeze_pid: int, gateway_timeout: float,
+                runs: int = 10) -> dict:
+    """Submission time of ``sbatch --image`` with both gateways up and with one frozen (SIGSTOP:
+    it accepts connections and never answers), interleaved; held jobs, cancelled afterwards.
+    The client shuffles the gateways, so about half the frozen runs wait gatewayTimeout first."""
+    import signal
+
+    up: list[float] = []
+    frozen: list[float] = []
+    jobs: list[str] = []
+
+    def submit() -> float:
+        t = time.perf_counter()
+        out = _run_as(user, ["sbatch", "--parsable", "--hold", "-N1", f"--image={image}", "--wrap=true"], env)
+        elapsed = time.perf_counter() - t
+        jobs.append(out.strip().split(";")[0])
+        return elapsed
+
+    try:
+        submit()
+        for _ in range(runs):
+            up.append(submit())
+            os.kill(freeze_pid, signal.SIGSTOP)
+            try:
+                frozen.append(submit())
+            finally:
+                os.kill(freeze_pid, signal.SIGCONT)
+    finally:
+        if jobs:
+            subprocess.run(["scancel", *jobs], env=env, check=False)
+    waited = sum(1 for t in frozen if t >= gateway_timeout)
+    return {
+        # the mean, not the median: which gateway a submission asks first is a coin toss, so the
+        # median flips between ~50 ms and gatewayTimeout from run to run
+        "value": round(statistics.mean(frozen), 3), "unit": "seconds (mean)",
+        "baseline": f"both gateways up: {_median_ms(up):.0f} ms median, {max(up) * 1000:.0f} ms max",
+        "measured": f"sbatch --image={image} with one of two gateways frozen: median "
+                    f"{_median_ms(frozen):.0f} ms, mean {statistics.mean(frozen) * 1000:.0f} ms, max "
+                    f"{max(frozen) * 1000:.0f} ms; {waited} of {runs} runs asked the frozen one first and "
+                    f"waited gatewayTimeout ({gateway_timeout:g} s)",
+        "runs": runs, "goal": "report (no goal)",
+    }
+
+
 HOOK_TIME = re.compile(r"shifter: (prolog|epilog) job (\d+) took ([0-9.]+) ms")
 
 

@@ -19,7 +19,8 @@ def _requested(args: argparse.Namespace) -> Settings:
     prefix = Path(args.prefix)
     return Settings(state_dir=Path(args.state_dir), prefix=prefix,
                     sysconfdir=Path(args.sysconfdir) if args.sysconfdir else prefix / "etc",
-                    nodes=args.nodes, gateway_port=args.gateway_port, fake_gpus=args.fake_gpus)
+                    nodes=args.nodes, gateway_port=args.gateway_port, fake_gpus=args.fake_gpus,
+                    gateways=args.gateways)
 
 
 def _running(args: argparse.Namespace) -> Settings:
@@ -50,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=int(os.environ.get("NODES", "2")))
     parser.add_argument("--gateway-port", type=int,
                         default=int(os.environ.get("GATEWAY_PORT", str(DEFAULT_GATEWAY_PORT))),
-                        help="the gateway's port on 10.254.0.1 and 127.0.0.1 (default %(default)s)")
+                        help="the first gateway's port on 10.254.0.1 and 127.0.0.1, the others on the "
+                             "next ports (default %(default)s)")
+    parser.add_argument("--gateways", type=int, default=int(os.environ.get("GATEWAYS", "2") or 2),
+                        help="gateway services on one store and imagePath, all in imageGateway "
+                             "(default %(default)s)")
     parser.add_argument("--fake-gpus", type=int, default=int(os.environ.get("FAKE_GPUS", "0") or 0),
                         help="fake NVIDIA GPUs per node as Slurm GRES (localcluster/fakegpu.py; default 0)")
     parser.add_argument("--debian", action="store_true",

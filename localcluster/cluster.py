@@ -15,8 +15,9 @@ from .procs import DaemonError, PidRegistry
 from .render import render_to, write_file
 from .settings import REGISTRY_ADDR, Settings
 
-# Stop order: the nodes (and their jobs) first, munged last (everything authenticates with it).
-STOP_ORDER = ("gateway", "registry", "slurmctld", "munged")
+# Stop order: the nodes (and their jobs) first, then every gateway (gatewaysvc.names), munged
+# last (everything authenticates with it).
+STOP_ORDER = ("registry", "slurmctld", "munged")
 
 
 def log(message: str) -> None:
@@ -55,7 +56,7 @@ def _write_udiroot_conf(settings: Settings) -> None:
               image_path=settings.image_path, prefix=settings.prefix, etc_path=settings.etc_path,
               opt_udi_image=opt_udi_image if opt_udi_image.is_dir() else None,
               per_node_cache=settings.per_node_cache, site_fs=hostdirs.site_fs(settings),
-              gateway_url=settings.gateway_url,
+              gateway_urls=" ".join(settings.gateway_urls),
               fake_gpu_driver=settings.fake_gpu_driver if settings.fake_gpus else None)
     os.chown(settings.udiroot_conf, 0, 0)
 
@@ -68,7 +69,9 @@ def _fingerprint_changed(path: Path, fingerprint: str) -> bool:
 
 
 def _gateway_fingerprint(settings: Settings) -> str:
-    digest = hashlib.sha256(settings.imagemanager_json.read_bytes())
+    digest = hashlib.sha256()
+    for index in range(settings.gateways):
+        digest.update(settings.imagemanager_json_of(index).read_bytes())
     stamp = settings.prefix / "install-id"
     if stamp.exists():
         digest.update(stamp.read_bytes())
@@ -105,18 +108,22 @@ def _start_gateway(settings: Settings, pids: PidRegistry) -> None:
     gatewaysvc.write_config(settings)
     fingerprint = _gateway_fingerprint(settings)
     stamp = settings.gateway_dir / "fingerprint"
-    if _fingerprint_changed(stamp, fingerprint) and pids.pid(gatewaysvc.NAME) is not None:
-        log("the installed code or imagemanager.json changed: restarting the gateway")
-        pids.stop(gatewaysvc.NAME)
-    _announce(pids, gatewaysvc.NAME, "the image gateway")
-    gatewaysvc.start(settings, pids)
+    running = [name for name in gatewaysvc.names(settings) if pids.pid(name) is not None]
+    if _fingerprint_changed(stamp, fingerprint) and running:
+        log("the installed code or imagemanager.json changed: restarting the gateways")
+        for name in running:
+            pids.stop(name)
+    for index, name in enumerate(gatewaysvc.names(settings)):
+        _announce(pids, name, f"image gateway {index + 1} of {settings.gateways} "
+                              f"(port {settings.gateway_port_of(index)})")
+        gatewaysvc.start(settings, pids, index)
     stamp.write_text(fingerprint)
 
 
 def _pull_through_gateway(settings: Settings, references: list[str]) -> None:
-    """Have the gateway pull and convert each image so it is READY before any test runs."""
+    """Have the gateways pull and convert each image so it is READY before any test runs."""
     shifterimg = settings.prefix / "bin" / "shifterimg"
-    if pids_alive(settings, [gatewaysvc.NAME]) != [gatewaysvc.NAME]:
+    if pids_alive(settings, gatewaysvc.names(settings)) != gatewaysvc.names(settings):
         return
     if not shifterimg.exists() or not settings.installed_module("shifter/shifterimg.py"):
         log("shifterimg is not installed: the test images are not pre-pulled through the gateway")
@@ -267,7 +274,7 @@ def debian_image() -> None:
 def down(settings: Settings) -> None:
     pids = pid_registry(settings)
     _stop_nodes(settings, pids)
-    for name in STOP_ORDER:
+    for name in (*gatewaysvc.names(settings), *STOP_ORDER):
         pids.stop(name)
     for name in pids.names():  # anything else a newer version recorded
         pids.stop(name)
@@ -292,6 +299,7 @@ def env_lines(settings: Settings, references: list[str]) -> list[str]:
     values = {
         "SLURM_CONF": str(settings.slurm_conf),
         "SHIFTER_GATEWAY": settings.gateway_url,
+        "SHIFTER_GATEWAYS": " ".join(settings.gateway_urls),
         "SHIFTER_REGISTRY": REGISTRY_ADDR,
         "SHIFTER_UDIROOT_CONF": str(settings.udiroot_conf),
         "SHIFTER_NODES": " ".join(settings.node_names),
@@ -317,8 +325,9 @@ def problems(settings: Settings) -> list[str]:
     found += slurm.healthy(settings, pids)
     if not registry.answers():
         found.append(f"registry {REGISTRY_ADDR} does not answer /v2/")
-    if gatewaysvc.installed(settings) and gatewaysvc.status(settings) is None:
-        found.append(f"gateway {settings.gateway_local_url} does not answer /api/status")
+    if gatewaysvc.installed(settings):
+        found += [f"gateway {settings.gateway_local_url_of(i)} does not answer /api/status"
+                  for i in range(settings.gateways) if gatewaysvc.status(settings, i) is None]
     return found
 
 

@@ -25,6 +25,7 @@ MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
 TEST_USERS = ("shifter-u1", "shifter-u2")
 MAX_NODES = 200
 MAX_FAKE_GPUS = 8
+MAX_GATEWAYS = 4
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,15 @@ class Settings:
     controller_host: str = ""
     gateway_port: int = DEFAULT_GATEWAY_PORT
     fake_gpus: int = 0  # per node: fake NVIDIA GPUs (localcluster/fakegpu.py) as Slurm GRES, 0 none
+    gateways: int = 2  # gateway services on ports gateway_port, gateway_port + 1, ... sharing one store
 
     def __post_init__(self) -> None:
         if not 1 <= self.nodes <= MAX_NODES:
             raise ValueError(f"NODES must be between 1 and {MAX_NODES}, got {self.nodes}")
         if not 0 <= self.fake_gpus <= MAX_FAKE_GPUS:
             raise ValueError(f"FAKE_GPUS must be between 0 and {MAX_FAKE_GPUS}, got {self.fake_gpus}")
+        if not 1 <= self.gateways <= MAX_GATEWAYS:
+            raise ValueError(f"GATEWAYS must be between 1 and {MAX_GATEWAYS}, got {self.gateways}")
         if not self.controller_host:
             object.__setattr__(self, "controller_host", socket.gethostname())
 
@@ -111,7 +115,20 @@ class Settings:
 
     @property
     def imagemanager_json(self) -> Path:
-        return self.gateway_dir / "imagemanager.json"
+        """The first gateway's config (each gateway has its own: imagemanager_json_of)."""
+        return self.imagemanager_json_of(0)
+
+    @staticmethod
+    def gateway_name(index: int) -> str:
+        """The pid-registry and file name of gateway ``index`` (0-based): gateway, gateway-2, ..."""
+        return "gateway" if index == 0 else f"gateway-{index + 1}"
+
+    def imagemanager_json_of(self, index: int) -> Path:
+        suffix = "" if index == 0 else f"-{index + 1}"
+        return self.gateway_dir / f"imagemanager{suffix}.json"
+
+    def gateway_port_of(self, index: int) -> int:
+        return self.gateway_port + index
 
     @property
     def image_path(self) -> Path:
@@ -170,11 +187,20 @@ class Settings:
 
     @property
     def gateway_url(self) -> str:
-        return f"http://{BRIDGE_ADDR}:{self.gateway_port}"
+        """The first gateway (SHIFTER_GATEWAY): tests that talk to one gateway use this one."""
+        return self.gateway_urls[0]
+
+    @property
+    def gateway_urls(self) -> list[str]:
+        """Every gateway on the test network, as udiRoot.conf's imageGateway lists them."""
+        return [f"http://{BRIDGE_ADDR}:{self.gateway_port_of(i)}" for i in range(self.gateways)]
 
     @property
     def gateway_local_url(self) -> str:
-        return f"http://127.0.0.1:{self.gateway_port}"
+        return self.gateway_local_url_of(0)
+
+    def gateway_local_url_of(self, index: int) -> str:
+        return f"http://127.0.0.1:{self.gateway_port_of(index)}"
 
     # --- persistence ---------------------------------------------------------
     def save(self) -> None:
@@ -196,4 +222,5 @@ class Settings:
             controller_host=data["controller_host"],
             gateway_port=int(data.get("gateway_port", DEFAULT_GATEWAY_PORT)),
             fake_gpus=int(data.get("fake_gpus", 0)),
+            gateways=int(data.get("gateways", 1)),
         )

@@ -8,6 +8,7 @@ loop devices.  Everything goes through the real tools (sbatch, scontrol, setpriv
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
@@ -95,7 +96,13 @@ class Cluster:
 
     @property
     def gateway(self) -> str:
+        """The first gateway's URL: enough for a test that talks to one gateway."""
         return self.env["SHIFTER_GATEWAY"]
+
+    @property
+    def gateways(self) -> list[str]:
+        """Every gateway's URL, in the order udiRoot.conf's imageGateway lists them."""
+        return self.env.get("SHIFTER_GATEWAYS", self.gateway).split()
 
     @property
     def registry(self) -> str:
@@ -291,15 +298,33 @@ class Cluster:
             raise ClusterNotUp(f"no cluster.json in {self.state_dir}")
         return settings
 
-    def stop_gateway(self) -> None:
-        """Stop the image gateway by its recorded pid (start it again with start_gateway)."""
-        PidRegistry(self.state_dir / "pids").stop("gateway")
+    def stop_gateway(self, index: int | None = None) -> None:
+        """Stop gateway ``index`` (0-based; every one with None) by its recorded pid
+        (start it again with start_gateway)."""
+        settings = self.settings
+        pids = PidRegistry(self.state_dir / "pids")
+        for i in range(settings.gateways) if index is None else [index]:
+            pids.stop(settings.gateway_name(i))
 
-    def start_gateway(self) -> None:
-        """Start the gateway with the cluster's own code unless it runs; returns once it answers."""
+    def start_gateway(self, index: int | None = None) -> None:
+        """Start gateway ``index`` (every one with None) with the cluster's own code unless it
+        runs; returns once it answers."""
         from . import gatewaysvc
 
-        gatewaysvc.start(self.settings, PidRegistry(self.state_dir / "pids"))
+        gatewaysvc.start(self.settings, PidRegistry(self.state_dir / "pids"), index)
+
+    def gateway_pid(self, index: int) -> int:
+        """The pid of gateway ``index`` (0-based), e.g. to freeze it with SIGSTOP."""
+        settings = self.settings
+        pid = PidRegistry(self.state_dir / "pids").pid(settings.gateway_name(index))
+        if pid is None:
+            raise RuntimeError(f"{settings.gateway_name(index)} is not running")
+        return pid
+
+    def gateway_access_log(self, index: int) -> Path:
+        """Where gateway ``index`` writes its access log (its imagemanager.json's AccessLog)."""
+        config = json.loads(self.settings.imagemanager_json_of(index).read_text())
+        return Path(config["AccessLog"])
 
     def crash_node(self, node: str, job_id: str | None = None) -> dict[str, int]:
         """kill -9 the node's slurmd (and, with `job_id`, every process of that job on the node).

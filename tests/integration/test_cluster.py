@@ -108,7 +108,7 @@ def test_udiroot_conf_is_root_owned_and_not_writable_by_others(cluster: Cluster)
     info = cluster.udiroot_conf.stat()
     assert info.st_uid == 0
     assert stat.S_IMODE(info.st_mode) & 0o022 == 0
-    assert "imageGateway=" + cluster.gateway in cluster.udiroot_conf.read_text().splitlines()
+    assert "imageGateway=" + " ".join(cluster.gateways) in cluster.udiroot_conf.read_text().splitlines()
 
 
 def test_test_user_runs_a_batch_job_on_two_nodes(cluster: Cluster, test_users: tuple[str, ...]) -> None:
@@ -165,11 +165,13 @@ def test_environment_names_the_cluster(cluster: Cluster) -> None:
     assert f"{cluster.registry}/demo/busybox:latest" in cluster.images
 
 
-def test_gateway_answers_on_the_test_network(cluster: Cluster) -> None:
-    reply = json.loads(_get(f"{cluster.gateway}/api/status"))
-    assert reply
-    result = cluster.node_exec(cluster.nodes[-1], ["curl", "-sf", f"{cluster.gateway}/api/status"])
-    assert result.returncode == 0, result.stderr
+def test_every_gateway_answers_on_the_test_network(cluster: Cluster) -> None:
+    assert len(cluster.gateways) == 2 and cluster.gateways[0] == cluster.gateway, cluster.gateways
+    for url in cluster.gateways:
+        reply = json.loads(_get(f"{url}/api/status"))
+        assert reply
+        result = cluster.node_exec(cluster.nodes[-1], ["curl", "-sf", f"{url}/api/status"])
+        assert result.returncode == 0, (url, result.stderr)
 
 
 def test_installed_layout_is_isolated_and_world_readable(cluster: Cluster) -> None:

@@ -104,7 +104,8 @@ def _up(cluster: Cluster) -> subprocess.CompletedProcess[str]:
     settings = cluster.settings
     argv = [sys.executable, "-m", "localcluster", "up", "--state-dir", str(settings.state_dir),
             "--prefix", str(settings.prefix), "--sysconfdir", str(settings.sysconfdir),
-            "--nodes", str(settings.nodes), "--gateway-port", str(settings.gateway_port)]
+            "--nodes", str(settings.nodes), "--gateway-port", str(settings.gateway_port),
+            "--gateways", str(settings.gateways)]
     return subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=REPO, env=cluster.environ())
 
 
