@@ -27,9 +27,17 @@ def test_describe_names_the_host_path_only_where_it_differs():
 
 
 def test_refuses_own_host_directory_outside_every_site_filesystem():
-    # not under /tmp, which containers share with the node
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(__file__)) as top:
+    with tempfile.TemporaryDirectory(dir=_outside_every_site_filesystem()) as top:
         _check_refused(os.path.join(top, "data"))
+
+
+def _outside_every_site_filesystem() -> str:
+    """A directory we may write that neither SITE_FS nor the node's /tmp covers: this checkout's tests
+    directory, unless the checkout itself lies under one of them (a clone in /tmp or /home)."""
+    for base in (os.path.dirname(os.path.abspath(__file__)), "/dev/shm"):
+        if os.access(base, os.W_OK) and hidden_in_container(SITE_FS, base):
+            return base
+    pytest.fail("no writable directory outside /home, /scratch, /sitefs and /tmp to test with")
 
 
 def _check_refused(own: str) -> None:
