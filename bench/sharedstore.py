@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,13 +32,9 @@ if str(_ROOT) not in sys.path:
 
 from bench import lookups  # noqa: E402
 
-SERVER = "secantusd-py"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+sys.path.insert(0, str(_ROOT / "tests"))  # the tests' own fixtures start the MongoDB-wire server
+from fixtures_mongo import SecantusServer  # noqa: E402
+from fixtures_registry import free_port  # noqa: E402
 
 
 def _wait(what: str, ready: Any, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
@@ -66,45 +61,15 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(10)
 
 
-def _server_program() -> str:
-    beside = Path(sys.executable).parent / SERVER
-    found = str(beside) if beside.exists() else shutil.which(SERVER)
-    if found is None:
-        raise RuntimeError(f"{SERVER} is not installed: run `make venv` (the test extra pins secantusdb)")
-    return found
-
-
 @contextmanager
 def mongo_server(root: Path) -> Iterator[str]:
-    """A ``secantusd-py`` on a free loopback port with its own storage; yields its URI."""
-    root.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    config = root / "secantusd.toml"
-    config.write_text("")  # no ./secantusd.toml or ~/.secantus is picked up
-    log = root / "secantusd.log"
-    uri = f"mongodb://127.0.0.1:{port}/?directConnection=true"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([_server_program(), "--config", str(config), "--host", "127.0.0.1",
-                                 "--port", str(port), "--storage-path", str(root / "data"), "--log-level", "WARNING"],
-                                cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    """A ``secantusd-py`` on a free loopback port with its own storage (the tests' own server
+    fixture); yields its URI and stops it by pid."""
+    server = SecantusServer(root).start()
     try:
-        import pymongo
-        from pymongo.errors import PyMongoError
-
-        def answers() -> bool:
-            client: pymongo.MongoClient = pymongo.MongoClient(uri, serverSelectionTimeoutMS=300)
-            try:
-                client.admin.command("ping")
-                return True
-            except PyMongoError:
-                return False
-            finally:
-                client.close()
-
-        _wait(SERVER, answers, proc, log)
-        yield uri
+        yield server.uri
     finally:
-        _stop(proc)
+        server.stop()
 
 
 def _answers(url: str) -> bool:
@@ -130,7 +95,7 @@ def mongo_gateways(prefix: Path, template: Path, root: Path, uri: str, count: in
             own = root / f"gw-{i + 1}"
             for sub in ("cache", "expand"):
                 (own / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
-            port = _free_port()
+            port = free_port()
             config = {**base, "Listen": [f"127.0.0.1:{port}"], "Store": "mongodb", "MongoDBURI": uri,
                       "MongoDB": "ShifterBench", "CacheDirectory": str(own / "cache"),
                       "ExpandDirectory": str(own / "expand"), "LogFile": str(own / "gateway.log"),
