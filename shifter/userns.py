@@ -26,13 +26,49 @@ def _write_proc(pid: int, name: str, text: str) -> None:
         os.close(fd)
 
 
-def _child(account: Account, ready_w: int, go_r: int) -> None:
-    """In the forked child: become the user, unshare, report, wait for the parent's maps."""
+class _UnsharedChild:
+    """A forked child in a new user namespace, held there while the ``with`` block runs.
+
+    The child (as ``account``, or as root when None) unshares, reports, and waits; the block gets
+    its pid to write the maps through /proc/<pid> and to take what it needs of the namespace
+    before the child exits.  Used by both namespaces below, which differ only in their maps.
+    """
+
+    def __init__(self, account: Account | None, failure: str) -> None:
+        self.account, self.failure = account, failure
+
+    def __enter__(self) -> int:
+        self.ready_r, ready_w = os.pipe()
+        go_r, self.go_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            os.close(self.ready_r)
+            os.close(self.go_w)
+            _child(self.account, ready_w, go_r)
+        os.close(ready_w)
+        os.close(go_r)
+        try:
+            if os.read(self.ready_r, 1) != b"1":
+                raise ShifterError(self.failure)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self.pid
+
+    def __exit__(self, *_exc: object) -> None:
+        os.close(self.go_w)
+        os.close(self.ready_r)
+        os.waitpid(self.pid, 0)
+
+
+def _child(account: Account | None, ready_w: int, go_r: int) -> None:
+    """In the forked child: (become the user,) unshare, report, wait for the parent's maps."""
     status = 1
     try:
-        os.setgroups(list(account.groups))
-        os.setresgid(account.gid, account.gid, account.gid)
-        os.setresuid(account.uid, account.uid, account.uid)
+        if account is not None:
+            os.setgroups(list(account.groups))
+            os.setresgid(account.gid, account.gid, account.gid)
+            os.setresuid(account.uid, account.uid, account.uid)
         linux.unshare(linux.CLONE_NEWUSER)
         os.write(ready_w, b"1")
         os.read(go_r, 1)
@@ -51,18 +87,7 @@ def pin_user_namespace(account: Account, path: str) -> None:
     """Create the job's user namespace and bind-mount it onto ``path`` (created, mode 0444)."""
     if account.uid == 0 or account.gid == 0:
         raise ShifterError("refusing to create a user namespace for uid or gid 0")
-    ready_r, ready_w = os.pipe()
-    go_r, go_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(ready_r)
-        os.close(go_w)
-        _child(account, ready_w, go_r)
-    os.close(ready_w)
-    os.close(go_r)
-    try:
-        if os.read(ready_r, 1) != b"1":
-            raise ShifterError(f"could not create a user namespace as uid {account.uid}")
+    with _UnsharedChild(account, f"could not create a user namespace as uid {account.uid}") as pid:
         try:
             _write_proc(pid, "uid_map", f"{account.uid} {account.uid} 1\n")
             _write_proc(pid, "setgroups", "deny")
@@ -73,10 +98,6 @@ def pin_user_namespace(account: Account, path: str) -> None:
         except OSError as exc:
             where = exc.filename or path
             raise ShifterError(f"cannot pin the job's user namespace: {exc.strerror} ({where})") from None
-    finally:
-        os.close(go_w)
-        os.close(ready_r)
-        os.waitpid(pid, 0)
 
 
 def enter_user_namespace(path: str) -> None:
@@ -98,31 +119,8 @@ def image_owner_namespace(account: Account) -> int:
     """
     if account.uid == 0 or account.gid == 0:
         raise ShifterError("refusing to map the image's owner to uid or gid 0")
-    ready_r, ready_w = os.pipe()
-    go_r, go_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            os.close(ready_r)
-            os.close(go_w)
-            linux.unshare(linux.CLONE_NEWUSER)
-            os.write(ready_w, b"1")
-            os.read(go_r, 1)
-            status = 0
-        except BaseException:  # noqa: BLE001 - the child must end in _exit
-            pass
-        os._exit(status)
-    os.close(ready_w)
-    os.close(go_r)
-    try:
-        if os.read(ready_r, 1) != b"1":
-            raise ShifterError("could not create the user namespace of the image's owner")
+    with _UnsharedChild(None, "could not create the user namespace of the image's owner") as pid:
         _write_proc(pid, "uid_map", f"0 {account.uid} 1\n")
         _write_proc(pid, "setgroups", "deny")
         _write_proc(pid, "gid_map", f"0 {account.gid} 1\n")
         return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-    finally:
-        os.close(go_w)
-        os.close(ready_r)
-        os.waitpid(pid, 0)
