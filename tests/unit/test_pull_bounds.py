@@ -13,7 +13,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -29,6 +29,22 @@ from tests.layer_blobs import write_layers
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
+def serve_on_loopback(on_get: Callable[[BaseHTTPRequestHandler], None]) -> tuple[ThreadingHTTPServer, str]:
+    """A threaded HTTP server on a free loopback port whose GETs go to ``on_get``; with its URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            on_get(self)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_port}"
+
+
 class Registry:
     """One image (``test/img:latest``); ``mode`` decides how its layer blob is sent."""
 
@@ -38,21 +54,11 @@ class Registry:
         self.mode = "normal"
         self.declared = len(layer)
         self.requests: list[str] = []
-        registry = self
+        self.server, self.url = serve_on_loopback(self._get)
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-                registry.requests.append(self.path)
-                registry.answer(self)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
+    def _get(self, handler: BaseHTTPRequestHandler) -> None:
+        self.requests.append(handler.path)
+        self.answer(handler)
 
     @staticmethod
     def digest(data: bytes) -> str:

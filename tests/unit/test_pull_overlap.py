@@ -14,7 +14,7 @@ import json
 import os
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ import pytest
 from gateway import pipeline
 from localcluster.oci import file, gzip_bytes, read_squashfs, tar_bytes
 from shifter.errors import ShifterError
+from tests.unit.test_pull_bounds import serve_on_loopback
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
@@ -41,20 +42,7 @@ class Registry:
         self.held_too_long = False
         self.corrupt: set[int] = set()       # layer numbers served with other bytes
         self.served: list[int] = []          # layer numbers in the order their answers finished
-        registry = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-                registry.answer(self)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.server, self.url = serve_on_loopback(self.answer)
 
     def manifest(self) -> bytes:
         return json.dumps({
