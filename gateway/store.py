@@ -186,6 +186,12 @@ class Store(ABC):
             self._renewer().release(name)
             self._drop_lock(name, token)
 
+    def _stop_renewing(self) -> None:
+        """Before the connections close: no lease renewal may run on a closed connection."""
+        renewer = self.__dict__.get("_lock_renewer")
+        if renewer is not None:
+            renewer.stop()
+
     def _renewer(self) -> _LockRenewer:
         renewer = self.__dict__.get("_lock_renewer")
         if renewer is None:
@@ -227,6 +233,8 @@ class _LockRenewer:
         self.held: dict[str, tuple[str, float]] = {}
         self.mutex = threading.Lock()
         self.wake = threading.Event()
+        self.renewing = threading.Lock()  # held while renewals run; stop() waits for it
+        self.stopped = False
         self.thread: threading.Thread | None = None
 
     def hold(self, name: str, token: str, lease: float) -> None:
@@ -241,20 +249,34 @@ class _LockRenewer:
         with self.mutex:
             self.held.pop(name, None)
 
+    def stop(self) -> None:
+        """End the thread; once this returns no renewal runs (the store is closing)."""
+        with self.mutex:
+            self.stopped = True
+            self.held.clear()
+        self.wake.set()
+        with self.renewing:
+            pass
+
     def _run(self) -> None:
-        # lives as long as the process: one thread (and, for SQLite, one connection) per store
+        # lives as long as the store: one thread (and, for SQLite, one connection) per store
         while True:
             with self.mutex:
+                if self.stopped:
+                    return
                 held = dict(self.held)
             if not held:
                 self.wake.wait()
                 self.wake.clear()
                 continue
-            for name, (token, lease) in held.items():
-                try:
-                    self.store._renew_lock(name, token, lease)
-                except Exception:  # noqa: BLE001 - the store is down: the lease may lapse, retried next round
-                    pass
+            with self.renewing:
+                if self.stopped:
+                    return
+                for name, (token, lease) in held.items():
+                    try:
+                        self.store._renew_lock(name, token, lease)
+                    except Exception:  # noqa: BLE001 - the store is down: the lease may lapse, retried next round
+                        pass
             self.wake.clear()
             self.wake.wait(min(lease for _, lease in held.values()) / 3)
 
@@ -568,6 +590,7 @@ class SqliteStore(Store):
             raise ShifterError(f"store {self.path}: {err}") from None
 
     def close(self) -> None:
+        self._stop_renewing()
         with self._all_lock:
             for conn in self._all:
                 with contextlib.suppress(sqlite3.Error):
@@ -901,4 +924,5 @@ class MongoStore(Store):
             raise ShifterError(f"store: {err}") from None
 
     def close(self) -> None:
+        self._stop_renewing()
         self.client.close()

@@ -8,6 +8,7 @@ real MongoDB instead.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -348,3 +349,18 @@ def test_lock_is_renewed_while_held(store: Store, twin: Store) -> None:
         time.sleep(1.5)  # well past the first lease: the holder's renewals keep it
         assert not twin._take_lock("image\x1fsys\x1flong", "intruder", 30)
     assert twin._take_lock("image\x1fsys\x1flong", "next", 30)  # released at the end
+
+
+def test_closing_a_store_ends_its_lease_renewals(twin: Store) -> None:
+    """A store closed while one of its locks is held (a gateway shutting down mid-publication) stops
+    renewing before its connections close: a renewal on a closed SQLite connection crashed the process."""
+    held = twin.lock("image\x1fsys\x1fclosing", lease=0.03)
+    held.__enter__()  # never left: the process ends with the lock held, its lease lapses
+    time.sleep(0.1)  # a renewal every 10 ms is under way
+    renewer = twin._renewer().thread
+    assert renewer is not None and renewer.is_alive()
+    twin.close()
+    renewer.join(2)
+    assert not renewer.is_alive(), "the renewer outlived its store"
+    with contextlib.suppress(Exception):  # leaving the lock on a closed store may fail; that is not tested here
+        held.__exit__(None, None, None)
