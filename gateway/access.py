@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.store import Doc, tag_entry
+from gateway.store.base import Doc, tag_entry
 
 REGISTRY_OWNER = "registry"  # docker tags: only a registry decides what they name
 

@@ -40,7 +40,7 @@ from gateway.auth import Authenticator, AuthError, AuthUnavailable, RequestFacts
 from gateway.config import GatewayConfig
 from gateway.manager import BadRequest, Forbidden, ImageManager, NotFound, check_tag, parse_acl
 from gateway.openapi import RECORD_KEYS, openapi_document
-from gateway.store import outage
+from gateway.store.base import outage
 from shifter.errors import ShifterError
 
 log = logging.getLogger("gateway.api")

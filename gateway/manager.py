@@ -46,7 +46,7 @@ from gateway.access import REGISTRY_OWNER, Access, combine, effective, for_tag, 
 from gateway.auth import Session
 from gateway.config import GatewayConfig, PlatformConfig
 from gateway.metrics import Metrics
-from gateway.store import INFLIGHT, Doc, Store, new_id, outage
+from gateway.store.base import INFLIGHT, Doc, Store, new_id, outage
 from shifter.errors import ShifterError
 from shifter.imageref import split_docker_tag
 from shifter.meta import ImageMeta, read_meta

@@ -34,7 +34,7 @@ from fixtures_registry import (
     wait_for,
 )
 
-from gateway.store import INFLIGHT
+from gateway.store.base import INFLIGHT
 from localcluster import oci
 from shifter.gatewayclient import GatewayClient
 from shifter.imageref import ImageRef

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.store import INFLIGHT, MongoStore, SqliteStore, Store
+from gateway.store.base import INFLIGHT, MongoStore, SqliteStore, Store
 from shifter.errors import ShifterError
 
 
