@@ -829,7 +829,7 @@ def test_gateway_killed_mid_pull_recovers_on_restart(env: Env) -> None:
 
 
 def test_record_left_in_flight_by_a_dead_process_never_stays_in_flight(env: Env) -> None:
-    from gateway.store.base import SqliteStore
+    from gateway.store.sqlite import SqliteStore
 
     _push_small(env.registry, "test/small", "v1-alias")
     gw = _own_gateway(env, "stale")

@@ -32,7 +32,7 @@ from fixtures_registry import (
 )
 
 from gateway.publish import host_key
-from gateway.store.base import SqliteStore
+from gateway.store.sqlite import SqliteStore
 from localcluster import oci
 
 missing = have("munged", "docker-registry", "tar2sqfs")

@@ -401,7 +401,7 @@ def test_modes_and_meta_follow_the_image_when_a_public_tag_joins(site: Site) -> 
 
 
 def test_queue_and_pull_answers_hide_other_users_requests(site: Site) -> None:
-    from gateway.store.base import SqliteStore
+    from gateway.store.sqlite import SqliteStore
 
     store = SqliteStore(str(site.root / "gateway.db"))
     stat = Path(f"/proc/{site.gateway.proc.pid}/stat").read_bytes()  # type: ignore[union-attr]

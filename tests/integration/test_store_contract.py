@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.store.base import INFLIGHT, MongoStore, SqliteStore, Store
+from gateway.store.base import INFLIGHT, Store
+from gateway.store.mongo import MongoStore
+from gateway.store.sqlite import SqliteStore
 from shifter.errors import ShifterError
 
 
