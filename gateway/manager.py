@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import examine, importer, pipeline, publish, registry
+from gateway import blobcache, examine, importer, pipeline, publish
 from gateway.access import REGISTRY_OWNER, Access, combine, effective, for_tag, import_owner, owner_of
 from gateway.auth import Session
 from gateway.config import GatewayConfig, PlatformConfig
@@ -983,7 +983,7 @@ class ImageManager:
     def prune_blobs(self) -> int:
         """Remove cached blobs no READY image uses (the original never cleaned its cache).
 
-        The cache is ``<CacheDirectory>/blobs/sha256/<hex>`` (gateway.registry.BlobCache). Files
+        The cache is ``<CacheDirectory>/blobs/sha256/<hex>`` (gateway.blobcache.BlobCache). Files
         touched in the last hour are kept, so a pull running in another gateway process that
         shares the cache never loses a blob it has just fetched; nothing is pruned while a pull
         of this store is in flight. Config blobs are tiny and fetched again when needed.
@@ -996,7 +996,7 @@ class ImageManager:
             for d in rec.get("layers") or []
             if isinstance(d, str) and d.startswith("sha256:")
         }
-        removed = registry.prune_cache(self.config.cache_dir, keep, BLOB_GRACE_SECONDS)
+        removed = blobcache.prune_cache(self.config.cache_dir, keep, BLOB_GRACE_SECONDS)
         if removed:
             log.info("pruned %d unreferenced blobs from %s", len(removed), self.config.cache_dir)
         return len(removed)

@@ -25,17 +25,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
 
+from gateway.blobcache import BlobCache
 from gateway.bounds import Deadline
 from gateway.convert import squash_layers
 from gateway.flatten import Layer
+from gateway.oci import INDEX_TYPES, check_reference, select_platform
 from gateway.publish import PublishTarget, publish_files, remove_files
-from gateway.registry import (
-    INDEX_TYPES,
-    BlobCache,
-    RegistryClient,
-    check_reference,
-    select_platform,
-)
+from gateway.registry import RegistryClient
 from shifter.errors import ShifterError
 from shifter.meta import ImageMeta, format_meta
 

@@ -1,4 +1,7 @@
-"""A small OCI distribution client: manifests, platform selection, verified blobs.
+"""A small OCI distribution client: manifests and verified blobs from one repository.
+
+Names, digests, media types and platform selection are checked in gateway.oci; the
+verified blobs are kept in gateway.blobcache.
 
 HTTP goes through ``requests`` (one pooled session per client: connection reuse,
 the environment's proxies and ``no_proxy``, CA bundles); redirects and retries stay
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -40,23 +42,25 @@ import requests
 import requests.adapters
 import urllib3.exceptions
 
+from gateway.oci import (
+    DIGEST_RE,
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    TAG_RE,
+    check_digest,
+)
 from shifter.errors import ShifterError
 
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
-MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 _ACCEPT = ", ".join((OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
 _MAX_MANIFEST = 4 << 20
 _MAX_CONFIG = 16 << 20
 _CHUNK = 1 << 20
-_RETRIES = 4
+RETRIES = 4
 _TIMEOUT = 60.0
-_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
-_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-_REPO_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
 _CHALLENGE_RE = re.compile(r'(\w+)="([^"]*)"')
 
 
@@ -77,20 +81,6 @@ class Response:
 
 class TransferError(ShifterError):
     """A download broke off (connection reset, truncated body): worth another attempt."""
-
-
-def check_reference(repository: str, reference: str) -> None:
-    """Refuse repository names and references the distribution spec does not allow."""
-    if len(repository) > 255 or not _REPO_RE.fullmatch(repository):
-        raise ShifterError(f"invalid repository name: {repository!r}")
-    if not (_TAG_RE.fullmatch(reference) or _DIGEST_RE.fullmatch(reference)):
-        raise ShifterError(f"invalid tag or digest: {reference!r}")
-
-
-def _check_digest(digest: str, what: str) -> None:
-    """Only ``sha256:<64 hex>`` reaches a URL: an index or manifest is the registry's text."""
-    if not isinstance(digest, str) or not _DIGEST_RE.fullmatch(digest):
-        raise ShifterError(f"{what}: invalid digest {str(digest)[:80]!r}")
 
 
 def _parent_domain(host: str) -> str | None:
@@ -161,19 +151,19 @@ class RegistryClient:
         netloc = urllib.parse.urlsplit(url).netloc
         headers = {"Accept-Encoding": "identity", **headers}  # digests are over the bytes as stored
         delay = 0.5
-        for attempt in range(_RETRIES + 1):
+        for attempt in range(RETRIES + 1):
             try:
                 reply = self._session.get(url, headers=headers, stream=True, allow_redirects=False,
                                           timeout=_TIMEOUT, verify=self._verify)
             except requests.exceptions.SSLError as err:
                 raise ShifterError(f"registry {netloc}: TLS error: {_reason(err)}") from None
             except (OSError, requests.RequestException) as err:
-                if attempt == _RETRIES:
+                if attempt == RETRIES:
                     raise ShifterError(f"registry {netloc} unreachable: {_reason(err)}") from None
                 time.sleep(delay)
                 delay *= 2
                 continue
-            if (reply.status_code == 429 or reply.status_code >= 500) and attempt < _RETRIES:
+            if (reply.status_code == 429 or reply.status_code >= 500) and attempt < RETRIES:
                 wait = delay
                 retry_after = reply.headers.get("Retry-After", "")
                 if retry_after.isascii() and retry_after.isdigit() and len(retry_after) < 6:
@@ -307,7 +297,7 @@ class RegistryClient:
 
     def manifest(self, reference: str) -> tuple[str, str, dict]:
         """(digest, media type, document) of a manifest, its digest verified."""
-        if not (isinstance(reference, str) and (_TAG_RE.fullmatch(reference) or _DIGEST_RE.fullmatch(reference))):
+        if not (isinstance(reference, str) and (TAG_RE.fullmatch(reference) or DIGEST_RE.fullmatch(reference))):
             raise ShifterError(f"manifest reference {str(reference)[:80]!r} is not a tag or sha256 digest")
         resp = self.get(f"manifests/{reference}", accept=_ACCEPT)
         try:
@@ -345,7 +335,7 @@ class RegistryClient:
 
     def blob_bytes(self, digest: str, limit: int) -> bytes:
         """A small blob (an image config) read into memory and verified."""
-        _check_digest(digest, "image config")
+        check_digest(digest, "image config")
         resp = self.get(f"blobs/{digest}")
         try:
             if resp.status != 200:
@@ -361,7 +351,7 @@ class RegistryClient:
 
     def download(self, digest: str, size: int, dest: str, counter: Callable[[int], None]) -> None:
         """Stream a blob into ``dest`` (via a temporary name), hashing as it arrives."""
-        _check_digest(digest, "layer")
+        check_digest(digest, "layer")
         resp = self.get(f"blobs/{digest}")
         directory = os.path.dirname(dest)
         fd, partial = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.partial-", dir=directory)
@@ -414,86 +404,3 @@ def _reason(err: Exception) -> str:
     reason = getattr(err, "reason", None)
     text = str(reason if isinstance(reason, Exception) else err)
     return " ".join(text.split())[:300]
-
-
-def select_platform(index: dict, platform: tuple[str, str, str | None]) -> dict:
-    """The index entry for ``(os, architecture, variant)``; variant None takes the first match."""
-    want_os, want_arch, want_variant = platform
-    for entry in index.get("manifests") or []:
-        if not isinstance(entry, dict):
-            continue
-        plat = entry.get("platform") or {}
-        if plat.get("os") == want_os and plat.get("architecture") == want_arch and \
-                (want_variant is None or plat.get("variant") == want_variant):
-            return entry
-    wanted = "/".join(p for p in platform if p)
-    raise ShifterError(f"image has no manifest for platform {wanted}")
-
-
-class BlobCache:
-    """Verified blobs at ``<cache_dir>/blobs/sha256/<hex>``; a per-blob lock file keeps
-    concurrent pulls (threads or gateway processes) from downloading one blob twice."""
-
-    def __init__(self, cache_dir: str) -> None:
-        self.dir = os.path.join(cache_dir, "blobs", "sha256")
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        for directory in (os.path.dirname(self.dir), self.dir):  # also caches made 0755 before
-            os.chmod(directory, 0o700)
-
-    def path(self, digest: str) -> str:
-        if not _DIGEST_RE.fullmatch(digest):
-            raise ShifterError(f"unsupported blob digest {digest[:80]!r}")
-        return os.path.join(self.dir, digest[7:])
-
-    def has(self, digest: str, size: int | None) -> bool:
-        try:
-            st = os.stat(self.path(digest))
-        except FileNotFoundError:
-            return False
-        return size is None or st.st_size == size
-
-    def fetch(self, client: RegistryClient, digest: str, size: int, counter: Callable[[int], None]) -> str:
-        """The cached path of ``digest``, downloading it unless present."""
-        dest = self.path(digest)
-        if self.has(digest, size):
-            return dest
-        with open(os.path.join(self.dir, f".{digest[7:]}.lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            for attempt in range(_RETRIES):
-                if self.has(digest, size):
-                    break
-                try:
-                    client.download(digest, size, dest, counter)
-                except TransferError:
-                    if attempt == _RETRIES - 1:
-                        raise
-                    time.sleep(0.5 * 2 ** attempt)
-        return dest
-
-
-def prune_cache(cache_dir: str, keep: set[str], grace_seconds: float = 3600.0) -> list[str]:
-    """Remove cached blobs whose digest is not in ``keep``, and leftover partial downloads
-    and lock files, once older than ``grace_seconds`` (a pull in progress may be about to
-    use a blob it has just fetched).  Returns the digests removed."""
-    directory = os.path.join(cache_dir, "blobs", "sha256")
-    removed: list[str] = []
-    now = time.time()
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return removed
-    for name in names:
-        path = os.path.join(directory, name)
-        digest = f"sha256:{name}"
-        is_blob = _DIGEST_RE.fullmatch(digest) is not None
-        if is_blob and digest in keep:
-            continue
-        try:
-            if now - os.lstat(path).st_mtime < grace_seconds:
-                continue
-            os.unlink(path)
-        except FileNotFoundError:
-            continue
-        if is_blob:
-            removed.append(digest)
-    return removed

@@ -577,7 +577,7 @@ def test_concurrent_pulls_sharing_a_base_download_it_once_and_prune_keeps_refere
         registry: Registry, tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from gateway.registry import prune_cache
+    from gateway.blobcache import prune_cache
 
     base = oci.gzip_bytes(oci.tar_bytes([oci.file(f"base/{i}", os.urandom(20_000)) for i in range(50)]))
     tags = [f"t{i}" for i in range(4)]
