@@ -103,7 +103,7 @@ def serve(config_path: str) -> None:
     import uvicorn
 
     from gateway.api import AccessLog, create_app
-    from gateway.config import load_config
+    from gateway.configfile import load_config
     from gateway.manager import ImageManager
     from gateway.store import open_store
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config import load_config, parse_config, parse_duration
+from gateway.configfile import load_config, parse_config, parse_duration
 from shifter.errors import ShifterError
 
 # The two sample configurations from the original's installation guide.
