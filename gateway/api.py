@@ -37,7 +37,7 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.auth import Authenticator, AuthError, AuthUnavailable, RequestFacts, Session
-from gateway.configfile import GatewayConfig
+from gateway.config import GatewayConfig
 from gateway.manager import BadRequest, Forbidden, ImageManager, NotFound, check_tag, parse_acl
 from gateway.openapi import RECORD_KEYS, openapi_document
 from gateway.store.base import outage

@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from gateway.configfile import GatewayConfig
+from gateway.config import GatewayConfig
 from shifter import munge, requestbinding
 from shifter.errors import ShifterError
 

@@ -44,7 +44,7 @@ from typing import Any
 from gateway import blobcache, examine, importer, pipeline, publish
 from gateway.access import REGISTRY_OWNER, Access, combine, effective, for_tag, import_owner, owner_of
 from gateway.auth import Session
-from gateway.configfile import GatewayConfig, PlatformConfig
+from gateway.config import GatewayConfig, PlatformConfig
 from gateway.metrics import Metrics
 from gateway.store.base import INFLIGHT, Doc, Store, new_id, outage
 from shifter.errors import ShifterError

@@ -16,7 +16,7 @@ __all__ = ["open_store"]
 
 
 def open_store(url: str, mongodb_name: str = "Shifter") -> Store:
-    """``sqlite:///<path>`` or a ``mongodb://`` URI (see gateway.config)."""
+    """``sqlite:///<path>`` or a ``mongodb://`` URI (the Store key, checked by gateway.configfile)."""
     if url.startswith("sqlite:///"):
         return SqliteStore("/" + url[len("sqlite:///") :].lstrip("/"))
     if url.startswith(("mongodb://", "mongodb+srv://")):
