@@ -105,7 +105,7 @@ def serve(config_path: str) -> None:
     from gateway.api import AccessLog, create_app
     from gateway.configfile import load_config
     from gateway.manager import ImageManager
-    from gateway.store import open_store
+    from gateway.store.backend import open_store
 
     config = load_config(config_path)
     # cache, expand tree, store and work files are the gateway's alone; published

@@ -2,23 +2,7 @@
 
 A package because one interface has two full implementations and a lease-lock helper
 that both share; each lives in its own module so a reader of one backend need not page
-through the other.
+through the other.  base.py is the interface (what the gateway's other modules import),
+backend.py opens the store a configuration names; sqlite.py, mongo.py and lease.py are
+imported by them only.  Nothing here runs as root.
 """
-
-from __future__ import annotations
-
-from gateway.store.base import Store
-from gateway.store.mongo import MongoStore
-from gateway.store.sqlite import SqliteStore
-from shifter.errors import ShifterError
-
-__all__ = ["open_store"]
-
-
-def open_store(url: str, mongodb_name: str = "Shifter") -> Store:
-    """``sqlite:///<path>`` or a ``mongodb://`` URI (the Store key, checked by gateway.configfile)."""
-    if url.startswith("sqlite:///"):
-        return SqliteStore("/" + url[len("sqlite:///") :].lstrip("/"))
-    if url.startswith(("mongodb://", "mongodb+srv://")):
-        return MongoStore(url, mongodb_name)
-    raise ShifterError(f"unsupported store {url!r}")

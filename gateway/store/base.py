@@ -17,7 +17,7 @@ image id (gateway.access derives the image's own privacy from them). A list, not
 because tags contain ``.``, which MongoDB update paths cannot name.
 
 The record helpers below (ids, the in-flight key, the tag edits) are shared by both backends
-(gateway.store.sqlite, gateway.store.mongo); gateway.store.open_store picks one.
+(gateway.store.sqlite, gateway.store.mongo); gateway.store.backend.open_store picks one.
 """
 
 from __future__ import annotations
