@@ -37,7 +37,7 @@ from gateway.registry import (
     select_platform,
 )
 from shifter.errors import ShifterError
-from shifter.meta import ImageMeta, format_meta
+from shifter.formats.meta import ImageMeta, format_meta
 
 __all__ = ["Location", "PullSpec", "ResolvedImage", "BuiltImage", "PublishTarget",
            "resolve", "build_image", "publish", "remove_published", "image_meta"]

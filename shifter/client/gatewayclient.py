@@ -5,7 +5,7 @@ under ``python -I -S``. Plain ``http://`` gateways are spoken to over a raw sock
 (``http.client`` alone costs ~20 ms of imports); ``https://`` falls back to
 ``http.client``. Every request carries a fresh munge credential that only the
 gateway's uid may decode and that names the request it was made for (method,
-target, body digest, gateway: see shifter.requestbinding). Only a pull's credential
+target, body digest, gateway: see shifter.formats.requestbinding). Only a pull's credential
 also carries the caller's registry logins from ``~/.udiRoot/.cred`` as
 ``{"authorized_locations": {...}}``.
 """
@@ -18,15 +18,16 @@ import socket
 import sys
 import time
 
-from shifter import munge, requestbinding
+from shifter.client import munge
 from shifter.errors import ShifterError
+from shifter.formats import requestbinding
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~2 ms to import on the submission path: annotations only
     from collections.abc import Callable
     from typing import Any
 
-    from shifter.imageref import ImageRef
+    from shifter.formats.imageref import ImageRef
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _MAX_BODY = 64 * 1024 * 1024

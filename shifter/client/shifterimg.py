@@ -21,10 +21,10 @@ from typing import Any, NoReturn
 
 import click
 
-from shifter import munge
+from shifter.client import munge
+from shifter.client.gatewayclient import GatewayClient, cred_path
 from shifter.errors import ShifterError
-from shifter.gatewayclient import GatewayClient, cred_path
-from shifter.imageref import ImageRef, parse_image_ref
+from shifter.formats.imageref import ImageRef, parse_image_ref
 
 IN_PROGRESS = ("MISSING", "INIT", "PENDING", "PULLING", "EXAMINATION", "CONVERSION", "TRANSFER", "HASHING")
 POLL_SECONDS = 0.5
@@ -43,8 +43,7 @@ class Context:
     @property
     def config(self) -> Any:
         if self._config is None:
-            from shifter.config import load_config
-            from shifter.launcher import config_path
+            from shifter.formats.config import config_path, load_config
 
             self._config = load_config(config_path(dict(os.environ)))
         return self._config

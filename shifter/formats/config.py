@@ -27,7 +27,7 @@ Deliberate differences from the original:
   not required, because this implementation never executes those tools;
 * ``siteResources`` (the directory created in the container for site resources, as in the
   original's GPU documentation) is accepted, and ``gpuRecipe``/``gpuDriverRoot`` are new: GPU
-  support is data (``shifter/recipes/<name>.json``) instead of the original's site script;
+  support is data (``shifter/formats/recipes/<name>.json``) instead of the original's site script;
 * the deprecated keys optionalSshdAsRoot, autoLoadKernelModule, kmodBasePath,
   kmodCacheFile and nodeContextPrefix are accepted and ignored.
 """
@@ -37,8 +37,8 @@ from __future__ import annotations
 import os
 
 from shifter.errors import ShifterError
+from shifter.formats.volumemap import VolumeMount, parse_bytes, parse_volume_map
 from shifter.record import Record
-from shifter.volumemap import VolumeMount, parse_bytes, parse_volume_map
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~7 ms to import: annotations only
@@ -154,7 +154,7 @@ class UdiRootConfig(Record):
     chmod_path: str | None
     dd_path: str | None
     site_resources: str | None  # a path inside the container
-    gpu_recipe: str | None  # shifter/recipes/<name>.json; None: no GPU support
+    gpu_recipe: str | None  # shifter/formats/recipes/<name>.json; None: no GPU support
     gpu_driver_root: str
     source: str
 
@@ -435,6 +435,17 @@ def parse_config(text: str, source: str = "<string>") -> UdiRootConfig:
                            "the container that receives the driver's libraries and tools)")
     values["source"] = source
     return UdiRootConfig(**values)
+
+
+def config_path(environ: dict[str, str]) -> str:
+    """Which udiRoot.conf a user command reads: ``SHIFTER_UDIROOT_CONF``, else the installed one."""
+    if environ.get("SHIFTER_UDIROOT_CONF"):
+        return environ["SHIFTER_UDIROOT_CONF"]
+    try:
+        from shifter import buildinfo
+    except ImportError:
+        return "/etc/shifter/udiRoot.conf"
+    return buildinfo.CONFIG_FILE
 
 
 def load_config(path: str, check_owner: bool = True) -> UdiRootConfig:

@@ -22,7 +22,7 @@ from shifter.errors import ShifterError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # annotations only
-    from shifter.config import ModuleConfig, UdiRootConfig
+    from shifter.formats.config import ModuleConfig, UdiRootConfig
 
 
 def _split(item: str) -> tuple[str, str] | None:
@@ -42,7 +42,7 @@ def _user_entry(item: str, origin: str) -> tuple[str, str]:
 # One environment change: ("=", name, value) set, ("+", ...) append, ("^", ...) prepend, ("-", name, "") unset,
 # ("%", name, "1,3") renumber device indices (see renumber_devices).
 # The site's and the image's changes are kept in this form so that setupRoot can hand them to the
-# interpreter-free launcher (shifter/launchplan.py), which replays them in the same order.
+# interpreter-free launcher (shifter/formats/launchplan.py), which replays them in the same order.
 Operation = tuple[str, str, str]
 
 

@@ -1,6 +1,6 @@
 """The launch plan: what setupRoot decides once so that ``shifter`` needs no interpreter per task.
 
-The installed ``shifter`` is a small C program (``shifter/fastlaunch.c``) in front of the
+The installed ``shifter`` is a small C program (``shifter/launch/fastlaunch.c``) in front of the
 Python launcher.  For the one case that runs on every task - no options, the job's own image,
 volumes and modules, an environment prepared on this node - it reads this plan, checks that it
 describes the request, and enters the environment itself; for anything else, or anything it
@@ -21,8 +21,8 @@ at teardown.  It is a sequence of NUL-terminated records, each a tag character a
     w<workdir>                the image's WORKDIR (may be empty)
     =NAME=VALUE  +NAME=VALUE  ^NAME=VALUE  -NAME  %NAME=IDS
                               the image's and the site's environment changes, in order
-                              (shifter/environment.py); ``%`` renumbers the task's GPU
-                              indices to their places in IDS (shifter/gpu.py)
+                              (shifter/formats/environment.py); ``%`` renumbers the task's GPU
+                              indices to their places in IDS (shifter/runtime/gpu.py)
 
 No plan is written when an active module has a userhook: that path stays in Python.
 """
@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import os
 
-from shifter.environment import image_operations, site_operations
+from shifter.formats.environment import image_operations, site_operations
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from shifter.config import UdiRootConfig
-    from shifter.meta import ImageMeta
+    from shifter.formats.config import UdiRootConfig
+    from shifter.formats.meta import ImageMeta
 
 VERSION = "shifter-launch-plan/1"
 
@@ -48,7 +48,7 @@ def config_identity(info: os.stat_result) -> str:
 def plan_records(config_info: os.stat_result, uid: int, identifier: str, volumes: str, modules_request: str,
                  meta: ImageMeta, modules: list, config: UdiRootConfig,
                  gpu_ops: list[tuple[str, str, str]] | None = None) -> list[str]:
-    """``gpu_ops`` (shifter/gpu.py) come last; with a GPU recipe the image's device-selection
+    """``gpu_ops`` (shifter/runtime/gpu.py) come last; with a GPU recipe the image's device-selection
     variables are dropped, so an image never changes which GPUs a task uses."""
     records = [VERSION, "c" + config_identity(config_info), f"u{uid}", "i" + identifier, "v" + volumes,
                "m" + modules_request, "w" + (meta.workdir or "")]
@@ -61,7 +61,7 @@ def image_env(env: list[str], config: UdiRootConfig) -> list[str]:
     """The image's ENV without the variables only the GPU allocation decides (when GPUs are configured)."""
     if not getattr(config, "gpu_recipe", None):
         return env
-    from shifter.gpu import ALLOCATION_VARIABLES
+    from shifter.formats.gpurecipe import ALLOCATION_VARIABLES
 
     return [item for item in env if item.partition("=")[0] not in ALLOCATION_VARIABLES]
 

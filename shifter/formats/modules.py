@@ -13,7 +13,7 @@ from shifter.errors import ShifterError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # annotations only: keep config's import cost off this module
-    from shifter.config import ModuleConfig, UdiRootConfig
+    from shifter.formats.config import ModuleConfig, UdiRootConfig
 
 
 def _requested_names(config: UdiRootConfig, requested: str | None) -> list[str]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 
-from .errors import ShifterError
-from .volumemap import VolumeMount
+from shifter.errors import ShifterError
+from shifter.formats.volumemap import VolumeMount
 
 # Bound from the node itself at the same path (container.py); node-local, so a login node
 # cannot tell what a compute node's /tmp holds.

@@ -25,8 +25,8 @@ class Report:
 
 
 def _check_config(report: Report, path: str):
-    from shifter.config import load_config
     from shifter.errors import ShifterError
+    from shifter.formats.config import load_config
 
     try:
         config = load_config(path)
@@ -55,7 +55,7 @@ def _check_kernel(report: Report) -> None:
 
 
 def _check_user_namespaces(report: Report) -> None:
-    from shifter import linux
+    from shifter.runtime import linux
 
     try:
         with open("/proc/sys/user/max_user_namespaces") as fh:
@@ -85,7 +85,7 @@ def _check_user_namespaces(report: Report) -> None:
 
 def _check_fuse(report: Report) -> bool:
     """squashfuse and /dev/fuse, for ``shifter --image`` inside a task; True when users can use them."""
-    from shifter.fresh import SQUASHFUSE_CANDIDATES, find_squashfuse
+    from shifter.launch.fresh import SQUASHFUSE_CANDIDATES, find_squashfuse
 
     found = find_squashfuse()
     if found:
@@ -163,7 +163,7 @@ def _check_gateway(report: Report, config) -> None:
         except OSError as exc:
             report.line(FAIL, "image gateway", f"{url}: {exc.strerror or exc}", "start the gateway / check the URL")
     try:
-        from shifter import munge
+        from shifter.client import munge
 
         munge.encode(b"")
         report.line(OK, "munge", "a credential was encoded")
@@ -172,16 +172,17 @@ def _check_gateway(report: Report, config) -> None:
 
 
 def _check_gpu(report: Report, config) -> None:
-    """What GPU jobs would get on this node (shifter/gpu.py), or exactly what is missing."""
+    """What GPU jobs would get on this node (shifter/runtime/gpudiscovery.py), or exactly what is missing."""
     if not config.gpu_recipe:
         report.line(OK, "GPU", "gpuRecipe not set: jobs get no GPU devices or driver from the site")
         return
-    from shifter import gpu
     from shifter.errors import ShifterError
+    from shifter.formats.gpurecipe import load_recipe, site_env_values
+    from shifter.runtime.gpudiscovery import discover
 
     try:
-        found = gpu.discover(gpu.load_recipe(config.gpu_recipe), config.gpu_driver_root,
-                             site_env=gpu.site_env_values(config.site_env))
+        found = discover(load_recipe(config.gpu_recipe), config.gpu_driver_root,
+                         site_env=site_env_values(config.site_env))
     except (ShifterError, OSError) as exc:
         report.line(FAIL, "GPU", str(exc), "reinstall shifter-slurm (its recipes are missing)")
         return

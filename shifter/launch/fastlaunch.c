@@ -1,14 +1,14 @@
 /*
  * shifter: enter the job's prepared environment without starting an interpreter.
  *
- * Installed as $PREFIX/bin/shifter in front of the Python launcher (shifter/launcher.py).
+ * Installed as $PREFIX/bin/shifter in front of the Python launcher (shifter/launch/launcher.py).
  * Every task of a job runs `shifter <cmd>`; starting Python alone costs more than the
  * whole entry, so this program handles the one case that runs on every task - no options,
  * the job's own image, volumes and modules, an environment setupRoot prepared on this node
  * (or the step's own, which slurmstepd prepared for `srun --image=...`) - and execs the Python
  * launcher, unchanged, for everything else.
  *
- * It decides nothing itself: setupRoot writes a launch plan (shifter/launchplan.py) with the
+ * It decides nothing itself: setupRoot writes a launch plan (shifter/formats/launchplan.py) with the
  * request it prepared, the identity of the udiRoot.conf it read and the image's and site's
  * environment changes, all computed by the Python code.  This program only checks that the
  * plan describes this request and replays it.  Whatever it does not recognise (an option, a
@@ -228,7 +228,7 @@ static void copy_environment(struct environment *env)
 
 /* "%NAME=IDS": each decimal index in the task's value becomes its place in IDS (the GPUs the
  * container shows); one not in IDS is dropped; other items (GPU-<uuid>, MIG-...) are kept.
- * The same as renumber_devices() in shifter/environment.py. */
+ * The same as renumber_devices() in shifter/formats/environment.py. */
 static char *renumber(const char *value, const char *ids)
 {
     size_t size = strlen(value) + 1;

@@ -18,8 +18,8 @@ import os
 import signal
 import sys
 
-from shifter import container, linux
 from shifter.errors import ShifterError
+from shifter.runtime import container, linux
 
 SQUASHFUSE_CANDIDATES = ("/usr/bin/squashfuse_ll", "/usr/bin/squashfuse", "/usr/local/bin/squashfuse_ll",
                          "/usr/local/bin/squashfuse")
@@ -79,7 +79,7 @@ def _scratch_dir(config) -> str:
 
 def _mount_image(image_file: str, target: str, privileged: bool) -> None:
     if privileged:
-        from shifter import loopdev
+        from shifter.runtime import loopdev
 
         try:
             device, dev_fd = loopdev.attach(image_file)
@@ -169,9 +169,9 @@ def _relay_signals(child: int) -> None:
 
 def run_fresh(config, opts, environ: dict[str, str], request, modules: list) -> None:
     """Build a private environment for ``request``, run the command in it, tear down, exit."""
-    from shifter import launcher
-    from shifter.meta import read_meta
-    from shifter.volumemap import parse_volume_map
+    from shifter.formats.meta import read_meta
+    from shifter.formats.volumemap import parse_volume_map
+    from shifter.launch import execute
 
     privileged = os.geteuid() == 0
     if request.image_type == "local":
@@ -198,7 +198,7 @@ def run_fresh(config, opts, environ: dict[str, str], request, modules: list) -> 
     if not os.access(image_file, os.R_OK):
         raise ShifterError(f"image file {image_file} is missing or not readable by you")
     user_volumes = parse_volume_map(request.volumes, site=False) if request.volumes else []
-    argv, env, cwd = launcher.prepare_exec(opts, environ, request, meta, config, modules)
+    argv, env, cwd = execute.prepare_exec(opts, environ, request, meta, config, modules)
 
     _enter_namespaces(privileged)
     scratch = _scratch_dir(config)
@@ -221,7 +221,7 @@ def run_fresh(config, opts, environ: dict[str, str], request, modules: list) -> 
         if child == 0:
             try:
                 os.chroot(root)
-                launcher.exec_in_root(argv, env, cwd, opts, meta, modules)
+                execute.exec_in_root(argv, env, cwd, opts, meta, modules)
             except ShifterError as err:
                 print(f"shifter: {err}", file=sys.stderr)
             finally:

@@ -12,8 +12,8 @@ import os
 import sys
 
 from shifter.errors import ShifterError
+from shifter.launch.execute import exec_in_root, prepare_exec
 
-PROG = "shifter"
 USAGE = """\
 Usage: shifter [-h|--help] [-v|--verbose] [--image=<type>:<tag>] [--entrypoint[=cmd]]
                [-w|--workdir[=/path]] [-E|--clearenv] [-e|--env=VAR=val]... [--env-file=/file]
@@ -41,7 +41,6 @@ _OPTION_NAMES = {"-h": "help", "--help": "help", "-v": "verbose", "--verbose": "
                  "--workdir": "workdir", "-E": "clearenv", "--clearenv": "clearenv", "-e": "env", "--env": "env",
                  "--env-file": "env_file", "-V": "volume", "--volume": "volume", "-m": "module",
                  "--module": "module", "-n": "noop", "--writable": "writable"}
-
 
 class Options:
     """The parsed command line."""
@@ -92,16 +91,6 @@ def _first(environ: dict[str, str], name: str) -> str | None:
     return environ.get(f"SHIFTER_{name}") or environ.get(f"SLURM_SPANK_SHIFTER_{name}") or None
 
 
-def config_path(environ: dict[str, str]) -> str:
-    if environ.get("SHIFTER_UDIROOT_CONF"):
-        return environ["SHIFTER_UDIROOT_CONF"]
-    try:
-        from shifter import buildinfo
-    except ImportError:
-        return "/etc/shifter/udiRoot.conf"
-    return buildinfo.CONFIG_FILE
-
-
 class Request:
     """The image, volumes and modules a launch asks for, resolved as far as possible locally."""
 
@@ -134,7 +123,7 @@ def resolve_request(opts: Options, environ: dict[str, str], default_type: str) -
     text = opts.image or job_request
     if not text:
         raise ShifterError("no image requested: use --image=<type>:<tag> or submit the job with --image")
-    from shifter.imageref import parse_image_ref
+    from shifter.formats.imageref import parse_image_ref
 
     ref = parse_image_ref(text, default_type)
     identifier = None
@@ -167,56 +156,14 @@ def _user_name() -> str:
         raise ShifterError(f"uid {os.getuid()} has no passwd entry") from None
 
 
-def prepare_exec(opts: Options, environ: dict[str, str], request: Request, meta, config,
-                 modules: list, gpu_ops: list | None = None) -> tuple[list[str], dict[str, str], str]:
-    """(argv, environment, caller's cwd) for the command: everything decided before the chroot.
-
-    ``gpu_ops``: the job's GPU environment as setupRoot recorded it, applied last.
-    """
-    from shifter.command import select_command
-    from shifter.environment import apply_operations, build_environment
-    from shifter.launchplan import image_env
-
-    env = build_environment({} if opts.clearenv else environ, request.ref_text, request.identifier,
-                            image_env(meta.env, config), _env_file_entries(opts), opts.envs, modules, config)
-    if gpu_ops:
-        apply_operations(env, gpu_ops)
-    argv = _script_by_descriptor(select_command(opts.command, opts.entrypoint, meta.entrypoint, meta.cmd, None))
-    try:
-        cwd = os.getcwd()
-    except OSError:
-        cwd = "/"
-    return argv, env, cwd
-
-
-def exec_in_root(argv: list[str], env: dict[str, str], cwd: str, opts: Options, meta, modules: list) -> None:
-    """After the chroot: working directory, no capabilities, no_new_privs, userhooks, exec."""
-    import _signal  # built in: nothing to import from the container
-
-    from shifter import linux
-
-    # the interpreter ignores SIGPIPE and SIGXFSZ, and an exec keeps ignored signals ignored:
-    # without this `yes | head` inside the container would end in "Broken pipe" errors
-    _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)
-    _signal.signal(_signal.SIGXFSZ, _signal.SIG_DFL)
-    _change_directory(opts, meta, cwd)
-    argv = _prefer_visible_script(argv)
-    linux.drop_bounding_set()
-    linux.set_no_new_privs()
-    for module in modules:
-        if module.userhook:
-            _run_userhook(module.name, module.userhook)
-    _exec(argv, env)
-
-
 def enter_prepared(job, meta, opts: Options, environ: dict[str, str], request: Request, config,
                    modules: list) -> None:
     """Join the job's namespace, chroot into its root, drop privileges and exec (never returns)."""
-    from shifter import userns
+    from shifter.runtime import userns
 
     gpu_ops = None
     if getattr(config, "gpu_recipe", None):
-        from shifter.launchplan import decode_operations
+        from shifter.formats.launchplan import decode_operations
 
         try:  # in the user's job directory: only setupRoot's own file counts
             fd = os.open(job.gpu_env, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -239,75 +186,17 @@ def enter_prepared(job, meta, opts: Options, environ: dict[str, str], request: R
     exec_in_root(argv, env, cwd, opts, meta, modules)
 
 
-_SCRIPT_DESCRIPTORS: dict[str, str] = {}  # "/dev/fd/N" -> the script path it stands for
-
-
-def _script_by_descriptor(argv: list[str]) -> list[str]:
-    """Keep a script that names shifter as its interpreter readable from inside the container.
-
-    The kernel runs ``#!/path/to/shifter /bin/sh`` (or ``#!/usr/bin/env -S shifter /bin/sh``)
-    scripts as ``shifter /bin/sh <script> args``, but the script may live where the container
-    cannot see it (Slurm keeps batch scripts in slurmd's spool directory).  It is opened here,
-    before the chroot, and handed to the interpreter as /dev/fd/N.
-    """
-    if len(argv) < 2 or argv[1].startswith("-"):
-        return argv
-    try:
-        fd = os.open(argv[1], os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return argv
-    try:
-        import stat
-
-        runs_us = stat.S_ISREG(os.fstat(fd).st_mode) and _names_shifter(os.pread(fd, 512, 0))
-    except OSError:
-        runs_us = False
-    if not runs_us:
-        os.close(fd)
-        return argv
-    os.set_blocking(fd, True)
-    os.set_inheritable(fd, True)
-    name = f"/dev/fd/{fd}"
-    _SCRIPT_DESCRIPTORS[name] = argv[1]
-    return [argv[0], name, *argv[2:]]
-
-
-def _names_shifter(head: bytes) -> bool:
-    """True when ``head`` starts with a #! line whose program (directly or through env) is shifter."""
-    if not head.startswith(b"#!"):
-        return False
-    words = head[2:].split(b"\n", 1)[0].split()
-    if words and words[0].rsplit(b"/", 1)[-1] == b"env":
-        words = [w for w in words[1:] if not w.startswith(b"-") and b"=" not in w]
-    return bool(words) and words[0].rsplit(b"/", 1)[-1] == b"shifter"
-
-
-def _prefer_visible_script(argv: list[str]) -> list[str]:
-    """After the chroot: when the script is visible at its own path in the container, use that."""
-    if len(argv) < 2 or argv[1] not in _SCRIPT_DESCRIPTORS:
-        return argv
-    fd, path = int(argv[1][len("/dev/fd/"):]), _SCRIPT_DESCRIPTORS[argv[1]]
-    try:
-        here, there = os.stat(path), os.fstat(fd)
-    except OSError:
-        return argv
-    if (here.st_dev, here.st_ino) != (there.st_dev, there.st_ino):
-        return argv
-    os.close(fd)
-    return [argv[0], path, *argv[2:]]
-
-
 def _enter_step_environment(step, expected: str, opts: Options, environ: dict[str, str], request: Request,
                             config, modules: list) -> None:
     """Enter this step's own environment (built by slurmstepd for ``srun --image=...``) if it
     serves this request; say why when slurmstepd could not build it; else return."""
-    from shifter.reuse import marker_matches
+    from shifter.formats.reuse import marker_matches
 
     marker = _read_text(step.marker)
     if marker is not None and marker_matches(marker, expected):
         if opts.writable:
             raise ShifterError("--writable needs the job's own environment, not a step's")
-        from shifter.meta import read_meta
+        from shifter.formats.meta import read_meta
 
         enter_prepared(step, read_meta(step.meta), opts, environ, request, config, modules)
     if marker is None:
@@ -327,106 +216,31 @@ def _raise_setup_error(job, environ: dict[str, str], request: Request) -> None:
         raise ShifterError(f"the job's container could not be set up on {node}: {reason.strip()}")
 
 
-def _env_file_entries(opts: Options) -> list[str]:
-    if not opts.env_files:
-        return []
-    from shifter.environment import parse_env_file
-
-    entries: list[str] = []
-    for path in opts.env_files:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                entries.extend(parse_env_file(fh.read(), path))
-        except OSError as exc:
-            raise ShifterError(f"--env-file {path}: {exc.strerror}") from None
-    return entries
-
-
-def _change_directory(opts: Options, meta, cwd: str) -> None:
-    if opts.workdir is not None:
-        target = meta.workdir if opts.workdir is True else opts.workdir
-        if not target:
-            raise ShifterError("--workdir without a value needs an image with a WORKDIR")
-        try:
-            os.chdir(target)
-        except OSError as exc:
-            raise ShifterError(f"cannot change to working directory {target}: {exc.strerror}") from None
-        return
-    for candidate in (cwd, meta.workdir or "/", "/"):
-        try:
-            os.chdir(candidate)
-            return
-        except OSError:
-            continue
-
-
-def _run_userhook(name: str, hook: str) -> None:
-    """A module's userhook, /bin/sh in the container as the user; non-zero aborts the launch."""
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.execv("/bin/sh", ["/bin/sh", hook])
-        finally:
-            os._exit(127)
-    _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise ShifterError(f"module {name} userhook {hook} failed")
-
-
-def _exec(argv: list[str], env: dict[str, str]) -> None:
-    """execvpe with the container's PATH, searched here: after the chroot nothing can be imported
-    (os.execvpe would import warnings)."""
-    name = argv[0]
-    candidates = [name] if "/" in name else [
-        f"{d or '.'}/{name}" for d in env.get("PATH", "/usr/local/bin:/usr/bin:/bin").split(":")]
-    denied: OSError | None = None
-    other: OSError | None = None
-    for path in candidates:
-        try:
-            os.execve(path, argv, env)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        except PermissionError as exc:
-            denied = exc
-        except OSError as exc:
-            other = other or exc
-    if denied is not None:
-        print(f"{PROG}: {name}: permission denied", file=sys.stderr)
-        os._exit(126)
-    if other is not None:
-        print(f"{PROG}: {name}: {other.strerror}", file=sys.stderr)
-        os._exit(126)
-    print(f"{PROG}: {name}: not found in image", file=sys.stderr)
-    os._exit(127)
-
-
 def launch(args: list[str], environ: dict[str, str]) -> None:
-    if args == ["doctor"]:  # `shifter -- doctor` runs a program called doctor in the image
-        from shifter.doctor import run
-
-        sys.exit(run(config_path(environ)))
+    """Run the command in the job's (or step's) prepared environment when it serves the request,
+    else in a fresh private one (fresh.py); never returns but by an exception."""
     opts = parse_options(args)
     if opts.help:
         sys.stdout.write(USAGE)
         sys.exit(0)
-    from shifter.config import load_config
+    from shifter.formats.config import config_path, load_config
 
     config = load_config(config_path(environ))
     request = resolve_request(opts, environ, config.default_image_type)
-    from shifter.modules import select_modules
+    from shifter.formats.modules import select_modules
 
     modules = select_modules(config, request.modules)
     jobid = environ.get("SLURM_JOB_ID", "")
     if request.identifier is None and request.image_type != "local":
         request.identifier = _lookup(config, request)
     if jobid.isascii() and jobid.isdigit():
-        from shifter.jobenv import JobEnv
-        from shifter.reuse import marker_matches, marker_text
+        from shifter.formats.reuse import marker_matches, marker_text
+        from shifter.runtime.jobenv import JobEnv
 
         job = JobEnv(config, jobid)
         signature = ""
         if request.volumes:
-            from shifter.volumemap import parse_volume_map, volume_signature
+            from shifter.formats.volumemap import parse_volume_map, volume_signature
 
             signature = volume_signature(parse_volume_map(request.volumes, site=False))
         expected = marker_text(request.identifier or request.tag, _user_name(), signature, [m.name for m in modules])
@@ -437,7 +251,7 @@ def launch(args: list[str], environ: dict[str, str]) -> None:
         marker = _read_text(job.marker)
         _raise_setup_error(job, environ, request)  # also after the build: the extern step's sshd may have failed
         if marker is not None and marker_matches(marker, expected):
-            from shifter.meta import read_meta
+            from shifter.formats.meta import read_meta
 
             if opts.writable and not os.path.exists(job.writable):
                 raise ShifterError(f"--writable: job {jobid}'s environment is read-only "
@@ -446,51 +260,18 @@ def launch(args: list[str], environ: dict[str, str]) -> None:
     if opts.writable:
         raise ShifterError("--writable needs the job's own environment (its image, volumes and modules, "
                            "submitted with --image and --writable)")
-    from shifter.fresh import run_fresh
+    from shifter.launch.fresh import run_fresh
 
     run_fresh(config, opts, environ, request, modules)
 
 
 def _lookup(config, request: Request) -> str:
     """Ask the gateway for the id of a reference that is not the job's (slow path only)."""
-    from shifter.gatewayclient import GatewayClient
-    from shifter.imageref import ImageRef
+    from shifter.client.gatewayclient import GatewayClient
+    from shifter.formats.imageref import ImageRef
 
     client = GatewayClient(
         config.image_gateways, config.system or "", config.gateway_timeout, gateway_user=config.image_gateway_user
     )
     return client.lookup(ImageRef(request.image_type, request.tag))["id"]
 
-
-def initial_environment() -> dict[str, str]:
-    """The environment this process was started with, which os.environ is not.
-
-    When the locale is C the interpreter sets LC_CTYPE=C.UTF-8 at start-up (PEP 538, not
-    switchable off under -I); passed on, it would change the locale of the user's program.
-    The kernel keeps the original.  Like os.environ, the first of two equal names wins; an entry
-    without a name (which execve cannot be given from Python) is dropped, as bin/shifter does.
-    """
-    try:
-        with open("/proc/self/environ", "rb") as fh:
-            data = fh.read()
-    except OSError:
-        return {name: value for name, value in os.environ.items() if name}
-    env: dict[str, str] = {}
-    for entry in data.split(b"\0"):
-        name, sep, value = entry.partition(b"=")
-        if name and sep:
-            env.setdefault(os.fsdecode(name), os.fsdecode(value))
-    return env
-
-
-def main() -> None:
-    try:
-        launch(sys.argv[1:], initial_environment())
-    except ShifterError as err:
-        print(f"{PROG}: {err}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except OSError as err:
-        print(f"{PROG}: {err.strerror or err}" + (f": {err.filename}" if err.filename else ""), file=sys.stderr)
-        sys.exit(1)

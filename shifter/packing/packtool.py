@@ -1,4 +1,4 @@
-"""``python -m shifter.packtool``: build the udiImage directory and site module directories.
+"""The udiImage and site module builder behind ``python -m shifter.packtool`` (shifter/packtool.py).
 
 An admin's tool, run once per software update on a build host (not a hot path, so click):
 
@@ -17,7 +17,7 @@ import sys
 import click
 
 from shifter.errors import ShifterError
-from shifter.packing import GLIBC_SONAMES, LIB_DIR, build_module, build_udi_image
+from shifter.packing.relocate import GLIBC_SONAMES, LIB_DIR, build_module, build_udi_image
 
 
 def _alias(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> list[tuple[str, str]]:

@@ -16,15 +16,16 @@ import os
 import stat
 import sys
 
-from shifter import etcfiles, fdpath, filecopy, linux, mounts, pathsafe, sitefs
 from shifter.errors import ShifterError
+from shifter.formats import sitefs
+from shifter.formats.volumemap import user_target_allowed
 from shifter.record import Record
-from shifter.volumemap import user_target_allowed
+from shifter.runtime import etcfiles, fdpath, filecopy, linux, mounts, pathsafe
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from shifter.config import ModuleConfig, UdiRootConfig
-    from shifter.volumemap import VolumeMount
+    from shifter.formats.config import ModuleConfig, UdiRootConfig
+    from shifter.formats.volumemap import VolumeMount
 
 FILE_SIZE_LIMIT = 5 * 1024 * 1024
 _SITE_DIRS = ("etc", "etc/udiImage", "opt", "opt/udiImage", "opt/udiImage/modules", "var", "var/spool",
@@ -58,7 +59,7 @@ class RootSpec(Record):
     hostsfile: str | None
     cache_tag: str
     privileged: bool  # False: built by the user in a user namespace (the launcher's fresh path)
-    gpu: object  # shifter.gpu.Injection, or None: no GPU recipe on this node
+    gpu: object  # shifter.runtime.gpu.Injection, or None: no GPU recipe on this node
     writable: bool  # image_dir is the job's overlay (--writable): its directories are bound read-write
 
 
@@ -163,7 +164,7 @@ def mount_per_node_cache(config: UdiRootConfig, spec: RootSpec, mount: VolumeMou
     import subprocess
     import tempfile
 
-    from shifter import loopdev
+    from shifter.runtime import loopdev
 
     cache = mount.per_node_cache
     directory = config.per_node_cache_path
@@ -393,7 +394,7 @@ def check_local_root(path: str, account: Account) -> str:
     writable by group or others, checked on descriptors along an O_NOFOLLOW walk from /.  The
     user must also be able to read it (opened with the user's ids), so a local image never
     shows what the user could not reach on the host.  What lies below and is writable by a user
-    (``/tmp`` of ``local:/``) is copied through descriptors (shifter/filecopy.py).
+    (``/tmp`` of ``local:/``) is copied through descriptors (shifter/runtime/filecopy.py).
     """
     if not path.startswith("/"):
         raise ShifterError(f"local image {path}: not an absolute path")
@@ -466,7 +467,7 @@ def _bind_user_volume(config: UdiRootConfig, spec: RootSpec, mount: VolumeMount,
     used by path: source and target are resolved inside the root by the kernel (openat2
     RESOLVE_IN_ROOT), the source with the user's ids (so it must be a directory the user can
     read), the rules are checked on the target descriptor's real path and owner, and the mount is
-    made from descriptor to descriptor (shifter/fdpath.py).
+    made from descriptor to descriptor (shifter/runtime/fdpath.py).
     """
     what = f"volume {mount.source}:{mount.target}"
     root_fd = fdpath.open_dir(spec.root)
@@ -543,14 +544,14 @@ def build_root(config: UdiRootConfig, spec: RootSpec) -> None:
             run_hook(module.roothook, root, f"module {module.name} roothook")
     _mount_kernel_filesystems(config, root, spec.privileged)
     if spec.gpu is not None:  # after /dev, before the image's directories: siteResources is the site's
-        from shifter import gpu
+        from shifter.runtime import gpu
 
         gpu.inject(spec.gpu, root, tmpfs_dev, _propagation(config), spec.image_dir)
     for relpath in ("", "var", "opt"):
         _bind_image_dir(config, spec, relpath)
     _copy_image_etc(spec)
     if spec.gpu is not None:  # the GSP firmware, persistenced socket, MPS directories: at their own paths
-        from shifter import gpu
+        from shifter.runtime import gpu
 
         for note in gpu.bind_host_paths(spec.gpu, root, tmpfs_dev, _propagation(config)):
             print(f"setupRoot: GPU: {note}", file=sys.stderr)

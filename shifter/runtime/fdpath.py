@@ -18,7 +18,7 @@ import os
 import stat
 import sys
 
-from shifter import linux
+from shifter.runtime import linux
 
 RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02

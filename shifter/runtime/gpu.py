@@ -1,431 +1,24 @@
-"""GPUs in the container: a vendor recipe (data), discovery on the node, and the binds of one job.
+"""GPUs in the container: the binds of one job, planned from a node's discovery and made into its root.
 
-Why data: what a vendor's driver puts on a node (device nodes, user-space libraries, tools,
-environment variables) changes with driver releases and differs between vendors; the code
-here only knows how to find and bind what a recipe (``shifter/recipes/<name>.json``) names.
-
-Discovery runs once per node and job in the prolog (setupRoot), as root, and reads only the
-site's side: the running driver's version file, the host's loader cache (``ldconfig -p -C``
-of the driver root's ``etc/ld.so.cache``), and the driver root's files.  Nothing is read from
-the image.  A library is used only when its real file carries the running driver's version
-(``libcuda.so.535.104.05`` for driver 535.104.05): a stale library of an older driver in the
-cache would fail with "driver/library version mismatch" inside the container.
-
+The recipe (data) is shifter/formats/gpurecipe.py, what the node offers shifter/runtime/gpudiscovery.py.
 The device nodes are the node's own ``/dev`` (the container's ``/dev`` is a bind of it): the
 allocated GPUs' nodes and the control nodes stay visible, every other GPU's node is covered
 with an inaccessible empty file, and a job without GPUs gets all of them covered.  Slurm's
 ``ConstrainDevices`` (the device cgroup) remains the enforcement; this only keeps what is
-shown consistent with the allocation.
+shown consistent with the allocation.  Run by setupRoot as root.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import stat
 
 from shifter.errors import ShifterError
+
+# setupRoot reaches the whole GPU path through this module (``gpu.load_recipe``, ``gpu.discover``...)
+from shifter.formats.gpurecipe import load_recipe, parse_gpu_ids, site_env_values  # noqa: F401
 from shifter.record import Record
-
-RECIPE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
-LDCONFIG = "/sbin/ldconfig"
-# variables only the allocation decides: an image's value for them is dropped
-ALLOCATION_VARIABLES = frozenset({"NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
-                                  "HIP_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL"})
-HOST_PATH_KINDS = {"directory": stat.S_ISDIR, "socket": stat.S_ISSOCK}
-_RECIPE_NAME = re.compile(r"[a-z0-9][a-z0-9-]*\Z")
-_CACHE_LINE = re.compile(r"^\s*(\S+)\s+\(([^)]*)\)\s+=>\s+(/\S.*?)\s*$")
-
-
-class Recipe(Record):
-    """One vendor's recipe, as in its JSON file."""
-
-    __slots__ = ("name", "version_file", "version_pattern", "gpu_dir", "gpu_pattern", "gpu_major", "gpu_index_base",
-                 "control_devices", "required_devices", "capability_directories", "libraries",
-                 "required_libraries", "binaries", "binary_directories", "capabilities", "environment",
-                 "renumber_variables", "host_paths")
-    name: str
-    version_file: str | None  # None: the driver's user-space comes with the image (no libraries injected)
-    version_pattern: str
-    gpu_dir: str
-    gpu_pattern: str
-    gpu_major: int | None
-    gpu_index_base: int  # the node number of GPU 0 (renderD128 is AMD's GPU 0)
-    control_devices: list[str]
-    required_devices: list[str]
-    capability_directories: list[str]
-    libraries: dict[str, list[str]]  # capability -> soname prefixes
-    required_libraries: list[str]
-    binaries: dict[str, list[str]]  # capability -> program names
-    binary_directories: list[str]
-    capabilities: list[str]
-    environment: dict[str, str]
-    renumber_variables: list[str]  # Slurm's device-index variables, renumbered when Slurm used node indices
-    host_paths: list[dict]  # {"path", "kind": directory|socket, "writable", "variable"}: bound at the same path
-
-
-class CacheEntry(Record):
-    """One line of ``ldconfig -p``: a library name, its word size and the path the cache gives."""
-
-    __slots__ = ("name", "bits", "path")
-    name: str
-    bits: int  # 64 or 32
-    path: str
-
-
-class Library(Record):
-    """A driver library to bind: its real file on the host and the names that link to it."""
-
-    __slots__ = ("bits", "host", "file", "links", "capability")
-    bits: int
-    host: str  # absolute host path of the real file
-    file: str  # its base name, e.g. libcuda.so.535.104.05
-    links: list[str]  # sonames to create next to it, e.g. libcuda.so.1
-    capability: str
-
-
-class Discovery(Record):
-    """What a node offers for one recipe; ``problems`` says exactly what is missing."""
-
-    __slots__ = ("recipe", "version", "libraries", "binaries", "gpus", "control", "capability_dirs",
-                 "stale", "problems", "host_paths")
-    _defaults = {"host_paths": []}
-    recipe: Recipe
-    version: str | None
-    libraries: list[Library]
-    binaries: list[tuple[str, str]]  # (name, host path)
-    gpus: dict[int, str]  # GPU index -> node device path
-    control: list[str]
-    capability_dirs: list[str]
-    stale: list[str]  # libraries of another driver version, skipped
-    problems: list[str]
-    host_paths: list[HostPath]
-
-
-class HostPath(Record):
-    """A driver file or directory of the node bound at the same path in the container."""
-
-    __slots__ = ("host", "path", "kind", "writable")
-    host: str  # where it is on the node (site-trusted)
-    path: str  # where it goes in the container (resolved inside the root)
-    kind: str  # directory or socket
-    writable: bool
-
-
-def recipe_names() -> list[str]:
-    """The recipes shipped with the package."""
-    return sorted(name[:-5] for name in os.listdir(RECIPE_DIR) if name.endswith(".json"))
-
-
-def load_recipe(name: str) -> Recipe:
-    """Read ``recipes/<name>.json``; an unknown name is one clear error listing the known ones."""
-    if not _RECIPE_NAME.match(name) or name not in recipe_names():
-        raise ShifterError(f"unknown GPU recipe {name!r} (known: {', '.join(recipe_names()) or 'none'})")
-    with open(os.path.join(RECIPE_DIR, f"{name}.json")) as fh:
-        data = json.load(fh)
-    name = data["name"]
-    devices = data.get("gpu_devices", {})
-    return Recipe(
-        name=name, version_file=data.get("version_file"), version_pattern=data.get("version_pattern", ""),
-        gpu_dir=devices.get("directory", "/dev"), gpu_pattern=devices["pattern"], gpu_major=devices.get("major"),
-        gpu_index_base=int(devices.get("index_base", 0)),
-        control_devices=list(data.get("control_devices", [])), required_devices=list(data.get("required_devices", [])),
-        capability_directories=list(data.get("capability_directories", [])),
-        libraries={k: list(v) for k, v in data.get("libraries", {}).items()},
-        required_libraries=list(data.get("required_libraries", [])),
-        binaries={k: list(v) for k, v in data.get("binaries", {}).items()},
-        binary_directories=list(data.get("binary_directories", [])),
-        capabilities=list(data.get("capabilities", [])), environment=dict(data.get("environment", {})),
-        renumber_variables=list(data.get("renumber_variables", [])),
-        host_paths=[_host_path_entry(name, entry) for entry in data.get("host_paths", [])])
-
-
-def _host_path_entry(recipe: str, entry: dict) -> dict:
-    """One ``host_paths`` item, checked: a recipe mistake is one clear error, not a bind elsewhere."""
-    path, kind = entry.get("path", ""), entry.get("kind")
-    if not path.startswith("/") or ".." in path.split("/") or kind not in HOST_PATH_KINDS:
-        raise ShifterError(f"recipe {recipe}: bad host_paths entry {entry!r} (want an absolute path and kind "
-                           f"{' or '.join(sorted(HOST_PATH_KINDS))})")
-    return {"path": path, "kind": kind, "writable": bool(entry.get("writable", False)),
-            "variable": entry.get("variable")}
-
-
-def driver_version(text: str, recipe: Recipe) -> str | None:
-    """The running driver's version from the version file's text, or None."""
-    match = re.search(recipe.version_pattern, text)
-    return match.group(1) if match else None
-
-
-def _bits(flags: str) -> int | None:
-    """``libc6,x86-64`` -> 64, ``libc6`` -> 32 (i386); other ABIs (x32, soft-float...) -> None."""
-    words = [w.strip() for w in flags.split(",")]
-    if words[0] != "libc6":
-        return None
-    rest = [w for w in words[1:] if not w.startswith(("hwcap:", "OS ABI:"))]
-    if not rest:
-        return 32
-    if len(rest) == 1 and rest[0] in ("x86-64", "AArch64", "64bit", "IA-64", "riscv64-lp64d"):
-        return 64
-    return None
-
-
-def parse_loader_cache(text: str) -> list[CacheEntry]:
-    """The entries of ``ldconfig -p`` output (the header and trailer lines are skipped)."""
-    entries = []
-    for line in text.splitlines():
-        match = _CACHE_LINE.match(line)
-        if not match:
-            continue
-        bits = _bits(match.group(2))
-        if bits is not None:
-            entries.append(CacheEntry(name=match.group(1), bits=bits, path=match.group(3)))
-    return entries
-
-
-def loader_cache_text(driver_root: str, ldconfig: str = LDCONFIG) -> str:
-    """``ldconfig -p`` of the driver root's cache, run from the host (never from an image)."""
-    import subprocess
-
-    cache = os.path.join(driver_root, "etc/ld.so.cache")
-    if not os.path.isfile(cache):
-        raise ShifterError(f"{cache}: no loader cache")
-    result = subprocess.run([ldconfig, "-p", "-C", cache], capture_output=True, env={"PATH": "/usr/sbin:/sbin"},
-                            stdin=subprocess.DEVNULL, check=False)
-    if result.returncode != 0:
-        detail = result.stderr.decode(errors="replace").strip().splitlines()
-        raise ShifterError(f"{ldconfig} -p -C {cache} failed" + (f": {detail[-1]}" if detail else ""))
-    return result.stdout.decode(errors="surrogateescape")
-
-
-def _under(driver_root: str, path: str) -> str:
-    return path if driver_root in ("", "/") else driver_root.rstrip("/") + path
-
-
-def _real_file(driver_root: str, path: str) -> str | None:
-    """The real file ``path`` names in the driver root (links resolved inside it), or None."""
-    from shifter import fdpath
-
-    try:
-        root_fd = fdpath.open_dir(driver_root or "/")
-    except OSError:
-        return None
-    try:
-        fd = fdpath.open_in_root(root_fd, path, os.O_PATH)
-    except OSError:
-        return None
-    finally:
-        os.close(root_fd)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        return fdpath.real_path(fd)
-    finally:
-        os.close(fd)
-
-
-def _capability_of(recipe: Recipe, name: str, capabilities: list[str]) -> str | None:
-    for capability in capabilities:
-        for prefix in recipe.libraries.get(capability, []):
-            if name.startswith(prefix):
-                return capability
-    return None
-
-
-def select_libraries(entries: list[CacheEntry], recipe: Recipe, version: str, driver_root: str = "/",
-                     capabilities: list[str] | None = None) -> tuple[list[Library], list[str]]:
-    """The recipe's libraries in the cache whose real file has ``version``; and the stale ones skipped.
-
-    ``libcuda.so.1 -> libcuda.so.535.104.05`` is taken; ``libcuda.so -> libcuda.so.1`` (the
-    link for the build-time linker) adds nothing; a ``libcuda.so.470.82.01`` left by an older
-    driver is reported as stale.  64-bit and 32-bit libraries are kept apart.
-    """
-    wanted = recipe.capabilities if capabilities is None else capabilities
-    found: dict[tuple[int, str], Library] = {}
-    stale: list[str] = []
-    suffix = ".so." + version
-    for entry in entries:
-        capability = _capability_of(recipe, entry.name, wanted)
-        if capability is None:
-            continue
-        real = _real_file(driver_root, entry.path)
-        if real is None:
-            continue
-        base = os.path.basename(real)
-        if not base.endswith(suffix):
-            if real not in stale:
-                stale.append(real)
-            continue
-        library = found.get((entry.bits, real))
-        if library is None:
-            library = found[(entry.bits, real)] = Library(bits=entry.bits, host=real, file=base, links=[],
-                                                          capability=capability)
-        if entry.name != base and ".so." in entry.name and entry.name not in library.links:
-            library.links.append(entry.name)
-    return sorted(found.values(), key=lambda lib: (-lib.bits, lib.file)), stale
-
-
-def find_binaries(recipe: Recipe, driver_root: str = "/", capabilities: list[str] | None = None
-                  ) -> list[tuple[str, str]]:
-    """(name, host path) of each of the recipe's programs found in its binary directories."""
-    wanted = recipe.capabilities if capabilities is None else capabilities
-    found = []
-    for capability in wanted:
-        for name in recipe.binaries.get(capability, []):
-            for directory in recipe.binary_directories:
-                real = _real_file(driver_root, f"{directory}/{name}")
-                if real is not None and os.access(real, os.X_OK):
-                    found.append((name, real))
-                    break
-    return found
-
-
-def _char_device(path: str, major: int | None) -> bool:
-    try:
-        info = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISCHR(info.st_mode) and (major is None or os.major(info.st_rdev) == major)
-
-
-def node_gpus(recipe: Recipe) -> dict[int, str]:
-    """The node's GPU device nodes (``/dev/nvidia0``...), by index."""
-    pattern = re.compile(recipe.gpu_pattern + r"\Z")
-    found = {}
-    try:
-        names = os.listdir(recipe.gpu_dir)
-    except OSError:
-        return {}
-    for name in names:
-        match = pattern.match(name)
-        path = os.path.join(recipe.gpu_dir, name)
-        if match and _char_device(path, recipe.gpu_major) and int(match.group(1)) >= recipe.gpu_index_base:
-            found[int(match.group(1)) - recipe.gpu_index_base] = path
-    return found
-
-
-def find_host_paths(recipe: Recipe, version: str, driver_root: str = "/",
-                    site_env: dict[str, str] | None = None) -> list[HostPath]:
-    """The recipe's ``host_paths`` present on the node (the GSP firmware of the running driver,
-    the persistenced socket, the MPS directories).  A path is looked up under the driver root,
-    as libraries are; an entry with a ``variable`` the site sets in udiRoot.conf's siteEnv
-    (``CUDA_MPS_PIPE_DIRECTORY=/var/mps``) takes that value instead, as a path of the node."""
-    found = []
-    for entry in recipe.host_paths:
-        value = (site_env or {}).get(entry["variable"] or "")
-        if value and value.startswith("/") and ".." not in value.split("/"):
-            host = path = os.path.normpath(value)
-        else:
-            path = entry["path"].format(version=version)
-            host = _under(driver_root, path)
-        try:
-            info = os.stat(host)
-        except OSError:
-            continue
-        if HOST_PATH_KINDS[entry["kind"]](info.st_mode):
-            found.append(HostPath(host=host, path=path, kind=entry["kind"], writable=entry["writable"]))
-    return found
-
-
-def site_env_values(site_env: list[str]) -> dict[str, str]:
-    """udiRoot.conf's ``siteEnv`` settings as a dict (the last one of a name wins, as in the container)."""
-    return dict(item.split("=", 1) for item in site_env if "=" in item)
-
-
-def discover(recipe: Recipe, driver_root: str = "/", ldconfig: str = LDCONFIG, userspace: bool = True,
-             site_env: dict[str, str] | None = None) -> Discovery:
-    """Everything the node offers for ``recipe``; never raises for a missing part, lists it instead.
-
-    Without ``userspace`` only the device nodes are looked at (a job without GPUs, or one that
-    brings its own driver libraries): no loader cache is read.
-    """
-    problems: list[str] = []
-    version = None
-    version_path = _under(driver_root, recipe.version_file or "")
-    if userspace and recipe.version_file:
-        try:
-            with open(version_path) as fh:
-                version = driver_version(fh.read(), recipe)
-            if version is None:
-                problems.append(f"{version_path}: no driver version found in it")
-        except FileNotFoundError as exc:
-            problems.append(f"{version_path}: {exc.strerror} (is the {recipe.name} kernel driver loaded?)")
-        except OSError as exc:
-            problems.append(f"{version_path}: {exc.strerror}")
-    libraries: list[Library] = []
-    stale: list[str] = []
-    if version is not None:
-        try:
-            entries = parse_loader_cache(loader_cache_text(driver_root, ldconfig))
-        except (ShifterError, OSError) as exc:
-            problems.append(str(exc))
-            entries = []
-        libraries, stale = select_libraries(entries, recipe, version, driver_root)
-        have = {lib.file for lib in libraries if lib.bits == 64}
-        for prefix in recipe.required_libraries:
-            if not any(name.startswith(prefix) for name in have):
-                problems.append(f"no 64-bit {prefix}.{version} in the loader cache of {driver_root or '/'}")
-    control = [path for path in recipe.control_devices if os.path.exists(path)]
-    for path in recipe.required_devices:
-        if not _char_device(path, None):
-            problems.append(f"{path}: missing or not a character device")
-    gpus = node_gpus(recipe)
-    if not gpus:
-        problems.append(f"no GPU device nodes matching {recipe.gpu_dir}/{recipe.gpu_pattern}")
-    return Discovery(recipe=recipe, version=version, libraries=libraries,
-                     binaries=find_binaries(recipe, driver_root) if userspace else [], gpus=gpus, control=control,
-                     capability_dirs=[p for p in recipe.capability_directories if os.path.isdir(p)],
-                     stale=stale, problems=problems,
-                     host_paths=find_host_paths(recipe, version, driver_root, site_env) if version else [])
-
-
-def _slurm_settings(path: str) -> dict[str, str]:
-    """``Key=Value`` lines of a Slurm config file, keys lower-cased (Slurm's keys are case-insensitive)."""
-    settings = {}
-    with open(path, errors="replace") as fh:
-        for line in fh:
-            key, sep, value = line.split("#", 1)[0].strip().partition("=")
-            if sep and key.strip():
-                settings[key.strip().lower()] = value.strip()
-    return settings
-
-
-def slurm_numbers_gpus_locally(slurm_conf: str) -> bool:
-    """Whether Slurm gives tasks job-relative GPU indices: TaskPlugin with task/cgroup and
-    ConstrainDevices=yes in the cgroup.conf beside slurm.conf (srun(1), --gpu-bind).
-
-    An unreadable slurm.conf is an error (the prolog gets SLURM_CONF from slurmd); a missing
-    cgroup.conf means Slurm's default, ConstrainDevices=no.
-    """
-    try:
-        plugins = _slurm_settings(slurm_conf).get("taskplugin", "")
-    except OSError as exc:
-        raise ShifterError(f"{slurm_conf}: {exc.strerror}") from None
-    if not any(p.strip() in ("task/cgroup", "cgroup") for p in plugins.split(",")):
-        return False
-    try:
-        cgroup = _slurm_settings(os.path.join(os.path.dirname(slurm_conf), "cgroup.conf"))
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        raise ShifterError(f"{os.path.join(os.path.dirname(slurm_conf), 'cgroup.conf')}: {exc.strerror}") from None
-    return cgroup.get("constraindevices", "no").lower() in ("yes", "true", "1")
-
-
-def parse_gpu_ids(text: str) -> list[int]:
-    """Slurm's ``SLURM_JOB_GPUS`` (``0,2`` or ranges ``0-3``): sorted unique indices; bad text is an error."""
-    ids: set[int] = set()
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        low, sep, high = item.partition("-")
-        if not low.isdigit() or not low.isascii() or (sep and not (high.isdigit() and high.isascii())):
-            raise ShifterError(f"invalid GPU list {text!r}: want indices such as 0,1 or 0-3")
-        first, last = int(low), int(high) if sep else int(low)
-        if last < first or last - first > 4096:
-            raise ShifterError(f"invalid GPU range {item!r} in {text!r}")
-        ids.update(range(first, last + 1))
-    return sorted(ids)
+from shifter.runtime.gpudiscovery import Discovery, HostPath, discover  # noqa: F401
 
 
 class Injection(Record):
@@ -459,7 +52,7 @@ def plan_injection(discovery: Discovery, gpus: list[int], userspace: bool, site_
 
 
 def environment_operations(injection: Injection) -> list[tuple[str, str, str]]:
-    """The container environment for the job (shifter/environment.py operations); none without GPUs.
+    """The container environment for the job (shifter/formats/environment.py operations); none without GPUs.
 
     ``CUDA_VISIBLE_DEVICES`` must name the same GPUs inside as it does to a bare-metal task of
     the same step.  CUDA numbers the GPUs a process can open.  With task/cgroup and
@@ -510,7 +103,7 @@ def make_hide_sources(hide_file: str, hide_dir: str) -> None:
 
 
 def _bind_file(source: str, root_fd: int, target: str, propagation: int, readonly: bool = True) -> None:
-    from shifter import fdpath
+    from shifter.runtime import fdpath
 
     source_fd = os.open(source, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
@@ -533,7 +126,7 @@ def inject(injection: Injection, root: str, tmpfs_dev: int, propagation: int, im
     Runs after /dev is bound and before the image's directories are, so siteResources is made
     on the container's tmpfs.  Every container path is resolved inside the root by the kernel.
     """
-    from shifter import fdpath
+    from shifter.runtime import fdpath
 
     root_fd = fdpath.open_dir(root)
     try:
@@ -572,7 +165,7 @@ def inject(injection: Injection, root: str, tmpfs_dev: int, propagation: int, im
 
 def _image_has_content(image_fd: int, path: str) -> bool:
     """Whether the image has ``path`` as anything but a missing or empty directory (resolved in the image)."""
-    from shifter import fdpath
+    from shifter.runtime import fdpath
 
     try:
         fd = fdpath.open_in_root(image_fd, path, os.O_PATH | os.O_NOFOLLOW)
@@ -597,7 +190,7 @@ def prepare_host_paths(injection: Injection, root_fd: int, image_dir: str, tmpfs
     the image has nothing there (no ``/run``, an empty ``/run``, no ``/var/log``), so no content of
     the image is hidden.  Below a directory the image fills, the image's own tree must hold the path
     (see :func:`bind_host_paths`)."""
-    from shifter import fdpath
+    from shifter.runtime import fdpath
 
     if not injection.gpus or not injection.userspace or not injection.discovery.host_paths:
         return
@@ -631,7 +224,7 @@ def bind_host_paths(injection: Injection, root: str, tmpfs_dev: int, propagation
     could not be placed (one line each).  A target is created only on the container's tmpfs; one
     the container already shows as the same object (``/tmp/nvidia-mps`` in the host's /tmp) is
     left as it is."""
-    from shifter import fdpath
+    from shifter.runtime import fdpath
 
     if not injection.gpus or not injection.userspace:
         return []
@@ -666,7 +259,7 @@ def bind_host_paths(injection: Injection, root: str, tmpfs_dev: int, propagation
 
 def _host_path_target(root_fd: int, item: HostPath, tmpfs_dev: int) -> int | None:
     """An O_PATH descriptor of the container's ``item.path`` (created on the tmpfs if missing), or None."""
-    from shifter import fdpath
+    from shifter.runtime import fdpath
 
     try:
         return fdpath.open_in_root(root_fd, item.path, os.O_PATH | os.O_NOFOLLOW)

@@ -16,7 +16,7 @@ import os
 import struct
 import sys
 
-from shifter.jobenv import ERROR_FILE, PLAN_FILE
+from shifter.runtime.jobenv import ERROR_FILE, PLAN_FILE
 
 ACL_XATTR = "system.posix_acl_access"
 _ACL_VERSION = 2

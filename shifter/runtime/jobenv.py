@@ -11,7 +11,7 @@ from shifter.errors import ShifterError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from shifter.config import UdiRootConfig
+    from shifter.formats.config import UdiRootConfig
 
 _MAX_JOBID_DIGITS = 20
 ERROR_FILE = "setup.error"
@@ -51,11 +51,11 @@ class JobEnv:
         # why the prolog could not build the environment (the user's request was at fault);
         # written by the prolog hook, read by the launcher, removed with the directory
         self.error = f"{self.dir}/{ERROR_FILE}"
-        # what the interpreter-free launcher needs to enter this environment (shifter/launchplan.py)
+        # what the interpreter-free launcher needs to enter this environment (shifter/formats/launchplan.py)
         self.plan = f"{self.dir}/{PLAN_FILE}"
         # present when the root has a writable layer (--writable); the launcher's --writable checks it
         self.writable = f"{self.dir}/writable"
-        # the job's GPU environment (shifter/gpu.py), for the Python launcher; what covers hidden devices
+        # the job's GPU environment (shifter/runtime/gpu.py), for the Python launcher; what covers hidden devices
         self.gpu_env = f"{self.dir}/gpu.env"
         self.gpu_hide = f"{self.dir}/gpu-hidden"
 

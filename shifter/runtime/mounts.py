@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 
-from shifter import linux
+from shifter.runtime import linux
 
 _OCTAL_DIGITS = frozenset("01234567")
 

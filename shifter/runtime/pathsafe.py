@@ -1,7 +1,7 @@
 """Resolving paths inside a container root the way a process chrooted there would see them.
 
 A plain ``realpath(root + path)`` lets an absolute symlink in an image (``/data -> /etc``)
-escape to the host's /etc.  The kernel resolves here (shifter/fdpath.py, ``openat2`` with
+escape to the host's /etc.  The kernel resolves here (shifter/runtime/fdpath.py, ``openat2`` with
 ``RESOLVE_IN_ROOT``): absolute link targets restart at the root and ``..`` never climbs above
 it, so the result always lies inside the root (or an error is raised).
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 import os
 
-from shifter import fdpath
+from shifter.runtime import fdpath
 
 _MAX_LINKS = 40
 

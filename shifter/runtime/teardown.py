@@ -11,13 +11,13 @@ from __future__ import annotations
 import errno
 import os
 
-from shifter import fdpath, mounts
 from shifter.errors import ShifterError
+from shifter.runtime import fdpath, mounts
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from shifter.config import UdiRootConfig
-    from shifter.jobenv import JobEnv
+    from shifter.formats.config import UdiRootConfig
+    from shifter.runtime.jobenv import JobEnv
 
 _KILL_WAIT_SECONDS = 2.0
 _SIGKILL = 9  # the signal module costs ~3 ms to import (enum, functools) on this path
@@ -97,7 +97,7 @@ def _remove_tree(path: str) -> None:
     """rm -rf ``path`` (a job's directory) through descriptors.
 
     The job's user owns its directory and can swap anything below it for a symlink to a host
-    directory while this runs: the removal works on descriptors (shifter/fdpath.py), never
+    directory while this runs: the removal works on descriptors (shifter/runtime/fdpath.py), never
     follows a link and stops at another filesystem.  Nothing may still be mounted below it.
     """
     if mounts.mounts_under(path):
@@ -124,7 +124,7 @@ def destroy(config: UdiRootConfig, job: JobEnv, memory_cgroup: str | None = None
     """
     errors: list[str] = []
     if memory_cgroup:
-        from shifter import jobcgroup
+        from shifter.runtime import jobcgroup
 
         try:
             jobcgroup.remove(memory_cgroup, job.jobid)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 
-from shifter import linux
 from shifter.errors import ShifterError
+from shifter.runtime import linux
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from shifter.container import Account
+    from shifter.runtime.container import Account
 
 
 def _write_proc(pid: int, name: str, text: str) -> None:
@@ -112,7 +112,7 @@ def enter_user_namespace(path: str) -> None:
 def image_owner_namespace(account: Account) -> int:
     """A descriptor of a user namespace mapping uid 0 and gid 0 to the job's user and primary group.
 
-    An idmapped mount of the image through it (shifter/fdpath.py ``bind_fd``) shows the image's
+    An idmapped mount of the image through it (shifter/runtime/fdpath.py ``bind_fd``) shows the image's
     root-owned files as the user's, so a ``--writable`` job can change them in its own overlay
     (as with an unpacked image) while its tasks stay the unprivileged user; no other id is mapped.
     The namespace outlives its short-lived creator through the descriptor and the mount.

@@ -2,8 +2,8 @@
 
 import pytest
 
-from shifter.command import select_command
 from shifter.errors import ShifterError
+from shifter.formats.command import select_command
 
 ENTRY = ["/docker-entrypoint.sh", "--flag"]
 CMD = ["nginx", "-g", "daemon off;"]

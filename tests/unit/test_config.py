@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from shifter.config import ModuleConfig, load_config, parse_config
 from shifter.errors import ShifterError
-from shifter.volumemap import PerNodeCache, VolumeMount
+from shifter.formats.config import ModuleConfig, load_config, parse_config
+from shifter.formats.volumemap import PerNodeCache, VolumeMount
 
 REQUIRED = """\
 udiMount=/var/udiMount
@@ -325,8 +325,9 @@ def test_format_modules_import_light_under_isolated_python():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     code = (
         f"import sys; sys.path.insert(0, {root!r}); "
-        "import shifter.config, shifter.meta, shifter.reuse, shifter.volumemap, shifter.environment, "
-        "shifter.command, shifter.modules, shifter.imageref, shifter.hostsfile; "
+        "import shifter.formats.config, shifter.formats.meta, shifter.formats.reuse, shifter.formats.volumemap, "
+        "shifter.formats.environment, shifter.formats.command, shifter.formats.modules, shifter.formats.imageref, "
+        "shifter.formats.hostsfile; "
         "print(' '.join(m for m in ('dataclasses', 'typing', 're', 'ast', 'inspect') if m in sys.modules))"
     )
     argv = [sys.executable, "-I", "-S", "-c", code]

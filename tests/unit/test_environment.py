@@ -2,10 +2,10 @@
 
 import pytest
 
-from shifter.config import parse_config
-from shifter.environment import build_environment, parse_env_file
 from shifter.errors import ShifterError
-from shifter.modules import select_modules
+from shifter.formats.config import parse_config
+from shifter.formats.environment import build_environment, parse_env_file
+from shifter.formats.modules import select_modules
 
 BASE = """\
 udiMount=/var/udiMount

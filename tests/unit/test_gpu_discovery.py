@@ -11,9 +11,10 @@ import os
 
 import pytest
 
-from shifter import gpu
-from shifter.environment import apply_operations, renumber_devices
 from shifter.errors import NodeError, ShifterError
+from shifter.formats import gpurecipe
+from shifter.formats.environment import apply_operations, renumber_devices
+from shifter.runtime import gpu, gpudiscovery
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "gpu")
 
@@ -24,8 +25,8 @@ def _read(name: str) -> str:
 
 
 @pytest.fixture
-def recipe() -> gpu.Recipe:
-    return gpu.load_recipe("nvidia")
+def recipe() -> gpurecipe.Recipe:
+    return gpurecipe.load_recipe("nvidia")
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def driver_root(tmp_path) -> str:
 
 
 def test_recipe_is_data_with_the_documented_sets(recipe):
-    assert recipe.name == "nvidia" and gpu.recipe_names() == ["amd", "nvidia"]
+    assert recipe.name == "nvidia" and gpurecipe.recipe_names() == ["amd", "nvidia"]
     assert "/dev/nvidia-uvm-tools" in recipe.control_devices and recipe.gpu_major == 195
     assert "libcuda.so" in recipe.libraries["compute"] and "libnvidia-ml.so" in recipe.libraries["utility"]
     assert "nvidia-smi" in recipe.binaries["utility"]
@@ -55,22 +56,22 @@ def test_recipe_is_data_with_the_documented_sets(recipe):
 @pytest.mark.parametrize("name", ["rocm", "../nvidia", "NVIDIA", ""])
 def test_unknown_recipe_is_one_clear_error(name):
     with pytest.raises(ShifterError, match="unknown GPU recipe .*known: amd, nvidia"):
-        gpu.load_recipe(name)
+        gpurecipe.load_recipe(name)
 
 
 @pytest.mark.parametrize("name, version", [("version-proprietary.txt", "535.104.05"),
                                            ("version-open.txt", "550.54.15"),
                                            ("version-aarch64.txt", "560.35.03")])
 def test_driver_version_from_recorded_files(recipe, name, version):
-    assert gpu.driver_version(_read(name), recipe) == version
+    assert gpurecipe.driver_version(_read(name), recipe) == version
 
 
 def test_driver_version_absent(recipe):
-    assert gpu.driver_version("NVRM version: something else\n", recipe) is None
+    assert gpurecipe.driver_version("NVRM version: something else\n", recipe) is None
 
 
 def test_loader_cache_parsing_keeps_word_sizes_apart():
-    entries = gpu.parse_loader_cache(_read("ldconfig-p.txt"))
+    entries = gpurecipe.parse_loader_cache(_read("ldconfig-p.txt"))
     cuda = [(e.bits, e.path) for e in entries if e.name == "libcuda.so.1"]
     assert cuda == [(64, "/lib/x86_64-linux-gnu/libcuda.so.1"), (32, "/lib/i386-linux-gnu/libcuda.so.1")]
     assert not any(e.path.startswith("/libx32/") for e in entries)  # x32 is neither
@@ -79,8 +80,8 @@ def test_loader_cache_parsing_keeps_word_sizes_apart():
 
 
 def test_libraries_matched_to_the_driver_version(recipe, driver_root):
-    entries = gpu.parse_loader_cache(_read("ldconfig-p.txt"))
-    libs, stale = gpu.select_libraries(entries, recipe, "535.104.05", driver_root)
+    entries = gpurecipe.parse_loader_cache(_read("ldconfig-p.txt"))
+    libs, stale = gpudiscovery.select_libraries(entries, recipe, "535.104.05", driver_root)
     got = {(lib.bits, lib.file): (lib.links, lib.capability) for lib in libs}
     assert got == {
         (64, "libcuda.so.535.104.05"): (["libcuda.so.1"], "compute"),
@@ -103,14 +104,14 @@ def test_libraries_matched_to_the_driver_version(recipe, driver_root):
 
 
 def test_capabilities_limit_the_libraries(recipe, driver_root):
-    entries = gpu.parse_loader_cache(_read("ldconfig-p.txt"))
-    libs, _ = gpu.select_libraries(entries, recipe, "535.104.05", driver_root, capabilities=["utility"])
+    entries = gpurecipe.parse_loader_cache(_read("ldconfig-p.txt"))
+    libs, _ = gpudiscovery.select_libraries(entries, recipe, "535.104.05", driver_root, capabilities=["utility"])
     assert sorted(lib.file for lib in libs) == ["libnvidia-ml.so.535.104.05"] * 2
 
 
 def test_another_driver_version_matches_nothing(recipe, driver_root):
-    entries = gpu.parse_loader_cache(_read("ldconfig-p.txt"))
-    libs, stale = gpu.select_libraries(entries, recipe, "550.54.15", driver_root)
+    entries = gpurecipe.parse_loader_cache(_read("ldconfig-p.txt"))
+    libs, stale = gpudiscovery.select_libraries(entries, recipe, "550.54.15", driver_root)
     assert libs == [] and len(stale) == 12
 
 
@@ -119,8 +120,8 @@ def test_absolute_link_resolves_inside_the_driver_root(recipe, tmp_path):
     lib.mkdir(parents=True)
     (lib / "libcuda.so.535.104.05").write_text("x")
     os.symlink("/usr/lib64/libcuda.so.535.104.05", lib / "libcuda.so.1")  # absolute: the driver root's /
-    entries = [gpu.CacheEntry(name="libcuda.so.1", bits=64, path="/usr/lib64/libcuda.so.1")]
-    libs, _ = gpu.select_libraries(entries, recipe, "535.104.05", str(tmp_path))
+    entries = [gpurecipe.CacheEntry(name="libcuda.so.1", bits=64, path="/usr/lib64/libcuda.so.1")]
+    libs, _ = gpudiscovery.select_libraries(entries, recipe, "535.104.05", str(tmp_path))
     assert [lib.host for lib in libs] == [str(tmp_path) + "/usr/lib64/libcuda.so.535.104.05"]
 
 
@@ -130,11 +131,11 @@ def test_binaries_found_in_the_driver_root(recipe, tmp_path):
     for name, mode in (("nvidia-smi", 0o755), ("nvidia-debugdump", 0o644)):
         (bindir / name).write_text("#!/bin/sh\n")
         os.chmod(bindir / name, mode)
-    assert gpu.find_binaries(recipe, str(tmp_path)) == [("nvidia-smi", str(bindir / "nvidia-smi"))]
+    assert gpudiscovery.find_binaries(recipe, str(tmp_path)) == [("nvidia-smi", str(bindir / "nvidia-smi"))]
 
 
 def test_discover_says_exactly_what_is_missing(recipe, tmp_path):
-    found = gpu.discover(recipe, str(tmp_path))
+    found = gpudiscovery.discover(recipe, str(tmp_path))
     assert found.version is None and found.libraries == []
     assert any(p.endswith("/proc/driver/nvidia/version: No such file or directory (is the nvidia kernel driver "
                           "loaded?)") for p in found.problems)
@@ -144,7 +145,7 @@ def test_discover_with_a_loader_cache_lacking_libcuda(recipe, tmp_path):
     (tmp_path / "proc/driver/nvidia").mkdir(parents=True)
     (tmp_path / "proc/driver/nvidia/version").write_text(_read("version-proprietary.txt"))
     (tmp_path / "etc").mkdir()
-    found = gpu.discover(recipe, str(tmp_path))
+    found = gpudiscovery.discover(recipe, str(tmp_path))
     assert found.version == "535.104.05"
     assert any("ld.so.cache" in p for p in found.problems)  # no cache at all: ldconfig says so
 
@@ -152,22 +153,24 @@ def test_discover_with_a_loader_cache_lacking_libcuda(recipe, tmp_path):
 @pytest.mark.parametrize("text, ids", [("0", [0]), ("0,2", [0, 2]), ("3,1,1", [1, 3]), ("0-3", [0, 1, 2, 3]),
                                        ("", []), ("1-2,5", [1, 2, 5])])
 def test_gpu_ids(text, ids):
-    assert gpu.parse_gpu_ids(text) == ids
+    assert gpurecipe.parse_gpu_ids(text) == ids
 
 
 @pytest.mark.parametrize("text", ["a", "0,x", "-1", "3-1", "0-", "٣", "0-99999"])
 def test_bad_gpu_ids(text):
     with pytest.raises(ShifterError, match="invalid GPU"):
-        gpu.parse_gpu_ids(text)
+        gpurecipe.parse_gpu_ids(text)
 
 
-def _discovery(recipe, gpus: dict[int, str], problems: list[str] | None = None) -> gpu.Discovery:
-    lib64 = gpu.Library(bits=64, host="/x/libcuda.so.1.2", file="libcuda.so.1.2", links=["libcuda.so.1"],
-                        capability="compute")
-    lib32 = gpu.Library(bits=32, host="/y/libcuda.so.1.2", file="libcuda.so.1.2", links=[], capability="compute")
-    return gpu.Discovery(recipe=recipe, version="1.2", libraries=[lib64, lib32], binaries=[("nvidia-smi", "/b")],
-                         gpus=gpus, control=["/dev/nvidiactl", "/dev/nvidia-uvm"], capability_dirs=["/dev/nvidia-caps"],
-                         stale=[], problems=problems or [])
+def _discovery(recipe, gpus: dict[int, str], problems: list[str] | None = None) -> gpudiscovery.Discovery:
+    lib64 = gpudiscovery.Library(bits=64, host="/x/libcuda.so.1.2", file="libcuda.so.1.2",
+                                 links=["libcuda.so.1"], capability="compute")
+    lib32 = gpudiscovery.Library(bits=32, host="/y/libcuda.so.1.2", file="libcuda.so.1.2", links=[],
+                                 capability="compute")
+    return gpudiscovery.Discovery(recipe=recipe, version="1.2", libraries=[lib64, lib32],
+                                  binaries=[("nvidia-smi", "/b")], gpus=gpus,
+                                  control=["/dev/nvidiactl", "/dev/nvidia-uvm"], capability_dirs=["/dev/nvidia-caps"],
+                                  stale=[], problems=problems or [])
 
 
 def test_environment_and_hidden_devices_follow_the_allocation(recipe):
@@ -199,11 +202,11 @@ def test_an_allocation_the_node_cannot_serve_is_the_nodes_fault(recipe):
 
 def test_amd_is_one_more_recipe_file():
     """Render nodes renderD128... are GPUs 0...; /dev/kfd is shared; ROCm's user-space is the image's."""
-    amd = gpu.load_recipe("amd")
+    amd = gpurecipe.load_recipe("amd")
     assert (amd.gpu_dir, amd.gpu_major, amd.gpu_index_base, amd.control_devices) == ("/dev/dri", 226, 128, ["/dev/kfd"])
     assert amd.version_file is None and amd.libraries == {} and amd.binaries == {}
     node = {0: "/dev/dri/renderD128", 1: "/dev/dri/renderD129"}
-    found = gpu.Discovery(recipe=amd, version=None, libraries=[], binaries=[], gpus=node, control=["/dev/kfd"],
+    found = gpudiscovery.Discovery(recipe=amd, version=None, libraries=[], binaries=[], gpus=node, control=["/dev/kfd"],
                           capability_dirs=[], stale=[], problems=[])
     one = gpu.plan_injection(found, [1], True, "/sr", "/h", "/d")
     assert gpu.hidden_devices(one) == (["/dev/dri/renderD128"], [])
@@ -257,12 +260,12 @@ def _slurm_conf(tmp_path, task_plugin: str | None, constrain: str | None) -> str
 ])
 def test_slurm_numbers_gpus_locally_only_with_task_cgroup_and_constrain_devices(tmp_path, task_plugin, constrain,
                                                                                 local):
-    assert gpu.slurm_numbers_gpus_locally(_slurm_conf(tmp_path, task_plugin, constrain)) is local
+    assert gpudiscovery.slurm_numbers_gpus_locally(_slurm_conf(tmp_path, task_plugin, constrain)) is local
 
 
 def test_unreadable_slurm_conf_is_one_clear_error(tmp_path):
     with pytest.raises(ShifterError, match=r"slurm.conf: No such file"):
-        gpu.slurm_numbers_gpus_locally(str(tmp_path / "slurm.conf"))
+        gpudiscovery.slurm_numbers_gpus_locally(str(tmp_path / "slurm.conf"))
 
 
 def _socket(path: str) -> None:
@@ -281,12 +284,12 @@ def test_host_paths_of_the_running_driver_under_the_driver_root(recipe, tmp_path
     os.makedirs(f"{root}/lib/firmware/nvidia/470.82.01")
     _socket(f"{root}/run/nvidia-persistenced/socket")
     os.makedirs(f"{root}/var/log/nvidia-mps")
-    found = gpu.find_host_paths(recipe, "535.104.05", root)
+    found = gpudiscovery.find_host_paths(recipe, "535.104.05", root)
     assert [(item.host, item.path, item.kind, item.writable) for item in found] == [
         (f"{root}/lib/firmware/nvidia/535.104.05", "/lib/firmware/nvidia/535.104.05", "directory", False),
         (f"{root}/run/nvidia-persistenced/socket", "/run/nvidia-persistenced/socket", "socket", False),
         (f"{root}/var/log/nvidia-mps", "/var/log/nvidia-mps", "directory", True)]
-    assert gpu.find_host_paths(recipe, "550.54.14", root)[0].path == "/run/nvidia-persistenced/socket"
+    assert gpudiscovery.find_host_paths(recipe, "550.54.14", root)[0].path == "/run/nvidia-persistenced/socket"
 
 
 def test_host_paths_absent_or_of_another_kind_are_skipped(recipe, tmp_path):
@@ -296,15 +299,15 @@ def test_host_paths_absent_or_of_another_kind_are_skipped(recipe, tmp_path):
         pass
     with open(f"{root}/lib-firmware-missing", "w"):
         pass
-    assert gpu.find_host_paths(recipe, "535.104.05", root) == []
+    assert gpudiscovery.find_host_paths(recipe, "535.104.05", root) == []
 
 
 def test_mps_directories_the_site_sets_in_site_env(recipe, tmp_path):
     pipe = tmp_path / "mps-pipe"
     pipe.mkdir()
-    site = gpu.site_env_values([f"CUDA_MPS_PIPE_DIRECTORY={pipe}", "CUDA_MPS_LOG_DIRECTORY=relative/ignored",
+    site = gpurecipe.site_env_values([f"CUDA_MPS_PIPE_DIRECTORY={pipe}", "CUDA_MPS_LOG_DIRECTORY=relative/ignored",
                                 "OTHER=x"])
-    found = gpu.find_host_paths(recipe, "535.104.05", str(tmp_path / "driver"), site)
+    found = gpudiscovery.find_host_paths(recipe, "535.104.05", str(tmp_path / "driver"), site)
     assert [(item.host, item.path, item.writable) for item in found] == [(str(pipe), str(pipe), True)]
 
 
@@ -312,4 +315,4 @@ def test_mps_directories_the_site_sets_in_site_env(recipe, tmp_path):
                                    {"path": "/a", "kind": "file"}, {"kind": "socket"}])
 def test_bad_host_path_entries_are_one_clear_error(entry):
     with pytest.raises(ShifterError, match="recipe nvidia: bad host_paths entry"):
-        gpu._host_path_entry("nvidia", entry)
+        gpurecipe._host_path_entry("nvidia", entry)

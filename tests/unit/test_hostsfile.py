@@ -3,7 +3,7 @@
 import pytest
 
 from shifter.errors import ShifterError
-from shifter.hostsfile import (
+from shifter.formats.hostsfile import (
     MAX_HOSTS,
     expand_cpus_per_node,
     expand_hostlist,

@@ -3,7 +3,7 @@
 import pytest
 
 from shifter.errors import ShifterError
-from shifter.imageref import ImageRef, parse_image_ref, split_docker_tag
+from shifter.formats.imageref import ImageRef, parse_image_ref, split_docker_tag
 
 DIGEST = "sha256:" + "0123456789abcdef" * 4
 IMAGE_ID = "ab" * 32

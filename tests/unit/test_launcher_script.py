@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from shifter import launcher
+from shifter.launch import execute
 
 
 @pytest.mark.parametrize("line, expected", [
@@ -28,7 +28,7 @@ from shifter import launcher
     (b"", False),
 ])
 def test_names_shifter(line: bytes, expected: bool) -> None:
-    assert launcher._names_shifter(line) is expected
+    assert execute._names_shifter(line) is expected
 
 
 def _script(tmp_path: Path, text: str) -> Path:
@@ -39,7 +39,7 @@ def _script(tmp_path: Path, text: str) -> Path:
 
 def test_shebang_script_is_passed_by_descriptor(tmp_path: Path) -> None:
     script = _script(tmp_path, "#!/opt/shifter-slurm/bin/shifter /bin/sh\necho hi\n")
-    argv = launcher._script_by_descriptor(["/bin/sh", str(script), "arg"])
+    argv = execute._script_by_descriptor(["/bin/sh", str(script), "arg"])
     assert argv[0] == "/bin/sh" and argv[2:] == ["arg"]
     assert argv[1].startswith("/dev/fd/")
     fd = int(argv[1][len("/dev/fd/"):])
@@ -47,7 +47,7 @@ def test_shebang_script_is_passed_by_descriptor(tmp_path: Path) -> None:
         assert os.get_inheritable(fd)
         assert Path(argv[1]).read_text() == script.read_text()  # from the start, whatever was read
         # visible at its own path (no chroot here): the path is used again and the descriptor closed
-        assert launcher._prefer_visible_script(argv) == ["/bin/sh", str(script), "arg"]
+        assert execute._prefer_visible_script(argv) == ["/bin/sh", str(script), "arg"]
         with pytest.raises(OSError):
             os.fstat(fd)
     finally:
@@ -59,21 +59,21 @@ def test_shebang_script_is_passed_by_descriptor(tmp_path: Path) -> None:
 
 def test_descriptor_kept_when_the_path_is_a_different_file(tmp_path: Path) -> None:
     script = _script(tmp_path, "#!/usr/bin/env -S shifter /bin/sh\necho hi\n")
-    argv = launcher._script_by_descriptor(["/bin/sh", str(script)])
+    argv = execute._script_by_descriptor(["/bin/sh", str(script)])
     fd = int(argv[1][len("/dev/fd/"):])
     try:
         script.unlink()
         script.write_text("another file at the same path\n")  # as if the container had its own
-        assert launcher._prefer_visible_script(argv) == argv
+        assert execute._prefer_visible_script(argv) == argv
     finally:
         os.close(fd)
 
 
 @pytest.mark.parametrize("argv", [["/bin/true"], ["/bin/sh", "-c", "echo"], ["cat", "/nonexistent/file"]])
 def test_other_commands_are_left_alone(argv: list[str]) -> None:
-    assert launcher._script_by_descriptor(list(argv)) == argv
+    assert execute._script_by_descriptor(list(argv)) == argv
 
 
 def test_plain_script_is_left_alone(tmp_path: Path) -> None:
     script = _script(tmp_path, "#!/bin/sh\necho hi\n")
-    assert launcher._script_by_descriptor(["/bin/sh", str(script)]) == ["/bin/sh", str(script)]
+    assert execute._script_by_descriptor(["/bin/sh", str(script)]) == ["/bin/sh", str(script)]

@@ -2,9 +2,9 @@
 
 import os
 
-from shifter.launchplan import VERSION, config_identity, plan_records, write_plan
-from shifter.meta import ImageMeta
-from shifter.modules import select_modules
+from shifter.formats.launchplan import VERSION, config_identity, plan_records, write_plan
+from shifter.formats.meta import ImageMeta
+from shifter.formats.modules import select_modules
 from tests.unit import test_environment
 
 SITE_ENV = """\

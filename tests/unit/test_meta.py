@@ -5,7 +5,7 @@ import os
 import pytest
 
 from shifter.errors import ShifterError
-from shifter.meta import ImageMeta, format_meta, parse_argv, parse_meta, read_meta, write_meta
+from shifter.formats.meta import ImageMeta, format_meta, parse_argv, parse_meta, read_meta, write_meta
 
 # What the original gateway (converters.writemeta, Python 3) writes for a private image.
 ORIGINAL_META = (

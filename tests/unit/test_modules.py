@@ -2,9 +2,9 @@
 
 import pytest
 
-from shifter.config import parse_config
 from shifter.errors import ShifterError
-from shifter.modules import module_names, select_modules
+from shifter.formats.config import parse_config
+from shifter.formats.modules import module_names, select_modules
 
 BASE = """\
 udiMount=/var/udiMount

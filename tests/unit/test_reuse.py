@@ -3,8 +3,8 @@
 import pytest
 
 from shifter.errors import ShifterError
-from shifter.reuse import marker_matches, marker_text
-from shifter.volumemap import parse_volume_map, volume_signature
+from shifter.formats.reuse import marker_matches, marker_text
+from shifter.formats.volumemap import parse_volume_map, volume_signature
 
 
 def test_original_vector():

@@ -7,10 +7,11 @@ import os
 
 import pytest
 
-from shifter import cmdline, etcfiles, mounts, pathsafe, userns
+from shifter import cmdline
 from shifter.errors import ShifterError
-from shifter.jobenv import check_jobid
-from shifter.launcher import parse_options, resolve_request
+from shifter.launch.launcher import parse_options, resolve_request
+from shifter.runtime import etcfiles, mounts, pathsafe, userns
+from shifter.runtime.jobenv import check_jobid
 
 ID = "e" * 64
 

@@ -6,8 +6,8 @@ import tempfile
 import pytest
 
 from shifter.errors import ShifterError
-from shifter.sitefs import describe_site_fs, hidden_in_container, refuse_hidden_sources
-from shifter.volumemap import parse_volume_map
+from shifter.formats.sitefs import describe_site_fs, hidden_in_container, refuse_hidden_sources
+from shifter.formats.volumemap import parse_volume_map
 
 SITE_FS = parse_volume_map("/home:/home;/scratch:/scratch;/var/lib/c/sitefs:/sitefs", site=True)
 

@@ -3,7 +3,7 @@
 import pytest
 
 from shifter.errors import ShifterError
-from shifter.volumemap import (
+from shifter.formats.volumemap import (
     MIB,
     PerNodeCache,
     VolumeMount,
@@ -261,7 +261,7 @@ def test_path_lengths_and_volume_count_are_bounded():
 
 
 def test_per_node_cache_policy():
-    from shifter.volumemap import check_per_node_caches
+    from shifter.formats.volumemap import check_per_node_caches
 
     mounts = parse_volume_map("/x:/a:perNodeCache=size=1G;/x:/b:perNodeCache=size=2G;/s:/c", site=False)
     check_per_node_caches(mounts, 2 * 1024**3, 2, ["xfs"])
