@@ -16,7 +16,7 @@ from shifter.formats import gpurecipe
 from shifter.formats.environment import apply_operations, renumber_devices
 from shifter.runtime import gpu, gpudiscovery
 
-DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "gpu")
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "data", "gpu")
 
 
 def _read(name: str) -> str:

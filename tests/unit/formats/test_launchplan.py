@@ -5,7 +5,7 @@ import os
 from shifter.formats.launchplan import VERSION, config_identity, plan_records, write_plan
 from shifter.formats.meta import ImageMeta
 from shifter.formats.modules import select_modules
-from tests.unit import test_environment
+from tests.unit.formats import test_environment
 
 SITE_ENV = """\
 siteEnv=SITE=1

@@ -322,7 +322,7 @@ def test_format_modules_import_light_under_isolated_python():
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     code = (
         f"import sys; sys.path.insert(0, {root!r}); "
         "import shifter.formats.config, shifter.formats.meta, shifter.formats.reuse, shifter.formats.volumemap, "
