@@ -36,7 +36,7 @@ PACKAGE_ALLOWED = {
     "gateway": {"shifter"},
     "setuproot": {"shifter"},
     "unsetuproot": {"shifter", "setuproot"},  # the same argument rules
-    "spank_plugin": {"shifter", "setuproot", "unsetuproot"},  # the hooks run setupRoot and unsetupRoot in-process
+    "spank_plugin": {"shifter", "setuproot", "unsetuproot"},  # node job ids, the step sshd
     "localcluster": {"shifter", "gateway", "spank_plugin", "setuproot", "unsetuproot"},
     "bench": {"shifter", "gateway", "spank_plugin", "setuproot", "unsetuproot", "localcluster"},
 }
