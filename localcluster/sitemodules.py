@@ -46,7 +46,7 @@ def modules_dir(settings: Settings) -> Path:
 def _mpich_stamp() -> str:
     real = HOST_MPICH.resolve()
     stat = real.stat()
-    packer = Path(__file__).resolve().parent.parent / "shifter" / "packing.py"
+    packer = Path(__file__).resolve().parent.parent / "shifter" / "packing" / "relocate.py"
     digest = hashlib.sha256(f"{MODULE_RECIPE} {real} {stat.st_size} {stat.st_mtime_ns}".encode())
     digest.update(packer.read_bytes())
     return digest.hexdigest()
