@@ -4,6 +4,8 @@ Hot path (every task of every job): find the job's prepared environment on this 
 its reuse marker with this request, join its pinned user namespace, chroot, drop every
 capability, set no_new_privs and exec.  It runs under ``python -I -S`` and imports only what
 that path needs (no getopt: it pulls in gettext; no subprocess, logging, json or ctypes.util).
+Called by cli.py; a request that no prepared environment serves goes on to fresh.py, and both
+finish with execute.py.
 """
 
 from __future__ import annotations
