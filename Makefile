@@ -14,7 +14,7 @@ PYTHON  := $(VENV)/bin/python
 CLUSTER := $(PYTHON) -m localcluster --prefix $(PREFIX) --sysconfdir $(SYSCONFDIR) --state-dir $(STATE_DIR)
 PLUGIN_SRC := spank_plugin/shifter_spank.c
 PLUGIN     := build/shifter_spank.so
-LAUNCHER_SRC := shifter/fastlaunch.c
+LAUNCHER_SRC := shifter/launch/fastlaunch.c
 LAUNCHER     := build/shifter
 # The installed paths are compiled into the plugin and the launcher: another PREFIX or SYSCONFDIR rebuilds them.
 PREFIX_STAMP := build/.prefix$(subst /,_,$(PREFIX))$(subst /,_,$(SYSCONFDIR))
@@ -50,7 +50,7 @@ plugin: $(PLUGIN)
 $(PLUGIN): $(PLUGIN_SRC) Makefile $(PREFIX_STAMP)
 	gcc $(CFLAGS_PLUGIN) $(PLUGIN_SRC) -o $@
 
-## launcher: bin/shifter, the interpreter-free front of the Python launcher (shifter/launchplan.py)
+## launcher: bin/shifter, the interpreter-free front of the Python launcher (shifter/formats/launchplan.py)
 launcher: $(LAUNCHER)
 
 $(LAUNCHER): $(LAUNCHER_SRC) Makefile $(PREFIX_STAMP)
@@ -71,7 +71,7 @@ install: $(if $(wildcard $(PLUGIN_SRC)),$(PLUGIN)) $(LAUNCHER)
 UDIIMAGE := $(PREFIX)/libexec/shifter/opt/udiImage
 udiimage: $(UDIIMAGE)/sbin/sshd
 
-$(UDIIMAGE)/sbin/sshd: shifter/packing.py shifter/packtool.py | venv
+$(UDIIMAGE)/sbin/sshd: shifter/packing/relocate.py shifter/packing/packtool.py | venv
 	mkdir -p $(PREFIX)/libexec/shifter/opt
 	$(PYTHON) -m shifter.packtool udiimage --force $(UDIIMAGE)
 

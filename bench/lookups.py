@@ -37,9 +37,9 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from shifter import munge  # noqa: E402
-from shifter.gatewayclient import GatewayClient, _split_url, escape  # noqa: E402
-from shifter.imageref import ImageRef, parse_image_ref  # noqa: E402
+from shifter.client import munge  # noqa: E402
+from shifter.client.gatewayclient import GatewayClient, _split_url, escape  # noqa: E402
+from shifter.formats.imageref import ImageRef, parse_image_ref  # noqa: E402
 
 
 def _percentile(values: list[float], pct: float) -> float:

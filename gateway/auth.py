@@ -26,8 +26,9 @@ import time
 from dataclasses import dataclass, field
 
 from gateway.config import GatewayConfig
-from shifter import munge, requestbinding
+from shifter.client import munge
 from shifter.errors import ShifterError
+from shifter.formats import requestbinding
 
 _ID_CACHE_SECONDS = 60.0
 

@@ -48,8 +48,8 @@ from gateway.config import GatewayConfig, PlatformConfig
 from gateway.metrics import Metrics
 from gateway.store.base import INFLIGHT, Doc, Store, new_id, outage
 from shifter.errors import ShifterError
-from shifter.imageref import split_docker_tag
-from shifter.meta import ImageMeta, read_meta
+from shifter.formats.imageref import split_docker_tag
+from shifter.formats.meta import ImageMeta, read_meta
 
 log = logging.getLogger("gateway.manager")
 

@@ -33,7 +33,7 @@ from gateway.oci import INDEX_TYPES, check_reference, select_platform
 from gateway.publish import PublishTarget, publish_files, remove_files
 from gateway.registry import RegistryClient
 from shifter.errors import ShifterError
-from shifter.meta import ImageMeta, format_meta
+from shifter.formats.meta import ImageMeta, format_meta
 
 __all__ = ["Location", "PullSpec", "ResolvedImage", "BuiltImage", "PublishTarget",
            "resolve", "build_image", "publish", "remove_published", "image_meta"]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from shifter.errors import ShifterError
-from shifter.meta import ImageMeta, format_meta
+from shifter.formats.meta import ImageMeta, format_meta
 
 _ID_RE = re.compile(r"[0-9a-f]{64}")
 _HOST_RE = re.compile(r"[A-Za-z0-9_.:\[\]-]{1,253}")

@@ -125,7 +125,7 @@ def _pull_through_gateway(settings: Settings, references: list[str]) -> None:
     shifterimg = settings.prefix / "bin" / "shifterimg"
     if pids_alive(settings, gatewaysvc.names(settings)) != gatewaysvc.names(settings):
         return
-    if not shifterimg.exists() or not settings.installed_module("shifter/shifterimg.py"):
+    if not shifterimg.exists() or not settings.installed_module("shifter/client/shifterimg.py"):
         log("shifterimg is not installed: the test images are not pre-pulled through the gateway")
         return
     env = {**os.environ, "SHIFTER_UDIROOT_CONF": str(settings.udiroot_conf)}

@@ -2,7 +2,7 @@
 
 - ``mpich``: the MPICH ABI approach of the original's documentation.  The host's
   ``libmpich.so.12`` with its dependencies and UCX's transport plugins, packed by
-  ``shifter.packing.build_module`` (what ``python -m shifter.packtool module`` runs) into
+  ``shifter.packing.relocate.build_module`` (what ``python -m shifter.packtool module`` runs) into
   ``<state>/modules/mpich``; copied to /opt/udiImage/modules/mpich and put first on
   LD_LIBRARY_PATH, it replaces the image's own MPICH in the image's MPI programs.
 - ``siteinfo``: the default module; it only sets ``SHIFTER_SITE_MODULE=1``, so making it the
@@ -46,7 +46,7 @@ def modules_dir(settings: Settings) -> Path:
 def _mpich_stamp() -> str:
     real = HOST_MPICH.resolve()
     stat = real.stat()
-    packer = Path(__file__).resolve().parent.parent / "shifter" / "packing.py"
+    packer = Path(__file__).resolve().parent.parent / "shifter" / "packing" / "relocate.py"
     digest = hashlib.sha256(f"{MODULE_RECIPE} {real} {stat.st_size} {stat.st_mtime_ns}".encode())
     digest.update(packer.read_bytes())
     return digest.hexdigest()
@@ -56,7 +56,7 @@ def build_mpich_module(settings: Settings) -> Path | None:
     """``<state>/modules/mpich`` packed from the host's MPICH; None when the host has none."""
     if not HOST_MPICH.exists():
         return None
-    from shifter.packing import build_module
+    from shifter.packing.relocate import build_module
 
     dest = modules_dir(settings) / "mpich"
     stamp_file = modules_dir(settings) / "mpich.stamp"

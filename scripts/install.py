@@ -9,7 +9,7 @@
 - The wrapper commands: the launcher, setupRoot, unsetupRoot and the SPANK hook start with
   ``python3 -IS`` (isolated, no site: nothing from the environment, no .pth files) and
   append the venv's site-packages themselves; shifterimg and the gateway use the site.
-- ``bin/shifter``: the interpreter-free launcher (shifter/fastlaunch.c), which execs the Python
+- ``bin/shifter``: the interpreter-free launcher (shifter/launch/fastlaunch.c), which execs the Python
   launcher ``libexec/shifter/shifter`` for everything but the prepared environment's common case.
 - The SPANK plugin, when it has been built.
 - Everything under PREFIX root-owned and world-readable, because unprivileged users run
@@ -34,8 +34,8 @@ BASE_PYTHON = "/usr/bin/python3"
 
 # name -> (directory under PREFIX, module, function, isolated without site)
 WRAPPERS = {
-    "shifter": ("libexec/shifter", "shifter.launcher", "main", True),
-    "shifterimg": ("bin", "shifter.shifterimg", "main", False),
+    "shifter": ("libexec/shifter", "shifter.launch.cli", "main", True),
+    "shifterimg": ("bin", "shifter.client.shifterimg", "main", False),
     "setupRoot": ("sbin", "setuproot.__main__", "main", True),
     "unsetupRoot": ("sbin", "unsetuproot.__main__", "main", True),
     "shifter-gateway": ("sbin", "gateway.service", "main", False),

@@ -14,12 +14,13 @@ import os
 from collections.abc import Iterator
 
 from setuproot.args import SetupRequest, default_config_path
-from shifter import container, fdpath, filecopy, jobdir, launchplan, linux, loopdev, teardown, userns
-from shifter.config import UdiRootConfig, load_config
 from shifter.errors import NodeError, RequestError, ShifterError
-from shifter.jobenv import JobEnv
-from shifter.meta import ImageMeta, read_meta
-from shifter.reuse import marker_text
+from shifter.formats import launchplan
+from shifter.formats.config import UdiRootConfig, load_config
+from shifter.formats.meta import ImageMeta, read_meta
+from shifter.formats.reuse import marker_text
+from shifter.runtime import container, fdpath, filecopy, jobdir, linux, loopdev, teardown, userns
+from shifter.runtime.jobenv import JobEnv
 
 _MAX_GROUPS = 512
 
@@ -75,7 +76,7 @@ def resolve_account(request: SetupRequest) -> container.Account:
 def select_modules(config: UdiRootConfig, requested: str | None) -> list:
     """The active modules: -m replaces defaultModules, ``none`` disables all."""
     try:
-        from shifter.modules import select_modules as select
+        from shifter.formats.modules import select_modules as select
     except ImportError:  # TEMPORARY until shifter.modules lands
         names = config.default_modules if requested is None else [n for n in requested.split(",") if n]
         if names == ["none"]:
@@ -89,7 +90,7 @@ def select_modules(config: UdiRootConfig, requested: str | None) -> list:
 
 def resolve_image(config: UdiRootConfig, request: SetupRequest) -> tuple[str, str]:
     """(image id, image file) for the request; only ids (and local dirs when allowed) reach a node."""
-    from shifter.imageref import parse_image_ref
+    from shifter.formats.imageref import parse_image_ref
 
     ref = parse_image_ref(f"{request.image_type}:{request.image}", config.default_image_type)
     if ref.type == "local":
@@ -99,7 +100,7 @@ def resolve_image(config: UdiRootConfig, request: SetupRequest) -> tuple[str, st
     if ref.type == "id":
         identifier = ref.tag
     else:
-        from shifter.gatewayclient import GatewayClient
+        from shifter.client.gatewayclient import GatewayClient
 
         client = GatewayClient(
             config.image_gateways, config.system or "", config.gateway_timeout, gateway_user=config.image_gateway_user
@@ -130,7 +131,7 @@ def _make_dir(path: str, mode: int, uid: int = 0, gid: int = 0) -> None:
 
 def _propagation_fields(path: str) -> list[str] | None:
     """The optional fields (``shared:N``, ``master:N``...) of the topmost mount on ``path``, or None."""
-    from shifter.mounts import unescape
+    from shifter.runtime.mounts import unescape
 
     found = None
     with open("/proc/self/mountinfo", encoding="latin-1") as fh:
@@ -153,7 +154,7 @@ def _isolate_base(path: str) -> None:
     """
     import fcntl
 
-    from shifter.mounts import mounts_under
+    from shifter.runtime.mounts import mounts_under
 
     path = os.path.realpath(path)  # as mountinfo names it: a trailing / or a link would bind again each time
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -235,7 +236,7 @@ def plan_gpus(config: UdiRootConfig, request: SetupRequest, job: JobEnv):
     ``--module=none`` keeps the allocated devices but injects none of the driver's libraries
     and tools: the job brings its own user-space.  What the node lacks is the node's fault.
     """
-    from shifter import gpu
+    from shifter.runtime import gpu
 
     with request_checks():
         gpus = gpu.parse_gpu_ids(request.gpus)
@@ -256,7 +257,7 @@ def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest,
                       identifier: str, image_file: str, modules: list, plan: list[str] | None,
                       gpu_injection=None) -> None:
     """Everything of docs/internals.md "Per-job environment on a node", in order."""
-    from shifter.volumemap import check_per_node_caches, parse_volume_map, volume_signature
+    from shifter.formats.volumemap import check_per_node_caches, parse_volume_map, volume_signature
 
     with request_checks():
         user_volumes = parse_volume_map(";".join(request.volumes), site=False)
@@ -264,7 +265,7 @@ def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest,
                               config.per_node_cache_allowed_fs_type)
         hostsfile = None
         if request.node_spec:
-            from shifter.hostsfile import hostsfile_text, parse_node_spec
+            from shifter.formats.hostsfile import hostsfile_text, parse_node_spec
 
             hostsfile = hostsfile_text(parse_node_spec(request.node_spec))
         marker = marker_text(identifier, account.user, volume_signature(user_volumes), [m.name for m in modules])
@@ -292,7 +293,7 @@ def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest,
                     "mode=0755")
         linux.mount(None, job.root, None, linux.MS_PRIVATE)
     if gpu_injection is not None:
-        from shifter import gpu
+        from shifter.runtime import gpu
 
         with node_step("the job's GPU device covers"):
             gpu.make_hide_sources(gpu_injection.hide_file, gpu_injection.hide_dir)
@@ -303,7 +304,7 @@ def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest,
     if request.image_type != "local":
         filecopy.copy_file(image_file + ".meta", job.meta, mode=0o644)
     else:  # a host directory has no metadata: no ENV, ENTRY, CMD or WORKDIR
-        from shifter.meta import write_meta
+        from shifter.formats.meta import write_meta
 
         write_meta(job.meta, ImageMeta(format="VFS"))
         os.chmod(job.meta, 0o644)
@@ -311,7 +312,7 @@ def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest,
         userns.pin_user_namespace(account, job.userns)
     cgroup = None
     if request.memory_cgroup:
-        from shifter import jobcgroup
+        from shifter.runtime import jobcgroup
 
         try:
             cgroup = jobcgroup.create(request.memory_cgroup, account.uid, job.jobid)
@@ -330,7 +331,7 @@ def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest,
         with os.fdopen(fd, "w") as fh:
             fh.write(marker)
         if gpu_injection is not None:
-            from shifter.gpu import environment_operations
+            from shifter.runtime.gpu import environment_operations
 
             launchplan.write_plan(job.gpu_env, launchplan.encode_operations(environment_operations(gpu_injection)))
         if plan is not None:
@@ -375,7 +376,7 @@ def setup_job(request: SetupRequest) -> None:
         if config_info and meta is not None and not any(module.userhook for module in modules):
             gpu_ops = []
             if gpu_injection is not None:  # shifter.gpu (json, re) costs 4 ms to import: GPU nodes only
-                from shifter.gpu import environment_operations
+                from shifter.runtime.gpu import environment_operations
 
                 gpu_ops = environment_operations(gpu_injection)
             plan = launchplan.plan_records(config_info, account.uid, identifier, ";".join(request.volumes),

@@ -15,12 +15,12 @@ from __future__ import annotations
 import os
 import stat
 
-from shifter import jobcgroup, linux
 from shifter.errors import ShifterError
+from shifter.runtime import jobcgroup, linux
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from shifter.container import Account
+    from shifter.runtime.container import Account
 
 UDI = "/opt/udiImage"
 HOST_KEY = UDI + "/etc/ssh_host_ecdsa_key"
@@ -76,7 +76,7 @@ def _settings(lines: list[str], keyword: str) -> list[str]:
 
 
 def _shell_exists(root: str, shell: str) -> bool:
-    from shifter.pathsafe import resolve_in_root
+    from shifter.runtime.pathsafe import resolve_in_root
 
     try:
         return shell.startswith("/") and os.path.isfile(resolve_in_root(root, shell))
@@ -91,7 +91,7 @@ def ensure_login_shell(root: str, user: str) -> None:
     does not exist"), and the site's passwd names the host's shell (often /bin/bash), which
     small images such as busybox do not have.  Only the container's own copy is changed.
     """
-    from shifter.etcfiles import find_passwd_entry
+    from shifter.runtime.etcfiles import find_passwd_entry
 
     path = os.path.join(root, "etc/passwd")
     try:
@@ -116,7 +116,7 @@ def ensure_login_shell(root: str, user: str) -> None:
 
 def _open_dir_in_root(root: str, relpath: str) -> int:
     """A descriptor of ``root/relpath``, a real directory: no component may be a symlink."""
-    from shifter import fdpath
+    from shifter.runtime import fdpath
 
     root_fd = fdpath.open_dir(root)
     try:
@@ -159,7 +159,7 @@ def _install_host_key(root: str, account: Account) -> None:
         _write_new(etc_fd, os.path.basename(KNOWN_HOSTS), known, 0o644, (0, 0))
     finally:
         os.close(etc_fd)
-    from shifter.packing import ssh_config_text
+    from shifter.packing.relocate import ssh_config_text
 
     ssh_fd = _open_dir_in_root(root, "etc/ssh")
     try:  # the image's own client files stay; the bound client reads /etc/ssh
@@ -233,7 +233,7 @@ def _bind_ssh_client(root: str) -> None:
     mount is found again the same way and checked to be the udiImage's file before it is made
     read-only.
     """
-    from shifter import fdpath
+    from shifter.runtime import fdpath
 
     root_fd = fdpath.open_dir(root)
     try:
@@ -252,7 +252,7 @@ def _bind_ssh_client(root: str) -> None:
 
 
 def _bind_one_client(root_fd: int, client: str, source_fd: int, source: os.stat_result) -> None:
-    from shifter import fdpath
+    from shifter.runtime import fdpath
 
     try:
         target_fd = fdpath.open_in_root(root_fd, client, os.O_PATH | os.O_NOFOLLOW)
@@ -417,7 +417,7 @@ def start(root: str, account: Account, cgroup: str | None, timeout: float = 5.0,
     """
     import time
 
-    from shifter.teardown import processes_rooted_in
+    from shifter.runtime.teardown import processes_rooted_in
 
     check_port(root)
     port, pid_file = _port_and_pid_file(root)

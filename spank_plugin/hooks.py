@@ -65,7 +65,7 @@ def parse_plugstack_args(args: list[str]) -> tuple[PlugstackArgs, list[str]]:
 def check_sshd_on_node(conf: PlugstackArgs) -> None:
     """On the unified cgroup v2 hierarchy a prolog-started sshd would leave Slurm's job cgroup for the
     shifter one (no Slurm limits, no accounting): there only the extern step may start it."""
-    from shifter import jobcgroup
+    from shifter.runtime import jobcgroup
 
     if conf.enable_sshd and not conf.extern_cgroup and conf.memory_cgroup and jobcgroup.is_unified(conf.memory_cgroup):
         raise ShifterError(f"plugstack.conf: enable_sshd=1 with memory_cgroup={conf.memory_cgroup} (cgroup v2) needs "
@@ -91,11 +91,11 @@ def _options(rest: list[str]) -> dict[str, str]:
 
 def submit(conf: PlugstackArgs, opts: dict[str, str]) -> list[tuple[str, str]]:
     """Validate the request and resolve the image once; return the variables to publish."""
-    from shifter.config import load_config
-    from shifter.imageref import parse_image_ref
-    from shifter.modules import module_names, select_modules
-    from shifter.sitefs import refuse_hidden_sources
-    from shifter.volumemap import parse_volume_map
+    from shifter.formats.config import load_config
+    from shifter.formats.imageref import parse_image_ref
+    from shifter.formats.modules import module_names, select_modules
+    from shifter.formats.sitefs import refuse_hidden_sources
+    from shifter.formats.volumemap import parse_volume_map
 
     config = load_config(os.environ.get("SHIFTER_UDIROOT_CONF") or conf.shifter_config)
     image_text = opts.get("image")
@@ -191,7 +191,7 @@ def _first_env(name: str) -> str | None:
 
 
 def _resolve(config, ref) -> str:
-    from shifter.gatewayclient import GatewayClient
+    from shifter.client.gatewayclient import GatewayClient
 
     client = GatewayClient(
         config.image_gateways, config.system, config.gateway_timeout, gateway_user=config.image_gateway_user
@@ -227,7 +227,7 @@ class JobRequest:
 
 def job_request(opts: dict[str, str], env: dict[str, str], conf: PlugstackArgs) -> JobRequest:
     """Collect the job's request; everything here came from Slurm, values from the user are re-validated."""
-    from shifter.hostsfile import expand_cpus_per_node, expand_hostlist
+    from shifter.formats.hostsfile import expand_cpus_per_node, expand_hostlist
 
     job_id = opts.get("job-id") or env.get("SLURM_JOB_ID", "")
     if not job_id.isdigit():
@@ -263,14 +263,14 @@ def job_request(opts: dict[str, str], env: dict[str, str], conf: PlugstackArgs) 
 
 def _gpus_local(env: dict[str, str]) -> bool:
     """How Slurm numbers the GPUs in tasks, from the slurm.conf slurmd gives the prolog (SLURM_CONF)."""
-    from shifter.gpu import slurm_numbers_gpus_locally
+    from shifter.runtime.gpudiscovery import slurm_numbers_gpus_locally
 
     return slurm_numbers_gpus_locally(env.get("SLURM_CONF") or "/etc/slurm/slurm.conf")
 
 
 def _check_image(image_type: str, image: str) -> None:
     """The user's submission environment set these: only a valid reference reaches setupRoot's argv."""
-    from shifter.imageref import IMAGE_TYPES, parse_image_ref
+    from shifter.formats.imageref import IMAGE_TYPES, parse_image_ref
 
     if image_type not in IMAGE_TYPES:
         raise ShifterError(f"prolog: unknown image type {image_type!r}")
@@ -383,15 +383,15 @@ def drain_node(reason: str) -> None:
 
 def record_setup_error(conf: PlugstackArgs, req: JobRequest, reason: str) -> None:
     """Leave the reason where only the job's user can read it: <udiMount>/<jobid>/setup.error."""
-    from shifter.config import load_config
-    from shifter.jobenv import JobEnv
+    from shifter.formats.config import load_config
+    from shifter.runtime.jobenv import JobEnv
 
     record_error(JobEnv(load_config(conf.shifter_config), req.job_id), req.uid, req.gid, reason)
 
 
 def record_error(job, uid: int, gid: int, reason: str) -> None:
     """Write ``reason`` to the job's (or step's) setup.error, readable by its user only (shifter/jobdir.py)."""
-    from shifter import jobdir
+    from shifter.runtime import jobdir
 
     jobdir.record_error(os.path.dirname(job.dir), os.path.basename(job.dir), uid, gid, reason)
 
@@ -401,7 +401,7 @@ def remove_stale_environments(conf: PlugstackArgs, current_job: str) -> None:
 
     Best effort: a problem here is logged and never fails this job's prolog.
     """
-    from shifter.config import load_config
+    from shifter.formats.config import load_config
     from spank_plugin.stale import stale_job_ids
     from unsetuproot.__main__ import job_ids_on_node
 

@@ -36,7 +36,7 @@ from shifter.errors import ShifterError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from shifter.container import Account
+    from shifter.runtime.container import Account
     from spank_plugin.hooks import PlugstackArgs
 
 _AUTHORIZED_KEYS = "opt/udiImage/etc/user_auth_keys"
@@ -50,8 +50,8 @@ def _ids(opts: dict[str, str], hook: str) -> tuple[str, int, int]:
 
 
 def _job(conf: PlugstackArgs, job_id: str):
-    from shifter.config import load_config
-    from shifter.jobenv import JobEnv
+    from shifter.formats.config import load_config
+    from shifter.runtime.jobenv import JobEnv
 
     return JobEnv(load_config(conf.shifter_config), job_id)
 
@@ -60,7 +60,7 @@ def _account(uid: int, gid: int) -> Account:
     """The job's user as setupRoot saw it (name, primary and supplementary groups)."""
     import pwd
 
-    from shifter.container import Account
+    from shifter.runtime.container import Account
 
     try:
         user = pwd.getpwuid(uid).pw_name
@@ -89,7 +89,7 @@ def extern(conf: PlugstackArgs, opts: dict[str, str]) -> int:
             sshd.start_unless_port_taken(job.root, _account(uid, gid), cgroup, job_id)
         except ShifterError as err:  # e.g. a squatter took the port after the prolog checked it
             print(f"shifter: job {job_id}: the job's sshd did not start: {err}", file=sys.stderr)
-            from shifter import jobdir
+            from shifter.runtime import jobdir
 
             # the job's tasks fail with the reason instead of running with someone else's port 1204
             jobdir.record_error(os.path.dirname(job.dir), job_id, uid, gid, f"the job's sshd did not start: {err}")
@@ -107,7 +107,7 @@ def sshd_cgroup(memory_cgroup: str | None, uid: int, job_id: str) -> str | None:
     cgroup only, and a shifter cgroup would take the daemon, and all started through it, out of
     Slurm's job cgroup (its limits, accounting and kill at job end): it stays in the step's.
     """
-    from shifter import jobcgroup
+    from shifter.runtime import jobcgroup
 
     if not memory_cgroup or jobcgroup.is_unified(memory_cgroup):
         return None
@@ -179,7 +179,7 @@ def _read_root_owned(dir_fd: int, relpath: str) -> bytes | None:
     Each component is opened without following symlinks; a file that is not root's own (a
     symlink, a hard link, the user's file) is refused rather than read.
     """
-    from shifter import fdpath
+    from shifter.runtime import fdpath
 
     try:
         file_fd = fdpath.open_no_symlinks(dir_fd, relpath, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
@@ -221,12 +221,12 @@ def step_setup(conf: PlugstackArgs, opts: dict[str, str]) -> int:
     A request the node cannot serve is recorded for the step's ``shifter`` to print (status 0,
     the node stays up); a node failure returns non-zero and fails the step.
     """
-    from shifter.config import load_config
     from shifter.errors import REQUEST_FAILED
-    from shifter.jobenv import JobEnv
-    from shifter.modules import module_names, select_modules
-    from shifter.reuse import marker_text
-    from shifter.volumemap import parse_volume_map, volume_signature
+    from shifter.formats.config import load_config
+    from shifter.formats.modules import module_names, select_modules
+    from shifter.formats.reuse import marker_text
+    from shifter.formats.volumemap import parse_volume_map, volume_signature
+    from shifter.runtime.jobenv import JobEnv
     from spank_plugin.hooks import _check_image, _run_root_tool, _user_name, record_error
 
     job_id, uid, gid = _ids(opts, "step-setup")
@@ -282,8 +282,8 @@ def job_gpus_on_node(show_job: str, node: str) -> str:
     Each ``Nodes=<hostlist> ... GRES=<gres>`` line gives the allocation of its nodes; the GRES
     list separates entries with commas, and an index list may hold commas too.
     """
-    from shifter.gpu import parse_gpu_ids
-    from shifter.hostsfile import expand_hostlist
+    from shifter.formats.gpurecipe import parse_gpu_ids
+    from shifter.formats.hostsfile import expand_hostlist
 
     for line in show_job.splitlines():
         fields = dict(word.split("=", 1) for word in line.split() if "=" in word)

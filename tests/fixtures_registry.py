@@ -72,7 +72,7 @@ def stop_pid(pid: int, timeout: float = 10.0) -> None:
 
 
 class Munged:
-    """A munged of our own: ``socket`` is what tests pass to shifter.munge and the gateway."""
+    """A munged of our own: ``socket`` is what tests pass to shifter.client.munge and the gateway."""
 
     def __init__(self) -> None:
         # its own directory outside pytest's 0700 tmp tree, so other uids can reach the socket
@@ -172,8 +172,8 @@ class Registry:
 
 
 def bound_payload(method: str, target: str, body: bytes, gateway: str, **extra: Any) -> bytes:
-    """A credential payload naming one request, as shifter.gatewayclient builds it."""
-    from shifter import requestbinding
+    """A credential payload naming one request, as shifter.client.gatewayclient builds it."""
+    from shifter.formats import requestbinding
 
     doc = {requestbinding.KEY: requestbinding.claim(method, target, body, gateway), **extra}
     return json.dumps(doc).encode()
@@ -181,7 +181,7 @@ def bound_payload(method: str, target: str, body: bytes, gateway: str, **extra: 
 
 def bound_credential(socket: str, method: str, target: str, body: bytes = b"", gateway: str = "", **extra: Any) -> str:
     """A fresh credential for one request to ``gateway`` (host:port), decodable only by root (the test gateway)."""
-    from shifter import munge
+    from shifter.client import munge
 
     return munge.encode(bound_payload(method, target, body, gateway, **extra), socket, decoder_uid=0)
 
@@ -353,7 +353,7 @@ def run_shifterimg(conf: Path, munge_socket: str, *args: str, home: Path, uid: i
         "SHIFTER_MUNGE_SOCKET": munge_socket,
         "PYTHONPATH": str(REPO),
     }
-    return subprocess.run([PYTHON, "-m", "shifter.shifterimg", *args], capture_output=True, text=True,
+    return subprocess.run([PYTHON, "-m", "shifter.client.shifterimg", *args], capture_output=True, text=True,
                           input=stdin, env=env, cwd="/", timeout=180, user=uid or None, group=uid or None,
                           check=False)
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 import sys
 
-from shifter import teardown
 from shifter.cmdline import exit_fast
-from shifter.config import load_config
 from shifter.errors import ShifterError
-from shifter.jobenv import JobEnv
+from shifter.formats.config import load_config
+from shifter.runtime import teardown
+from shifter.runtime.jobenv import JobEnv
 
 PROG = "unsetupRoot"
 USAGE = "usage: unsetupRoot [--config PATH] [--memory-cgroup PATH] [--job-id ID [--step-id ID] | --all]"

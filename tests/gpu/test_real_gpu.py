@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from shifter.meta import ImageMeta, write_meta
+from shifter.formats.meta import ImageMeta, write_meta
 from tests.root.conftest import REPO
 
 HERE = os.path.join(REPO, "tests", "gpu")
@@ -63,10 +63,11 @@ def _build_image(work: str, images: str, program: str) -> None:
     os.makedirs(os.path.join(tree, "usr/bin"))
     os.makedirs(os.path.join(tree, "etc"))
     shutil.copy(program, os.path.join(tree, "usr/bin/cudacheck"))
-    from shifter import gpu
+    from shifter.formats import gpurecipe
+    from shifter.runtime import gpudiscovery
 
     smi = shutil.which("nvidia-smi")
-    driver = gpu.discover(gpu.load_recipe("nvidia"))
+    driver = gpudiscovery.discover(gpurecipe.load_recipe("nvidia"))
     # what the program, nvidia-smi and the driver's own libraries load (libm, libdl, librt...), not the driver
     users_of_libc = [program] + ([smi] if smi else []) + [lib.host for lib in driver.libraries if lib.bits == 64]
     for lib in _needed_libraries(users_of_libc):
@@ -104,9 +105,10 @@ def test_real_gpu_in_and_out_of_the_container(clean_gpu_site, users):
         assert host_out.returncode == 0, host_out.stdout + host_out.stderr
         host_times.append(elapsed)
 
-    from shifter import gpu
+    from shifter.formats import gpurecipe
+    from shifter.runtime import gpudiscovery
 
-    gpus = sorted(gpu.node_gpus(gpu.load_recipe("nvidia")))
+    gpus = sorted(gpudiscovery.node_gpus(gpurecipe.load_recipe("nvidia")))
     _build_image(site.base, site.images, program)
     site.write_config(f"siteResources={SITE_RESOURCES}\ngpuRecipe=nvidia\n")
     setup_start = time.monotonic()

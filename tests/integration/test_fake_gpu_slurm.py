@@ -47,7 +47,8 @@ def c_only(gpu_cluster: Cluster) -> Iterator[str]:
     """bin/shifter without a Python launcher: a task succeeds only on the prepared path."""
     path = gpu_cluster.job_dir(USER) / "shifter-c-only-gpu"
     subprocess.run(["gcc", "-O2", "-Wall", "-Werror", f'-DSHIFTER_CONFIG_FILE="{gpu_cluster.udiroot_conf}"',
-                    '-DSHIFTER_PYTHON_LAUNCHER="/nonexistent/shifter-python"', str(REPO / "shifter/fastlaunch.c"),
+                    '-DSHIFTER_PYTHON_LAUNCHER="/nonexistent/shifter-python"',
+                    str(REPO / "shifter/launch/fastlaunch.c"),
                     "-o", str(path)], check=True)
     os.chmod(path, 0o755)
     yield str(path)

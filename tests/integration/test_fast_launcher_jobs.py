@@ -29,7 +29,8 @@ NO_PYTHON = "/nonexistent/shifter-python"
 def c_only(cluster: Cluster) -> Iterator[str]:
     path = cluster.job_dir(USER) / "shifter-c-only"
     subprocess.run(["gcc", "-O2", "-Wall", "-Werror", f'-DSHIFTER_CONFIG_FILE="{cluster.udiroot_conf}"',
-                    f'-DSHIFTER_PYTHON_LAUNCHER="{NO_PYTHON}"', str(REPO / "shifter/fastlaunch.c"), "-o", str(path)],
+                    f'-DSHIFTER_PYTHON_LAUNCHER="{NO_PYTHON}"', str(REPO / "shifter/launch/fastlaunch.c"), "-o",
+                    str(path)],
                    check=True)
     os.chmod(path, 0o755)
     yield str(path)

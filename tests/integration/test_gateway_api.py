@@ -30,8 +30,8 @@ from fixtures_registry import (
 )
 
 from localcluster import oci
-from shifter import munge
-from shifter.meta import read_meta
+from shifter.client import munge
+from shifter.formats.meta import read_meta
 
 missing = have("munged", "docker-registry", "tar2sqfs")
 pytestmark = pytest.mark.skipif(missing is not None, reason=f"needs {missing}")
@@ -134,7 +134,7 @@ def _as_user(uid: int, gid: int, socket: str, payload: bytes = b"") -> str:
     """A munge credential made by another uid (a child process that drops to it) for root to decode."""
     import subprocess
 
-    code = f"from shifter import munge; print(munge.encode({payload!r}, {socket!r}, decoder_uid=0))"
+    code = f"from shifter.client import munge; print(munge.encode({payload!r}, {socket!r}, decoder_uid=0))"
     out = subprocess.run(
         [PYTHON, "-c", code],
         user=uid,
@@ -245,7 +245,7 @@ def test_credential_minted_for_gateway_a_is_refused_by_gateway_b(env: Env) -> No
 
 
 def test_credential_only_the_gateway_uid_may_decode(env: Env) -> None:
-    from shifter import requestbinding
+    from shifter.formats import requestbinding
 
     payload = bound_payload("GET", "/api/list/testsys/", b"", env.address)
     assert munge.decode(munge.encode(payload, env.munged.socket, decoder_uid=0), env.munged.socket)[2] == payload
@@ -292,9 +292,9 @@ def test_client_sends_registry_logins_only_with_a_pull(env: Env, tmp_path: Path)
     """The real GatewayClient against a recording HTTP server: what each request's credential carries."""
     import http.server
 
-    from shifter.gatewayclient import GatewayClient
-    from shifter.imageref import ImageRef
-    from shifter.shifterimg import store_credential
+    from shifter.client.gatewayclient import GatewayClient
+    from shifter.client.shifterimg import store_credential
+    from shifter.formats.imageref import ImageRef
 
     seen: list[tuple[str, str, dict]] = []
 
@@ -318,7 +318,7 @@ def test_client_sends_registry_logins_only_with_a_pull(env: Env, tmp_path: Path)
         def log_message(self, *args: Any) -> None:
             pass
 
-    from shifter import requestbinding
+    from shifter.formats import requestbinding
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -36,8 +36,8 @@ from fixtures_registry import (
 
 from gateway.store.base import INFLIGHT
 from localcluster import oci
-from shifter.gatewayclient import GatewayClient
-from shifter.imageref import ImageRef
+from shifter.client.gatewayclient import GatewayClient
+from shifter.formats.imageref import ImageRef
 
 missing = have("munged", "docker-registry", "tar2sqfs")
 pytestmark = pytest.mark.skipif(missing is not None, reason=f"needs {missing}")

@@ -36,8 +36,8 @@ from fixtures_registry import (
 )
 
 from localcluster import oci
-from shifter import munge
-from shifter.meta import read_meta
+from shifter.client import munge
+from shifter.formats.meta import read_meta
 from tests.root.conftest import USERS, Account, Users
 
 missing = have("munged", "docker-registry", "tar2sqfs", "mksquashfs")
@@ -124,7 +124,7 @@ class Site:
         payload = bound_payload(method, path, body, f"127.0.0.1:{port}", **extra)
         if who is None:
             return munge.encode(payload, self.munged.socket, decoder_uid=0)
-        code = ("import sys; from shifter import munge; "
+        code = ("import sys; from shifter.client import munge; "
                 "print(munge.encode(sys.argv[1].encode(), sys.argv[2], decoder_uid=0))")
         out = subprocess.run(
             [PYTHON, "-c", code, payload.decode(), self.munged.socket], user=who[0], group=who[1],

@@ -44,7 +44,7 @@ from gateway.pipeline import Location, PublishTarget, PullSpec
 from localcluster import oci
 from localcluster.testing import Cluster
 from shifter.errors import ShifterError
-from shifter.meta import read_meta
+from shifter.formats.meta import read_meta
 
 pytestmark = pytest.mark.skipif(shutil.which("docker-registry") is None,
                                 reason="docker-registry not installed")

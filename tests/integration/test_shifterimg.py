@@ -16,8 +16,8 @@ import pytest
 from fixtures_registry import PYTHON, REPO, GatewayProcess, Munged, Registry, gateway_config, have, run_shifterimg
 
 from localcluster import oci
-from shifter import munge
-from shifter.meta import read_meta
+from shifter.client import munge
+from shifter.formats.meta import read_meta
 
 missing = have("munged", "docker-registry", "tar2sqfs")
 pytestmark = [
@@ -216,7 +216,7 @@ def test_pull_on_a_terminal_redraws_one_progress_line(site: Site) -> None:
         "PYTHONPATH": str(REPO),
     }
     proc = subprocess.Popen(
-        [PYTHON, "-m", "shifter.shifterimg", "pull", "test/tty:v1"],
+        [PYTHON, "-m", "shifter.client.shifterimg", "pull", "test/tty:v1"],
         stdout=slave,
         stderr=subprocess.PIPE,
         env=env,

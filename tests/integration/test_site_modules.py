@@ -3,7 +3,7 @@
 The cluster's udiRoot.conf (templates/udiRoot.conf.j2, localcluster/sitemodules.py) has:
 
 - ``mpich``: copyPath = the host's libmpich.so.12 packed with its dependencies by
-  ``shifter.packing.build_module`` (what ``packtool module`` runs), siteEnvPrepend
+  ``shifter.packing.relocate.build_module`` (what ``packtool module`` runs), siteEnvPrepend
   ``LD_LIBRARY_PATH=/opt/udiImage/modules/mpich/lib64``;
 - ``siteinfo`` (the default module): ``SHIFTER_SITE_MODULE=1``;
 - ``hooks``: a roothook writing /opt/udiImage/modules/hooks/roothook.out, a userhook

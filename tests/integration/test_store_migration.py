@@ -30,7 +30,7 @@ from bson import ObjectId
 from fixtures_registry import PYTHON, GatewayProcess, Munged, Registry, bound_credential, gateway_config, have
 
 from localcluster import oci
-from shifter.meta import ImageMeta, read_meta, write_meta
+from shifter.formats.meta import ImageMeta, read_meta, write_meta
 
 missing = have("munged", "docker-registry", "tar2sqfs", "mksquashfs")
 pytestmark = [
@@ -67,7 +67,7 @@ class Site:
         if as_uid == 0:
             cred = bound_credential(self.munged.socket, method, path, b"", self.address)
         else:  # the original client's unbound credential, from another uid: enough for lookups and lists
-            code = f"from shifter import munge; print(munge.encode(b'', {self.munged.socket!r}, decoder_uid=0))"
+            code = f"from shifter.client import munge; print(munge.encode(b'', {self.munged.socket!r}, decoder_uid=0))"
             cred = subprocess.run([PYTHON, "-c", code], user=as_uid, group=as_uid, capture_output=True, text=True,
                                   check=True, cwd="/", timeout=30,
                                   env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])}).stdout.strip()

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from shifter.meta import ImageMeta, write_meta
+from shifter.formats.meta import ImageMeta, write_meta
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PYTHON = sys.executable
@@ -142,7 +142,7 @@ class Site:
         for name, module in (("setupRoot", "setuproot"), ("unsetupRoot", "unsetuproot")):
             self._wrapper(name, "from shifter.cmdline import exit_fast\n"
                                 f"from {module}.__main__ import main\nexit_fast(main)\n")
-        self._wrapper("shifter-python", "from shifter.launcher import main\nmain()\n")
+        self._wrapper("shifter-python", "from shifter.launch.cli import main\nmain()\n")
         self.build_launcher(os.path.join(self.bin, "shifter"), os.path.join(self.bin, "shifter-python"))
         self.write_config()
         subprocess.run([PYTHON, "-m", "compileall", "-q", os.path.join(REPO, "shifter"),
@@ -152,7 +152,8 @@ class Site:
     def build_launcher(self, target: str, python_launcher: str) -> None:
         """bin/shifter as `make launcher` builds it, with this site's paths compiled in."""
         subprocess.run(["gcc", "-O2", "-Wall", "-Werror", f'-DSHIFTER_CONFIG_FILE="{self.conf}"',
-                        f'-DSHIFTER_PYTHON_LAUNCHER="{python_launcher}"', os.path.join(REPO, "shifter/fastlaunch.c"),
+                        f'-DSHIFTER_PYTHON_LAUNCHER="{python_launcher}"',
+                        os.path.join(REPO, "shifter/launch/fastlaunch.c"),
                         "-o", target], check=True)
 
     def _hostile_image(self) -> None:
@@ -216,7 +217,7 @@ class Site:
     # -- leftovers ------------------------------------------------------------------
 
     def mounts(self) -> list[str]:
-        from shifter.mounts import mounts_under
+        from shifter.runtime.mounts import mounts_under
 
         # udiMount and loopMount stay private binds of themselves (setuproot/build.py _isolate_base)
         return [point for point in mounts_under(self.base) if point not in (self.udi_mount, self.loop_mount)]
@@ -235,7 +236,7 @@ class Site:
         return found
 
     def processes(self) -> list[int]:
-        from shifter.teardown import processes_rooted_in
+        from shifter.runtime.teardown import processes_rooted_in
 
         return processes_rooted_in(self.udi_mount)
 
@@ -257,7 +258,7 @@ class Site:
         return self.loop_devices()
 
     def destroy(self) -> None:
-        from shifter.mounts import unmount_tree
+        from shifter.runtime.mounts import unmount_tree
 
         subprocess.run([os.path.join(self.bin, "unsetupRoot"), "--config", self.conf, "--all"], check=False)
         unmount_tree(self.base)

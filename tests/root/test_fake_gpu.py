@@ -18,7 +18,7 @@ import subprocess
 import pytest
 
 from localcluster import fakegpu
-from shifter.meta import ImageMeta, write_meta
+from shifter.formats.meta import ImageMeta, write_meta
 from tests.root.conftest import PYTHON, REPO
 
 HERE = os.path.join(REPO, "tests", "root", "fake_gpu")

@@ -120,12 +120,12 @@ def test_fresh_path_for_another_request(prepared, users, fuse_mode):
     assert all(int(status[c], 16) == 0 for c in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"))
     assert status["NoNewPrivs"].strip() == "1"
     # nothing of the private environment is visible on the node, the prepared one still works
-    from shifter.mounts import mount_sources
+    from shifter.runtime.mounts import mount_sources
 
     assert not [m for m in mount_sources() if m[1].startswith("fuse.squashfuse")]
     out = site.shifter(user, "cat", "/etc/imagefile", env=site.job_env(JOB))
     assert out.returncode == 0 and out.stdout == "from the image\n"
-    from shifter.fresh import SQUASHFUSE_CANDIDATES
+    from shifter.launch.fresh import SQUASHFUSE_CANDIDATES
 
     names = set()
     for pid in os.listdir("/proc"):
@@ -152,7 +152,7 @@ def test_fresh_path_with_a_mount_below_the_hosts_tmp(prepared, users, fuse_mode)
     user's namespace: the private environment still gets /tmp, with that mount in it."""
     import tempfile
 
-    from shifter import linux
+    from shifter.runtime import linux
 
     site, user = prepared, users[0]
     fuse_mode(0o666)

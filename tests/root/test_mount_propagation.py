@@ -16,7 +16,7 @@ from tests.root.conftest import REPO
 DRIVER = r"""
 import os, subprocess, sys, time
 sys.path.insert(0, {repo!r})
-from shifter.mounts import mounts_under
+from shifter.runtime.mounts import mounts_under
 setup, unsetup = {setup!r}, {unsetup!r}
 udi, loop, jobid = {udi!r}, {loop!r}, {jobid!r}
 peer = subprocess.Popen(["unshare", "-m", "--propagation", "unchanged", "sleep", "60"])
@@ -73,6 +73,6 @@ def test_a_shared_udimount_is_made_private_whatever_its_spelling(clean_site, use
     site.write_config(f"udiMount={site.udi_mount}/\n")  # the later key wins: a trailing /
     assert site.setup("403", user).returncode == 0
     assert _fields(site.udi_mount) == []  # private again
-    from shifter.mounts import mount_points
+    from shifter.runtime.mounts import mount_points
 
     assert mount_points().count(site.udi_mount) == 1  # bound once, never stacked

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from shifter.packing import GLIBC_SONAMES, HOST_KEY_TYPES, LIB_DIR, read_elf
+from shifter.packing.relocate import GLIBC_SONAMES, HOST_KEY_TYPES, LIB_DIR, read_elf
 
 PYTHON = sys.executable
 USER = "shifter-pk1"
@@ -27,7 +27,7 @@ MPICH = "/usr/lib/x86_64-linux-gnu/libmpich.so.12"
 # Runs as root in a fresh mount namespace: bind /dev/null in, chroot, drop to uid:gid, exec.
 ENTER = """
 import os, sys
-from shifter import linux
+from shifter.runtime import linux
 root, uid, gid, argv = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
 linux.bind("/dev/null", root + "/dev/null", nodev=False)
 os.chroot(root)

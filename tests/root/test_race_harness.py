@@ -1,4 +1,4 @@
-"""The race harness itself, and shifter/fdpath.py against it.
+"""The race harness itself, and shifter/runtime/fdpath.py against it.
 
 The harness must really swap as the unprivileged user (or every race test would pass
 vacuously), and fdpath's descriptor walks must hold where a path-string walk loses.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from shifter import fdpath
+from shifter.runtime import fdpath
 from tests.race import swapping
 
 
@@ -155,7 +155,7 @@ def test_fallback_walk_refuses_links(tmp_path, monkeypatch):
 
 
 def test_bind_fd_restricts_before_attaching_and_leaves_nothing_on_failure(tmp_path):
-    from shifter.mounts import mounts_under
+    from shifter.runtime.mounts import mounts_under
 
     source, target, afile = tmp_path / "source", tmp_path / "target", tmp_path / "file"
     source.mkdir()
@@ -174,7 +174,7 @@ def test_bind_fd_restricts_before_attaching_and_leaves_nothing_on_failure(tmp_pa
             flags = os.statvfs(target).f_flag
             assert flags & os.ST_RDONLY and flags & os.ST_NOSUID and flags & os.ST_NODEV
         finally:
-            from shifter import linux
+            from shifter.runtime import linux
 
             linux.umount2(str(target))
     finally:

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from shifter import jobdir
+from shifter.runtime import jobdir
 from tests.root.conftest import HOSTILE_ID, IMAGE_ID, PRIVATE_ID, Account
 
 
@@ -159,7 +159,7 @@ def test_unsetup_twice_and_after_partial_setup(clean_site, users):
         assert result.returncode == 0, result.stderr
         assert site.wait_no_loops() == [] and site.mounts() == []
     # a setup that died halfway: the job dir, a tmpfs root and a loop mount dir, nothing else
-    from shifter import linux
+    from shifter.runtime import linux
 
     root = _root(site, "111")
     os.makedirs(root)

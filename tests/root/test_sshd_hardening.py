@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from shifter.meta import ImageMeta, write_meta
+from shifter.formats.meta import ImageMeta, write_meta
 from tests.root.conftest import IMAGE_ID, REPO
 
 PRELOAD_ID = "d" * 64

@@ -7,10 +7,10 @@ import pwd
 
 import pytest
 
-from shifter import requestbinding
-from shifter.config import parse_config
+from shifter.client.gatewayclient import resolve_gateway_uid
 from shifter.errors import ShifterError
-from shifter.gatewayclient import resolve_gateway_uid
+from shifter.formats import requestbinding
+from shifter.formats.config import parse_config
 
 BASE = "udiMount=/u\nloopMount=/l\nimagePath=/i\nudiRootPath=/r\netcPath=/e\nrootfsType=tmpfs\n"
 

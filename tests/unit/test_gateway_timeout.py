@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from shifter.gatewayclient import DEFAULT_TIMEOUT, GatewayClient, _raw_http
+from shifter.client.gatewayclient import DEFAULT_TIMEOUT, GatewayClient, _raw_http
 
 
 @pytest.fixture

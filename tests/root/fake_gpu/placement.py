@@ -3,7 +3,7 @@
 Run as ``unshare --mount --propagation private python placement.py WORKDIR``: WORKDIR holds
 ``driver/`` (the node's files), ``image/`` (a plain directory standing in for the squashfs);
 a tmpfs root is made, the image's top-level entries are bound read-only as setupRoot does
-(after shifter.gpu.prepare_host_paths), then shifter.gpu.bind_host_paths runs.  Prints one
+(after shifter.runtime.gpu.prepare_host_paths), then shifter.runtime.gpu.bind_host_paths runs.  Prints one
 JSON object: the notes and what the container shows at each path.  Everything mounted goes
 with the namespace.
 """
@@ -16,7 +16,8 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
-from shifter import fdpath, gpu, linux  # noqa: E402
+from shifter.formats import gpurecipe  # noqa: E402
+from shifter.runtime import fdpath, gpu, gpudiscovery, linux  # noqa: E402
 
 
 def main() -> None:
@@ -25,10 +26,10 @@ def main() -> None:
     os.mkdir(root)
     subprocess.run(["mount", "-t", "tmpfs", "fake_gpu_root", root], check=True)
     os.mkdir(os.path.join(root, "var"))  # a site directory, as setupRoot makes it
-    recipe = gpu.load_recipe("nvidia")
-    found = gpu.Discovery(recipe=recipe, version="1.0", libraries=[], binaries=[], gpus={0: "/dev/nvidia0"},
-                          control=[], capability_dirs=[], stale=[], problems=[],
-                          host_paths=gpu.find_host_paths(recipe, "1.0", driver))
+    recipe = gpurecipe.load_recipe("nvidia")
+    found = gpudiscovery.Discovery(recipe=recipe, version="1.0", libraries=[], binaries=[], gpus={0: "/dev/nvidia0"},
+                                   control=[], capability_dirs=[], stale=[], problems=[],
+                                   host_paths=gpudiscovery.find_host_paths(recipe, "1.0", driver))
     injection = gpu.Injection(discovery=found, gpus=[0], userspace=True, site_resources="/sr", hide_file="",
                               hide_dir="", local_ids=False)
     tmpfs_dev = os.stat(root).st_dev
