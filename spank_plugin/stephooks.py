@@ -37,7 +37,7 @@ from shifter.errors import ShifterError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from shifter.container import Account
-    from spank_plugin.hooks import PlugstackArgs
+    from spank_plugin.plugstack import PlugstackArgs
 
 _AUTHORIZED_KEYS = "opt/udiImage/etc/user_auth_keys"
 
@@ -227,7 +227,7 @@ def step_setup(conf: PlugstackArgs, opts: dict[str, str]) -> int:
     from shifter.modules import module_names, select_modules
     from shifter.reuse import marker_text
     from shifter.volumemap import parse_volume_map, volume_signature
-    from spank_plugin.hooks import _check_image, _run_root_tool, _user_name, record_error
+    from spank_plugin.plugstack import check_image, record_error, run_root_tool, user_name
 
     job_id, uid, gid = _ids(opts, "step-setup")
     step_id = opts.get("step-id", "")
@@ -235,9 +235,9 @@ def step_setup(conf: PlugstackArgs, opts: dict[str, str]) -> int:
     step = JobEnv(config, job_id, step_id)
     image_type, image = opts.get("image-type") or "id", opts.get("image", "")
     volumes = [v for v in opts.get("volume", "").split(";") if v]
-    user = _user_name(uid)
+    user = user_name(uid)
     try:
-        _check_image(image_type, image)
+        check_image(image_type, image)
         names = module_names(select_modules(config, opts.get("module") or None))
         signature = volume_signature(parse_volume_map(";".join(volumes), site=False)) if volumes else ""
         expected = marker_text(image, user, signature, names)
@@ -262,7 +262,7 @@ def step_setup(conf: PlugstackArgs, opts: dict[str, str]) -> int:
         argv += ["-m", opts["module"]]
     if config.gpu_recipe:  # a node without GPUs asks slurmctld nothing
         argv += _gpu_args(job_id)
-    status, reason = _run_root_tool(argv + ["--", image_type, image])
+    status, reason = run_root_tool(argv + ["--", image_type, image])
     if status == REQUEST_FAILED:
         record_error(step, uid, gid, reason)
         sys.stdout.write("prepared\n")  # the error file goes with the step's teardown
@@ -307,7 +307,7 @@ def _gpu_args(job_id: str) -> list[str]:
     cgroup (ConstrainDevices) still narrow each task to its step's GPUs.  If slurmctld cannot
     answer, the step gets no GPU (logged), as a job without GPUs.
     """
-    from spank_plugin.hooks import _gpus_local
+    from spank_plugin.plugstack import gpus_local
 
     node = os.environ.get("SLURMD_NODENAME", "")
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
@@ -325,13 +325,13 @@ def _gpu_args(job_id: str) -> list[str]:
         return []
     if not gpus:
         return []
-    return ["--gpus", gpus] + (["--gpus-local"] if _gpus_local(dict(os.environ)) else [])
+    return ["--gpus", gpus] + (["--gpus-local"] if gpus_local(dict(os.environ)) else [])
 
 
 def step_teardown(conf: PlugstackArgs, opts: dict[str, str]) -> int:
     """Remove the step's environment (its tasks are gone or are killed first)."""
     from shifter import buildinfo
-    from spank_plugin.hooks import _run_root_tool
+    from spank_plugin.plugstack import run_root_tool
 
     job_id, _uid, _gid = _ids(opts, "step-teardown")
     step_id = opts.get("step-id", "")
@@ -339,4 +339,4 @@ def step_teardown(conf: PlugstackArgs, opts: dict[str, str]) -> int:
         raise ShifterError("step-teardown: needs --step-id")
     argv = [os.path.join(buildinfo.PREFIX, "sbin", "unsetupRoot"), "--config", conf.shifter_config,
             "--job-id", job_id, "--step-id", step_id]
-    return _run_root_tool(argv)[0]
+    return run_root_tool(argv)[0]
