@@ -10,13 +10,12 @@ Slurm builds (user-set variables only reach it with a SPANK_ prefix).
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 from shifter import buildinfo
 from shifter.errors import ShifterError
+from shifter.record import Record
 from spank_plugin.plugstack import (
     PlugstackArgs,
     check_image,
@@ -115,6 +114,8 @@ def submit(conf: PlugstackArgs, opts: dict[str, str]) -> list[tuple[str, str]]:
 
 def user_ssh_pubkey() -> str:
     """The user's in-job ssh key (~/.udiRoot/id_rsa.key, the original's path), created if missing."""
+    import subprocess
+
     home = os.path.expanduser("~")
     key_dir = os.path.join(home, ".udiRoot")
     key = os.path.join(key_dir, "id_rsa.key")
@@ -168,10 +169,11 @@ def _resolve(config, ref) -> str:
 # ---------------------------------------------------------------- prolog / epilog
 
 
-@dataclass
-class JobRequest:
+class JobRequest(Record):
     """What the prolog knows about the job: SPANK items plus the job-control environment."""
 
+    __slots__ = ("job_id", "uid", "gid", "user", "image_type", "image", "volumes", "modules", "ssh_pubkey",
+                 "node_spec", "gpus", "writable", "gpus_local")
     job_id: str
     uid: int
     gid: int
@@ -182,9 +184,10 @@ class JobRequest:
     modules: str | None
     ssh_pubkey: str | None
     node_spec: str
-    gpus: str = ""  # SLURM_JOB_GPUS: the job's GPU indices on this node (Slurm 22.05 sets it in the prolog)
-    writable: bool = False
-    gpus_local: bool = False  # tasks get job-relative GPU indices (task/cgroup with ConstrainDevices=yes)
+    gpus: str  # SLURM_JOB_GPUS: the job's GPU indices on this node (Slurm 22.05 sets it in the prolog)
+    writable: bool
+    gpus_local: bool  # tasks get job-relative GPU indices (task/cgroup with ConstrainDevices=yes)
+    _defaults = {"gpus": "", "writable": False, "gpus_local": False}
 
 
 def job_request(opts: dict[str, str], env: dict[str, str], conf: PlugstackArgs) -> JobRequest:
@@ -302,6 +305,8 @@ def drain_node(reason: str) -> None:
     node = os.environ.get("SLURMD_NODENAME", "")
     if not node:
         return
+    import subprocess
+
     argv = ["scontrol", "update", f"NodeName={node}", "State=DRAIN", f"Reason={reason[:200]}"]
     try:
         result = subprocess.run(argv, capture_output=True, text=True, timeout=15, stdin=subprocess.DEVNULL,

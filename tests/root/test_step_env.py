@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from tests.root.conftest import PRIVATE_ID
+from tests.root.conftest import IMAGE_ID, PRIVATE_ID
 
 
 def test_step_environment_is_entered_by_its_tasks_and_removed_alone(clean_site, users, fuse_mode):
@@ -42,3 +42,43 @@ def test_step_setup_failure_is_the_requests_and_leaves_nothing(clean_site, users
     assert site.setup("303", users[0], "--step-id", "2").returncode == 0
     assert site.unsetup("--all").returncode == 0
     assert os.listdir(site.udi_mount) == []
+
+
+def _step_hook(site, hook: str, *opts: str):
+    """Run a step hook as slurmstepd's shim does: its own process, root, the site's config."""
+    import subprocess
+    import sys
+
+    from tests.root.conftest import REPO
+
+    code = (f"import sys; sys.path.insert(0, {REPO!r}); from spank_plugin.hooks import main; "
+            f"sys.exit(main(sys.argv[1:]))")
+    return subprocess.run([sys.executable, "-I", "-S", "-c", code, hook, f"shifter_config={site.conf}", *opts],
+                          capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
+
+
+def test_step_hooks_build_and_remove_the_step_environment_in_their_own_process(clean_site, users, fuse_mode):
+    """step-setup runs setupRoot's main in a forked child (no second interpreter): same result, same
+    failure policy, and step-teardown removes the step's environment alone."""
+
+    site, user = clean_site, users[0]
+    fuse_mode(0o600)
+    assert site.setup("311", user).returncode == 0
+    ids = ("--job-id=311", f"--uid={user.uid}", f"--gid={user.gid}")
+    volume = "/site1/shared:/data"
+    built = _step_hook(site, "step-setup", *ids, "--step-id=2", f"--image={IMAGE_ID}", "--image-type=id",
+                       f"--volume={volume}")
+    assert (built.returncode, built.stdout) == (0, "prepared\n"), built.stderr
+    assert sorted(os.listdir(site.udi_mount)) == ["311", "311.2"]
+    out = site.shifter(user, "cat", "/data/hello", env=site.job_env("311", SLURM_STEP_ID="2", SHIFTER_VOLUME=volume))
+    assert (out.returncode, out.stdout) == (0, "hello from the site\n"), out.stderr
+    # a request the node cannot serve: recorded for the step's tasks, the step is not failed
+    refused = _step_hook(site, "step-setup", *ids, "--step-id=3", f"--image={'a' * 64}", "--image-type=id")
+    assert (refused.returncode, refused.stdout) == (0, "prepared\n"), refused.stderr
+    assert "not found" in refused.stderr
+    assert os.listdir(os.path.join(site.udi_mount, "311.3")) == ["setup.error"]
+    for step in ("2", "3"):
+        gone = _step_hook(site, "step-teardown", *ids, f"--step-id={step}")
+        assert gone.returncode == 0, gone.stderr
+    assert sorted(os.listdir(site.udi_mount)) == ["311"]
+    assert site.unsetup("--job-id", "311").returncode == 0
