@@ -91,7 +91,7 @@ def submit(conf: PlugstackArgs, opts: dict[str, str]) -> list[tuple[str, str]]:
                 raise ShifterError(f"image type 'local' is not allowed on this system: {image_text}")
             image_id = ref.tag
         else:
-            image_id = _resolve(config, ref)
+            image_id = _resolve_in_job(config, ref)
         image_type = "local" if ref.type == "local" else "id"
         out += [("SHIFTER_IMAGE", image_id), ("SHIFTER_IMAGETYPE", image_type)]
         if ref.type not in ("id", "local"):
@@ -151,6 +151,62 @@ def _inherited(conf: PlugstackArgs, name: str, value: str | None) -> bool:
 
 def _first_env(name: str) -> str | None:
     return os.environ.get(f"SHIFTER_{name}") or os.environ.get(f"SLURM_SPANK_SHIFTER_{name}") or None
+
+
+_STEP_IMAGES = "step-images.{job}"  # in ~/.udiRoot: what the sruns of one job resolved (_resolve_in_job)
+
+
+def _resolve_in_job(config, ref) -> str:
+    """The image id of an ``srun --image=`` in a job, asked from the gateway once per job and request.
+
+    A job that runs many steps of another image (a loop of ``srun --image=X``) asked the
+    gateway at every srun: about 20 ms of a step that costs 70.  The answer is kept for the
+    job in the user's own ``~/.udiRoot/step-images.<jobid>``, a file only the user may write:
+    what it holds only picks an image id for the user's own steps, which the user may name
+    directly (``--image=id:...``), and setupRoot checks the image's ACL against it as for any
+    id.  Outside a job (sbatch, salloc, srun that makes a job) the gateway is always asked.
+    """
+    job_id = os.environ.get("SLURM_JOB_ID", "")
+    if not job_id.isdigit():
+        return _resolve(config, ref)
+    key = f"{config.system or ''} {ref.type}:{ref.tag}"
+    path = os.path.join(os.path.expanduser("~"), ".udiRoot", _STEP_IMAGES.format(job=job_id))
+    known = _read_step_images(path)
+    if key in known:
+        return known[key]
+    image_id = _resolve(config, ref)
+    known[key] = image_id
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        temp = f"{path}.{os.getpid()}"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("".join(f"{name} {value}\n" for name, value in known.items()))
+        os.rename(temp, path)
+    except OSError:
+        pass  # a home that cannot be written: the next srun asks the gateway again
+    return image_id
+
+
+def _read_step_images(path: str) -> dict[str, str]:
+    """``system type:tag`` -> image id from the job's file; empty unless it is the user's own, private file."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return {}
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+            return {}
+        text = fh.read(65536).decode(errors="replace")
+    known = {}
+    for line in text.splitlines():
+        key, _, image_id = line.rpartition(" ")
+        if key and len(image_id) == 64 and all(c in "0123456789abcdef" for c in image_id):
+            known[key] = image_id
+    return known
 
 
 def _resolve(config, ref) -> str:
