@@ -183,9 +183,27 @@ def _resolve_in_job(config, ref) -> str:
         with os.fdopen(fd, "w") as fh:
             fh.write("".join(f"{name} {value}\n" for name, value in known.items()))
         os.rename(temp, path)
+        _prune_step_images(os.path.dirname(path), path)
     except OSError:
         pass  # a home that cannot be written: the next srun asks the gateway again
     return image_id
+
+
+_STEP_IMAGES_KEPT_S = 7 * 86400
+
+
+def _prune_step_images(directory: str, current: str) -> None:
+    """Remove the files of jobs that ended long ago (no epilog runs as the user to remove them)."""
+    cutoff = time.time() - _STEP_IMAGES_KEPT_S
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if not entry.name.startswith("step-images.") or entry.path == current:
+                continue
+            if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                try:
+                    os.unlink(entry.path)
+                except OSError:
+                    pass
 
 
 def _read_step_images(path: str) -> dict[str, str]:

@@ -231,3 +231,28 @@ def test_step_images_with_modules(cluster: Cluster) -> None:
     assert hook == [f"roothook ran as uid 0 in {udi}/{job_id}.2/root"], output
     assert "userhook ran as uid" in output, output
     assert cluster.job_leftovers(job_id) == []
+
+
+def test_the_sruns_of_a_job_ask_the_gateway_once_per_tag(cluster: Cluster) -> None:
+    """srun --image=<tag> resolves the tag at the first srun of the job; the others use the answer kept in
+    the user's ~/.udiRoot/step-images.<jobid>."""
+    import pwd
+
+    from tests.integration.test_slurm_scenarios import gateway_lookups  # flushes the gateways' access logs
+
+    other = cluster.image("demo/multilayer")
+
+    def lookups() -> int:
+        return gateway_lookups(cluster, other)
+
+    before = lookups()
+    body = "#!/bin/bash\n" + "".join(f"srun -N1 -n1 --image=docker:{other} shifter true && echo ok-{i}\n"
+                                      for i in range(3))
+    job_id, output = cluster.run_batch(USER, body, nodes=1, image=f"docker:{cluster.image('demo/busybox')}")
+    assert [line for line in output.splitlines() if line.startswith("ok-")] == ["ok-0", "ok-1", "ok-2"], output
+    assert lookups() - before == 1, "one gateway lookup for three sruns of the same tag"
+    kept = Path(pwd.getpwnam(USER).pw_dir) / ".udiRoot" / f"step-images.{job_id}"
+    info = kept.stat()
+    assert info.st_uid == pwd.getpwnam(USER).pw_uid and info.st_mode & 0o777 == 0o600
+    assert other in kept.read_text()
+    assert cluster.job_leftovers(job_id) == []
