@@ -150,7 +150,7 @@ def run_root_main(argv: list[str]) -> tuple[int, str]:
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:  # the tool: never returns into the hook
-        code = 70
+        code = 1  # what an uncaught exception gives a Python program
         try:
             os.close(read_fd)
             devnull = os.open(os.devnull, os.O_RDWR)
@@ -162,10 +162,14 @@ def run_root_main(argv: list[str]) -> tuple[int, str]:
             os.environ.clear()
             os.environ.update(env)
             code = main(argv[1:])
-            sys.stdout.flush()
-            sys.stderr.flush()
+        except BaseException as err:  # noqa: BLE001 - one line, as the tool's own main gives
+            print(f"{prog}: internal error: {type(err).__name__}: {err}", file=sys.stderr)
         finally:
-            os._exit(code)
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
     os.close(write_fd)
     chunks = []
     with os.fdopen(read_fd, "rb") as pipe:
