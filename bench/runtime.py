@@ -119,8 +119,9 @@ def _metric(result: dict[str, float], what: str, goal: str, floor: str = "python
             "measured": f"{what}, {result['measured']:.1f} ms median", "runs": result["runs"], "goal": goal}
 
 
-def measure_all() -> dict[str, dict]:
-    """P2, P2x, P2c, P7s and P7u on a throwaway site (the root tests' fixtures), as root."""
+def measure_all(only_p7: bool = False) -> dict[str, dict]:
+    """P2, P2x, P2c, P7s and P7u on a throwaway site (the root tests' fixtures), as root; ``only_p7``: P7s
+    and P7u alone (a quicker look at setupRoot's own cost)."""
     from tests.root.conftest import PYTHON, Account, Site, Users
 
     if os.geteuid() != 0:
@@ -138,9 +139,10 @@ def measure_all() -> dict[str, dict]:
         env = site.job_env("901", SHIFTER_VOLUME="/site1/shared:/data;/site1/shared:/opt/app:ro")
         run_as = RunAs(user.uid, user.gid, user.groups)
         launcher = os.path.join(site.bin, "shifter")
-        p2 = measure_p2(launcher, PYTHON, env, 50, run_as)
-        p2c = measure_p2c(launcher, PYTHON, env, 20, 16, run_as)
-        p2x = measure_p2x(launcher, env, 50, run_as)
+        if not only_p7:
+            p2 = measure_p2(launcher, PYTHON, env, 50, run_as)
+            p2c = measure_p2c(launcher, PYTHON, env, 20, 16, run_as)
+            p2x = measure_p2x(launcher, env, 50, run_as)
         site.unsetup("--job-id", "901")
         setup_argv = [os.path.join(site.bin, "setupRoot"), "--config", site.conf, "--job-id", "902",
                       "-U", str(user.uid), "-G", str(user.gid), "-u", user.name, *volumes, "id", "b" * 64]
@@ -149,21 +151,26 @@ def measure_all() -> dict[str, dict]:
     finally:
         site.destroy()
         users.remove()
+    p7_metrics = {
+        "P7s": _metric(p7["setupRoot"], "setupRoot, busybox image, siteFs + 2 volumes", "<= 3"),
+        "P7u": _metric(p7["unsetupRoot"], "unsetupRoot of the same", "<= 2"),
+    }
+    if only_p7:
+        return p7_metrics
     return {
         "P2": _metric(p2, "shifter /bin/true on the reuse path", "<= 1.5"),
         "P2x": _metric(p2x, "shifter /bin/true on the reuse path", "<= 2.0", floor="a bare exec of /bin/true"),
         "P2c": _metric(p2c, "16 concurrent shifter /bin/true, batch wall time", "<= 1.5",
                        floor="16 concurrent python -I -S -c pass"),
-        "P7s": _metric(p7["setupRoot"], "setupRoot, busybox image, siteFs + 2 volumes", "<= 3"),
-        "P7u": _metric(p7["unsetupRoot"], "unsetupRoot of the same", "<= 2"),
+        **p7_metrics,
     }
 
 
 def main() -> None:
-    """Print P2, P2x, P2c and P7 for a throwaway site as JSON."""
+    """Print P2, P2x, P2c and P7 for a throwaway site as JSON (``P7`` as argument: P7s and P7u only)."""
     import json
 
-    print(json.dumps(measure_all(), indent=2))
+    print(json.dumps(measure_all(only_p7=sys.argv[1:] == ["P7"]), indent=2))
 
 
 if __name__ == "__main__":

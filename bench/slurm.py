@@ -94,17 +94,41 @@ def measure_p1(user: str, env: dict[str, str], python: str, image: str, runs: in
     }
 
 
+_STEP_HOOK = re.compile(r"shifter: step \d+\.\d+ (setup|teardown) took ([\d.]+) ms")
+
+
+def _log_offsets(log_dir: Path) -> dict[Path, int]:
+    return {log: log.stat().st_size for log in log_dir.glob("slurmd-*.log")}
+
+
+def _step_hook_times(log_dir: Path, offsets: dict[Path, int]) -> dict[str, list[float]]:
+    """The step hooks' own times (slurmd's log lines ``shifter: step J.S setup took X ms``) logged since
+    ``offsets``: what setupRoot's and unsetupRoot's work cost on each node, without the hook's start."""
+    times: dict[str, list[float]] = {"setup": [], "teardown": []}
+    for log in log_dir.glob("slurmd-*.log"):
+        with open(log, "rb") as fh:
+            fh.seek(offsets.get(log, 0))
+            for match in _STEP_HOOK.finditer(fh.read().decode(errors="replace")):
+                times[match.group(1)].append(float(match.group(2)))
+    return times
+
+
 def measure_p2f(user: str, env: dict[str, str], python: str, job_image: str, other_image: str,
                 runs: int = 10) -> dict:
     """A step with another image than the job's (built by slurmstepd, entered like the job's) against
-    a step on the job's image, both on 2 nodes in one allocation."""
+    a step on the job's image, both on 2 nodes in one allocation; with the step hooks' own times per node."""
+    log_dir = Path(env.get("SHIFTER_CLUSTER_STATE", "/var/lib/shifter-cluster")) / "log"
+    offsets = _log_offsets(log_dir)
     r = steps_in_allocation(user, env, python, job_image, 2, runs, base=SHIFTER_STEP,
                             meas=[f"--image={other_image}", *SHIFTER_STEP])
+    hooks = _step_hook_times(log_dir, offsets)
     return {
         "value": round(r["meas_ms"] / r["base_ms"], 3), "unit": "ratio",
         "baseline": f"srun -N2 shifter /bin/true on the job's image, {r['base_ms']:.0f} ms median",
         "measured": f"srun -N2 --image={other_image} shifter /bin/true (a step image), {r['meas_ms']:.0f} ms median",
         "runs": runs, "goal": "<= 1.5",
+        "step_hooks_ms": {kind: round(statistics.median(v), 1) if v else None for kind, v in hooks.items()},
+        "load1": round(os.getloadavg()[0], 2),
     }
 
 

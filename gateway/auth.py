@@ -4,7 +4,7 @@ Every request must carry a valid credential (the original let requests without t
 header through as an anonymous session). Decoding goes through libmunge in-process,
 with the platform's ``mungeSocketPath`` selecting the munged (one key per system).
 
-A credential is accepted only for the request it names (shifter.requestbinding):
+A credential is accepted only for the request it names (shifter.formats.requestbinding):
 same method, target and body digest, and a gateway address that is this gateway's
 (``GatewayAddresses``, else derived from ``Listen``). Credentials naming no request
 (the original C ``shifterimg``) are accepted as ``UnboundCredentials`` says: by

@@ -9,9 +9,8 @@ else, an unexpected error included, is taken as the request's: a user never drai
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
+import stat
 
 from setuproot.args import SetupRequest, default_config_path
 from shifter.errors import NodeError, RequestError, ShifterError
@@ -34,24 +33,36 @@ def describe(err: BaseException) -> str:
     return f"internal error: {type(err).__name__}: {err}"
 
 
-@contextlib.contextmanager
-def request_checks() -> Iterator[None]:
-    """Whatever fails while the request's own data is checked is the request's failure."""
-    try:
-        yield
-    except (RequestError, NodeError):
-        raise
-    except Exception as err:  # noqa: BLE001 - user data must not reach the drain path by surprise
-        raise RequestError(describe(err)) from None
+class request_checks:
+    """Whatever fails while the request's own data is checked is the request's failure.
+
+    A class, not a ``contextlib`` generator: importing contextlib (collections, functools)
+    cost setupRoot 2-3 ms of its start.
+    """
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        if exc is None or isinstance(exc, (RequestError, NodeError)) or not isinstance(exc, Exception):
+            return False
+        # user data must not reach the drain path by surprise
+        raise RequestError(describe(exc)) from None
 
 
-@contextlib.contextmanager
-def node_step(what: str) -> Iterator[None]:
+class node_step:
     """An operation on the node's own resources: its OSError means the node is at fault."""
-    try:
-        yield
-    except OSError as err:
-        raise NodeError(f"{what}: {describe(err)}") from None
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        if isinstance(exc, OSError):
+            raise NodeError(f"{self.what}: {describe(exc)}") from None
+        return False
 
 
 def resolve_account(request: SetupRequest) -> container.Account:
@@ -77,7 +88,7 @@ def select_modules(config: UdiRootConfig, requested: str | None) -> list:
     """The active modules: -m replaces defaultModules, ``none`` disables all."""
     try:
         from shifter.formats.modules import select_modules as select
-    except ImportError:  # TEMPORARY until shifter.modules lands
+    except ImportError:  # TEMPORARY until shifter.formats.modules lands
         names = config.default_modules if requested is None else [n for n in requested.split(",") if n]
         if names == ["none"]:
             return []
@@ -230,21 +241,71 @@ def _mount_writable_image(config: UdiRootConfig, image_file: str, base: str, acc
                     f"lowerdir={lower},upperdir={rw}/upper,workdir={rw}/work")
         linux.mount(None, merged, None, linux.MS_PRIVATE)
     return merged
+def shared_udi_image(config: UdiRootConfig, request: SetupRequest, account: container.Account,
+                     modules: list) -> int:
+    """A step's /opt/udiImage: a descriptor of its job's on this node, to bind read-only; -1 to copy one.
+
+    Copying optUdiImage (the sshd and its libraries: 18 MB) and the modules' copyPath was the
+    largest part of a step's setup, and the job's environment already holds that tree when the
+    step's modules are the job's.  Not when a module has a roothook (it may write below the
+    tree).  The job's directory is root's (shifter/runtime/jobdir.py), its marker, root's, is written
+    last: it is read and the tree opened through descriptors, without following symlinks.
+    """
+    if request.step is None or request.pubkey or any(module.roothook for module in modules):
+        return -1
+    from shifter.runtime import fdpath
+
+    job = JobEnv(config, request.jobid)
+    # the job's marker must name the same user and modules (values are escaped: no '"' inside them)
+    template = marker_text("", account.user, "", [m.name for m in modules])
+    user_field = template[template.index(',"user":'):template.index(',"volMap":')]
+    modules_field = template[template.index(',"modules":'):]
+    try:
+        dir_fd = os.open(job.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return -1  # a job without an environment here (no --image, or its setup failed)
+    udi_fd = -1
+    try:
+        marker_fd = fdpath.open_no_symlinks(dir_fd, os.path.relpath(job.marker, job.dir),
+                                            os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        try:
+            info = os.fstat(marker_fd)
+            marker = os.read(marker_fd, 65536).decode(errors="replace") if stat.S_ISREG(info.st_mode) else ""
+        finally:
+            os.close(marker_fd)
+        if os.fstat(dir_fd).st_uid != 0 or info.st_uid != 0 or info.st_nlink != 1 \
+                or not marker.endswith(modules_field) or user_field + "," not in marker:
+            return -1
+        udi_fd = fdpath.open_no_symlinks(dir_fd, "root/opt/udiImage", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        if os.fstat(udi_fd).st_uid != 0:
+            os.close(udi_fd)
+            return -1
+        return udi_fd
+    except OSError:
+        if udi_fd >= 0:
+            os.close(udi_fd)
+        return -1
+    finally:
+        os.close(dir_fd)
+
+
 def plan_gpus(config: UdiRootConfig, request: SetupRequest, job: JobEnv):
-    """The job's GPU injection (shifter/gpu.py), decided before anything is mounted.
+    """The job's GPU injection (shifter/runtime/gpu.py), decided before anything is mounted.
 
     ``--module=none`` keeps the allocated devices but injects none of the driver's libraries
     and tools: the job brings its own user-space.  What the node lacks is the node's fault.
     """
+    from shifter.formats.gpurecipe import load_recipe, parse_gpu_ids, site_env_values
     from shifter.runtime import gpu
+    from shifter.runtime.gpudiscovery import discover
 
     with request_checks():
-        gpus = gpu.parse_gpu_ids(request.gpus)
+        gpus = parse_gpu_ids(request.gpus)
         userspace = "none" not in (request.modules or "").split(",")
     try:
-        recipe = gpu.load_recipe(config.gpu_recipe)
-        discovery = gpu.discover(recipe, config.gpu_driver_root, userspace=bool(gpus) and userspace,
-                                 site_env=gpu.site_env_values(config.site_env))
+        recipe = load_recipe(config.gpu_recipe)
+        discovery = discover(recipe, config.gpu_driver_root, userspace=bool(gpus) and userspace,
+                             site_env=site_env_values(config.site_env))
         return gpu.plan_injection(discovery, gpus, userspace, config.site_resources, job.gpu_hide,
                                   job.gpu_hide + ".d", local_ids=request.gpus_local)
     except NodeError:
@@ -255,7 +316,7 @@ def plan_gpus(config: UdiRootConfig, request: SetupRequest, job: JobEnv):
 
 def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest, account: container.Account,
                       identifier: str, image_file: str, modules: list, plan: list[str] | None,
-                      gpu_injection=None) -> None:
+                      gpu_injection=None, udi_image_fd: int = -1) -> None:
     """Everything of docs/internals.md "Per-job environment on a node", in order."""
     from shifter.formats.volumemap import check_per_node_caches, parse_volume_map, volume_signature
 
@@ -275,7 +336,7 @@ def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest,
         jobdir.ensure_base(config.loop_mount, 0o700)
         _isolate_base(config.udi_mount)
         _isolate_base(config.loop_mount)
-        # root's for good (shifter/jobdir.py), so the user cannot swap paths under the mounts being made;
+        # root's for good (shifter/runtime/jobdir.py), so the user cannot swap paths under the mounts being made;
         # 0711 lets the user volumes be resolved with the user's own permissions meanwhile
         _make_dir(job.dir, 0o711)
         _make_dir(job.root, 0o755)
@@ -299,7 +360,7 @@ def build_environment(config: UdiRootConfig, job: JobEnv, request: SetupRequest,
             gpu.make_hide_sources(gpu_injection.hide_file, gpu_injection.hide_dir)
     spec = container.RootSpec(root=job.root, image_dir=image_dir, account=account, modules=modules,
                               user_volumes=user_volumes, hostsfile=hostsfile, cache_tag=f"job{job.jobid}",
-                              gpu=gpu_injection, writable=request.writable)
+                              gpu=gpu_injection, writable=request.writable, udi_image_fd=udi_image_fd)
     container.build_root(config, spec)
     if request.image_type != "local":
         filecopy.copy_file(image_file + ".meta", job.meta, mode=0o644)
@@ -375,7 +436,7 @@ def setup_job(request: SetupRequest) -> None:
         plan = None
         if config_info and meta is not None and not any(module.userhook for module in modules):
             gpu_ops = []
-            if gpu_injection is not None:  # shifter.gpu (json, re) costs 4 ms to import: GPU nodes only
+            if gpu_injection is not None:  # shifter.runtime.gpu (json, re) costs 4 ms to import: GPU nodes only
                 from shifter.runtime.gpu import environment_operations
 
                 gpu_ops = environment_operations(gpu_injection)
@@ -385,9 +446,13 @@ def setup_job(request: SetupRequest) -> None:
         teardown.destroy(config, job, request.memory_cgroup)  # a stale environment of the same job (#249)
     except ShifterError as err:
         raise NodeError(f"cannot remove a stale environment of job {job.jobid}: {err}") from None
+    udi_image_fd = shared_udi_image(config, request, account, modules)
     try:
-        build_environment(config, job, request, account, identifier, image_file, modules, plan, gpu_injection)
+        build_environment(config, job, request, account, identifier, image_file, modules, plan, gpu_injection,
+                          udi_image_fd)
     except BaseException as err:
+        if udi_image_fd >= 0:
+            os.close(udi_image_fd)
         try:
             teardown.destroy(config, job, request.memory_cgroup)
         except ShifterError as undo_err:  # something stays on the node: only an admin can clear it
@@ -395,3 +460,5 @@ def setup_job(request: SetupRequest) -> None:
         if isinstance(err, (ShifterError, KeyboardInterrupt, SystemExit)):
             raise
         raise RequestError(describe(err)) from None  # unexpected, while building from the request
+    if udi_image_fd >= 0:
+        os.close(udi_image_fd)

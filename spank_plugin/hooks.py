@@ -10,56 +10,23 @@ Slurm builds (user-set variables only reach it with a SPANK_ prefix).
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 
 from shifter import buildinfo
 from shifter.errors import ShifterError
+from shifter.record import Record
+from spank_plugin.plugstack import (
+    PlugstackArgs,
+    check_image,
+    gpus_local,
+    parse_plugstack_args,
+    record_error,
+    run_root_tool,
+    user_name,
+)
 
 OPTION_ENV = "_SLURM_SPANK_OPTION_shifter_"
-
-
-@dataclass
-class PlugstackArgs:
-    """The plugstack.conf arguments of the original plugin, parsed once here."""
-
-    shifter_config: str = buildinfo.CONFIG_FILE
-    extern_setup: str | None = None
-    extern_cgroup: bool = False
-    memory_cgroup: str | None = None
-    enable_ccm: bool = False
-    enable_sshd: bool = False
-    long_options: bool = False
-    unknown: list[str] = field(default_factory=list)
-
-
-def parse_plugstack_args(args: list[str]) -> tuple[PlugstackArgs, list[str]]:
-    """Split argv into the plugstack arguments and the hook's own --options."""
-    conf = PlugstackArgs()
-    rest: list[str] = []
-    for arg in args:
-        if arg.startswith("--"):
-            rest.append(arg)
-            continue
-        key, sep, value = arg.partition("=")
-        if key == "long_options" and not sep:
-            conf.long_options = True
-        elif key == "shifter_config" and sep:
-            conf.shifter_config = value
-        elif key == "extern_setup" and sep:
-            conf.extern_setup = value or None
-        elif key == "memory_cgroup" and sep:
-            conf.memory_cgroup = value or None
-        elif key in ("extern_cgroup", "enable_ccm", "enable_sshd") and sep:
-            setattr(conf, key, _flag(key, value))
-        else:
-            conf.unknown.append(arg)
-    if conf.enable_sshd and not (conf.extern_cgroup or conf.memory_cgroup):
-        raise ShifterError("plugstack.conf: enable_sshd=1 needs extern_cgroup=1 (with PrologFlags=contain) or "
-                           "memory_cgroup=: without either, what users start through the job's sshd outlives the job")
-    return conf, rest
 
 
 def check_sshd_on_node(conf: PlugstackArgs) -> None:
@@ -70,12 +37,6 @@ def check_sshd_on_node(conf: PlugstackArgs) -> None:
     if conf.enable_sshd and not conf.extern_cgroup and conf.memory_cgroup and jobcgroup.is_unified(conf.memory_cgroup):
         raise ShifterError(f"plugstack.conf: enable_sshd=1 with memory_cgroup={conf.memory_cgroup} (cgroup v2) needs "
                            "extern_cgroup=1, so that the job's sshd stays in Slurm's job cgroup")
-
-
-def _flag(key: str, value: str) -> bool:
-    if value not in ("0", "1"):
-        raise ShifterError(f"plugstack.conf: {key}= must be 0 or 1, not {value!r}")
-    return value == "1"
 
 
 def _options(rest: list[str]) -> dict[str, str]:
@@ -130,7 +91,7 @@ def submit(conf: PlugstackArgs, opts: dict[str, str]) -> list[tuple[str, str]]:
                 raise ShifterError(f"image type 'local' is not allowed on this system: {image_text}")
             image_id = ref.tag
         else:
-            image_id = _resolve(config, ref)
+            image_id = _resolve_in_job(config, ref)
         image_type = "local" if ref.type == "local" else "id"
         out += [("SHIFTER_IMAGE", image_id), ("SHIFTER_IMAGETYPE", image_type)]
         if ref.type not in ("id", "local"):
@@ -153,6 +114,8 @@ def submit(conf: PlugstackArgs, opts: dict[str, str]) -> list[tuple[str, str]]:
 
 def user_ssh_pubkey() -> str:
     """The user's in-job ssh key (~/.udiRoot/id_rsa.key, the original's path), created if missing."""
+    import subprocess
+
     home = os.path.expanduser("~")
     key_dir = os.path.join(home, ".udiRoot")
     key = os.path.join(key_dir, "id_rsa.key")
@@ -190,6 +153,80 @@ def _first_env(name: str) -> str | None:
     return os.environ.get(f"SHIFTER_{name}") or os.environ.get(f"SLURM_SPANK_SHIFTER_{name}") or None
 
 
+_STEP_IMAGES = "step-images.{job}"  # in ~/.udiRoot: what the sruns of one job resolved (_resolve_in_job)
+
+
+def _resolve_in_job(config, ref) -> str:
+    """The image id of an ``srun --image=`` in a job, asked from the gateway once per job and request.
+
+    A job that runs many steps of another image (a loop of ``srun --image=X``) asked the
+    gateway at every srun: about 20 ms of a step that costs 70.  The answer is kept for the
+    job in the user's own ``~/.udiRoot/step-images.<jobid>``, a file only the user may write:
+    what it holds only picks an image id for the user's own steps, which the user may name
+    directly (``--image=id:...``), and setupRoot checks the image's ACL against it as for any
+    id.  Outside a job (sbatch, salloc, srun that makes a job) the gateway is always asked.
+    """
+    job_id = os.environ.get("SLURM_JOB_ID", "")
+    if not job_id.isdigit():
+        return _resolve(config, ref)
+    key = f"{config.system or ''} {ref.type}:{ref.tag}"
+    path = os.path.join(os.path.expanduser("~"), ".udiRoot", _STEP_IMAGES.format(job=job_id))
+    known = _read_step_images(path)
+    if key in known:
+        return known[key]
+    image_id = _resolve(config, ref)
+    known[key] = image_id
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        temp = f"{path}.{os.getpid()}"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("".join(f"{name} {value}\n" for name, value in known.items()))
+        os.rename(temp, path)
+        _prune_step_images(os.path.dirname(path), path)
+    except OSError:
+        pass  # a home that cannot be written: the next srun asks the gateway again
+    return image_id
+
+
+_STEP_IMAGES_KEPT_S = 7 * 86400
+
+
+def _prune_step_images(directory: str, current: str) -> None:
+    """Remove the files of jobs that ended long ago (no epilog runs as the user to remove them)."""
+    cutoff = time.time() - _STEP_IMAGES_KEPT_S
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if not entry.name.startswith("step-images.") or entry.path == current:
+                continue
+            if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                try:
+                    os.unlink(entry.path)
+                except OSError:
+                    pass
+
+
+def _read_step_images(path: str) -> dict[str, str]:
+    """``system type:tag`` -> image id from the job's file; empty unless it is the user's own, private file."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return {}
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+            return {}
+        text = fh.read(65536).decode(errors="replace")
+    known = {}
+    for line in text.splitlines():
+        key, _, image_id = line.rpartition(" ")
+        if key and len(image_id) == 64 and all(c in "0123456789abcdef" for c in image_id):
+            known[key] = image_id
+    return known
+
+
 def _resolve(config, ref) -> str:
     from shifter.client.gatewayclient import GatewayClient
 
@@ -206,10 +243,11 @@ def _resolve(config, ref) -> str:
 # ---------------------------------------------------------------- prolog / epilog
 
 
-@dataclass
-class JobRequest:
+class JobRequest(Record):
     """What the prolog knows about the job: SPANK items plus the job-control environment."""
 
+    __slots__ = ("job_id", "uid", "gid", "user", "image_type", "image", "volumes", "modules", "ssh_pubkey",
+                 "node_spec", "gpus", "writable", "gpus_local")
     job_id: str
     uid: int
     gid: int
@@ -220,9 +258,10 @@ class JobRequest:
     modules: str | None
     ssh_pubkey: str | None
     node_spec: str
-    gpus: str = ""  # SLURM_JOB_GPUS: the job's GPU indices on this node (Slurm 22.05 sets it in the prolog)
-    writable: bool = False
-    gpus_local: bool = False  # tasks get job-relative GPU indices (task/cgroup with ConstrainDevices=yes)
+    gpus: str  # SLURM_JOB_GPUS: the job's GPU indices on this node (Slurm 22.05 sets it in the prolog)
+    writable: bool
+    gpus_local: bool  # tasks get job-relative GPU indices (task/cgroup with ConstrainDevices=yes)
+    _defaults = {"gpus": "", "writable": False, "gpus_local": False}
 
 
 def job_request(opts: dict[str, str], env: dict[str, str], conf: PlugstackArgs) -> JobRequest:
@@ -235,7 +274,7 @@ def job_request(opts: dict[str, str], env: dict[str, str], conf: PlugstackArgs) 
     uid = int(opts.get("uid") or env.get("SLURM_JOB_UID") or -1)
     if uid <= 0:
         raise ShifterError(f"prolog: job {job_id} has no valid non-root uid")
-    user = env.get("SLURM_JOB_USER") or _user_name(uid)
+    user = env.get("SLURM_JOB_USER") or user_name(uid)
     gid = int(opts.get("gid") or env.get("SLURM_JOB_GID") or _primary_gid(uid))
     # slurmd's prolog environment names the job's nodes SLURM_NODELIST (Slurm 22.05)
     nodes = expand_hostlist(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", ""))
@@ -257,44 +296,14 @@ def job_request(opts: dict[str, str], env: dict[str, str], conf: PlugstackArgs) 
         node_spec=node_spec,
         gpus=env.get("SLURM_JOB_GPUS", ""),
         writable=env.get("SPANK_SHIFTER_WRITABLE") == "1" and not ccm,
-        gpus_local=_gpus_local(env) if env.get("SLURM_JOB_GPUS") else False,
+        gpus_local=gpus_local(env) if env.get("SLURM_JOB_GPUS") else False,
     )
-
-
-def _gpus_local(env: dict[str, str]) -> bool:
-    """How Slurm numbers the GPUs in tasks, from the slurm.conf slurmd gives the prolog (SLURM_CONF)."""
-    from shifter.runtime.gpudiscovery import slurm_numbers_gpus_locally
-
-    return slurm_numbers_gpus_locally(env.get("SLURM_CONF") or "/etc/slurm/slurm.conf")
-
-
-def _check_image(image_type: str, image: str) -> None:
-    """The user's submission environment set these: only a valid reference reaches setupRoot's argv."""
-    from shifter.formats.imageref import IMAGE_TYPES, parse_image_ref
-
-    if image_type not in IMAGE_TYPES:
-        raise ShifterError(f"prolog: unknown image type {image_type!r}")
-    if not image:
-        raise ShifterError("prolog: the job names no image")
-    parse_image_ref(f"{image_type}:{image}")
-
-
 def _cpus_per_node(env: dict[str, str], count: int, expand) -> list[int]:
     text = env.get("SLURM_JOB_CPUS_PER_NODE")
     cpus = expand(text) if text else []
     if len(cpus) != count:
         cpus = [max(cpus, default=1)] * count
     return cpus
-
-
-def _user_name(uid: int) -> str:
-    import pwd
-
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        raise ShifterError(f"prolog: uid {uid} has no user name") from None
-
 
 def _primary_gid(uid: int) -> int:
     import pwd
@@ -308,7 +317,7 @@ def _primary_gid(uid: int) -> int:
 def setuproot_argv(conf: PlugstackArgs, req: JobRequest) -> list[str]:
     """The original's setupRoot argv contract, plus --config, --job-id, --memory-cgroup, --defer-sshd, --gpus,
     --gpus-local and --writable."""
-    _check_image(req.image_type, req.image)
+    check_image(req.image_type, req.image)
     argv = [os.path.join(buildinfo.PREFIX, "sbin", "setupRoot"), "--config", conf.shifter_config,
             "--job-id", req.job_id, "-U", str(req.uid), "-G", str(req.gid), "-u", req.user]
     if conf.memory_cgroup:
@@ -370,6 +379,8 @@ def drain_node(reason: str) -> None:
     node = os.environ.get("SLURMD_NODENAME", "")
     if not node:
         return
+    import subprocess
+
     argv = ["scontrol", "update", f"NodeName={node}", "State=DRAIN", f"Reason={reason[:200]}"]
     try:
         result = subprocess.run(argv, capture_output=True, text=True, timeout=15, stdin=subprocess.DEVNULL,
@@ -387,14 +398,6 @@ def record_setup_error(conf: PlugstackArgs, req: JobRequest, reason: str) -> Non
     from shifter.runtime.jobenv import JobEnv
 
     record_error(JobEnv(load_config(conf.shifter_config), req.job_id), req.uid, req.gid, reason)
-
-
-def record_error(job, uid: int, gid: int, reason: str) -> None:
-    """Write ``reason`` to the job's (or step's) setup.error, readable by its user only (shifter/jobdir.py)."""
-    from shifter.runtime import jobdir
-
-    jobdir.record_error(os.path.dirname(job.dir), os.path.basename(job.dir), uid, gid, reason)
-
 
 def remove_stale_environments(conf: PlugstackArgs, current_job: str) -> None:
     """Tear down environments of other jobs that died without their epilog (spank_plugin/stale.py).
@@ -419,7 +422,7 @@ def remove_stale_environments(conf: PlugstackArgs, current_job: str) -> None:
                 "--job-id", job_id]
         if conf.memory_cgroup:
             argv += ["--memory-cgroup", conf.memory_cgroup]
-        _run_root_tool(argv)
+        run_root_tool(argv)
 
 
 def epilog(conf: PlugstackArgs, opts: dict[str, str]) -> int:
@@ -436,30 +439,10 @@ def epilog(conf: PlugstackArgs, opts: dict[str, str]) -> int:
 def _timed(hook: str, job_id: str, argv: list[str]) -> tuple[int, str]:
     """Run the root tool and log its wall time: admins and the benchmarks read it from slurmd's log."""
     start = time.monotonic()
-    status, reason = _run_root_tool(argv)
+    status, reason = run_root_tool(argv)
     print(f"shifter: {hook} job {job_id} took {(time.monotonic() - start) * 1000:.1f} ms (status {status})",
           file=sys.stderr)
     return status, reason
-
-
-def _run_root_tool(argv: list[str]) -> tuple[int, str]:
-    """Run setupRoot/unsetupRoot with a clean environment; its stderr is copied to slurmd's log.
-
-    Returns the exit status and the tool's last line without its ``<prog>: `` prefix.
-    """
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    for key in ("SLURM_JOB_ID",):
-        if key in os.environ:
-            env[key] = os.environ[key]
-    proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, check=False)
-    lines = [line for line in proc.stderr.decode(errors="replace").splitlines() if line.strip()]
-    for line in lines:
-        print(line, file=sys.stderr)
-    prog = os.path.basename(argv[0]) + ": "
-    reason = lines[-1].removeprefix(prog) if lines else ""
-    return proc.returncode, reason
-
 
 # ---------------------------------------------------------------- entry point
 

@@ -21,23 +21,25 @@ once per task, so it only checks that the environment is there, the job's own an
 ``--step-id`` once per node (slurmstepd, as root, before the tasks start) with the kernel's
 squashfs and the job's GPUs on the node (:func:`_gpu_args`), and removed by unsetupRoot when
 the step's slurmstepd ends (the job's epilog removes whatever a killed slurmstepd left).
-Every task of the step enters it like the job's.
+Every task of the step enters it like the job's.  Both tools run as their ``main`` in a forked
+child of this hook (``plugstack.run_root_main``): a step waits for them, and a second
+interpreter cost it about 20 ms each way.  This module imports only the stdlib's cheapest
+modules at the top (no ``re``, ``subprocess``), for the same reason.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import stat
-import subprocess
 import sys
+import time
 
 from shifter.errors import ShifterError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from shifter.runtime.container import Account
-    from spank_plugin.hooks import PlugstackArgs
+    from spank_plugin.plugstack import PlugstackArgs
 
 _AUTHORIZED_KEYS = "opt/udiImage/etc/user_auth_keys"
 
@@ -116,6 +118,8 @@ def sshd_cgroup(memory_cgroup: str | None, uid: int, job_id: str) -> str | None:
 
 def run_extern_setup(script: str, job_id: str, account: Account, root: str) -> int:
     """Run the site's script as root; its output goes to slurmd's log through the shim."""
+    import subprocess
+
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SLURM_JOB_ID": job_id, "SLURM_JOB_UID": str(account.uid),
            "SLURM_JOB_GID": str(account.gid), "SLURM_JOB_USER": account.user, "SHIFTER_ROOT": root}
     try:
@@ -227,7 +231,7 @@ def step_setup(conf: PlugstackArgs, opts: dict[str, str]) -> int:
     from shifter.formats.reuse import marker_text
     from shifter.formats.volumemap import parse_volume_map, volume_signature
     from shifter.runtime.jobenv import JobEnv
-    from spank_plugin.hooks import _check_image, _run_root_tool, _user_name, record_error
+    from spank_plugin.plugstack import check_image, record_error, run_root_main, user_name
 
     job_id, uid, gid = _ids(opts, "step-setup")
     step_id = opts.get("step-id", "")
@@ -235,9 +239,9 @@ def step_setup(conf: PlugstackArgs, opts: dict[str, str]) -> int:
     step = JobEnv(config, job_id, step_id)
     image_type, image = opts.get("image-type") or "id", opts.get("image", "")
     volumes = [v for v in opts.get("volume", "").split(";") if v]
-    user = _user_name(uid)
+    user = user_name(uid)
     try:
-        _check_image(image_type, image)
+        check_image(image_type, image)
         names = module_names(select_modules(config, opts.get("module") or None))
         signature = volume_signature(parse_volume_map(";".join(volumes), site=False)) if volumes else ""
         expected = marker_text(image, user, signature, names)
@@ -262,7 +266,10 @@ def step_setup(conf: PlugstackArgs, opts: dict[str, str]) -> int:
         argv += ["-m", opts["module"]]
     if config.gpu_recipe:  # a node without GPUs asks slurmctld nothing
         argv += _gpu_args(job_id)
-    status, reason = _run_root_tool(argv + ["--", image_type, image])
+    start = time.monotonic()
+    status, reason = run_root_main(argv + ["--", image_type, image])
+    print(f"shifter: step {job_id}.{step_id} setup took {(time.monotonic() - start) * 1000:.1f} ms (status {status})",
+          file=sys.stderr)
     if status == REQUEST_FAILED:
         record_error(step, uid, gid, reason)
         sys.stdout.write("prepared\n")  # the error file goes with the step's teardown
@@ -272,8 +279,9 @@ def step_setup(conf: PlugstackArgs, opts: dict[str, str]) -> int:
     return status
 
 
-# one GRES of a node's line in `scontrol show job -d`: gpu[:type]:count(IDX:0-1,3)
-_GPU_GRES = re.compile(r"(?:^|,)gpu(?::[^:(),]+)?:\d+\(IDX:([0-9,-]+)\)")
+# one GRES of a node's line in `scontrol show job -d`: gpu[:type]:count(IDX:0-1,3); compiled where used, as
+# importing re costs every step hook about 5 ms
+_GPU_GRES = r"(?:^|,)gpu(?::[^:(),]+)?:\d+\(IDX:([0-9,-]+)\)"
 
 
 def job_gpus_on_node(show_job: str, node: str) -> str:
@@ -282,15 +290,18 @@ def job_gpus_on_node(show_job: str, node: str) -> str:
     Each ``Nodes=<hostlist> ... GRES=<gres>`` line gives the allocation of its nodes; the GRES
     list separates entries with commas, and an index list may hold commas too.
     """
+    import re
+
     from shifter.formats.gpurecipe import parse_gpu_ids
     from shifter.formats.hostsfile import expand_hostlist
 
+    gres = re.compile(_GPU_GRES)
     for line in show_job.splitlines():
         fields = dict(word.split("=", 1) for word in line.split() if "=" in word)
         if "Nodes" not in fields or "GRES" not in fields or node not in expand_hostlist(fields["Nodes"]):
             continue
         ids: set[int] = set()
-        for match in _GPU_GRES.finditer(fields["GRES"]):
+        for match in gres.finditer(fields["GRES"]):
             ids.update(parse_gpu_ids(match.group(1)))
         return ",".join(str(i) for i in sorted(ids))
     return ""
@@ -307,7 +318,9 @@ def _gpu_args(job_id: str) -> list[str]:
     cgroup (ConstrainDevices) still narrow each task to its step's GPUs.  If slurmctld cannot
     answer, the step gets no GPU (logged), as a job without GPUs.
     """
-    from spank_plugin.hooks import _gpus_local
+    import subprocess
+
+    from spank_plugin.plugstack import gpus_local
 
     node = os.environ.get("SLURMD_NODENAME", "")
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
@@ -325,13 +338,13 @@ def _gpu_args(job_id: str) -> list[str]:
         return []
     if not gpus:
         return []
-    return ["--gpus", gpus] + (["--gpus-local"] if _gpus_local(dict(os.environ)) else [])
+    return ["--gpus", gpus] + (["--gpus-local"] if gpus_local(dict(os.environ)) else [])
 
 
 def step_teardown(conf: PlugstackArgs, opts: dict[str, str]) -> int:
     """Remove the step's environment (its tasks are gone or are killed first)."""
     from shifter import buildinfo
-    from spank_plugin.hooks import _run_root_tool
+    from spank_plugin.plugstack import run_root_main
 
     job_id, _uid, _gid = _ids(opts, "step-teardown")
     step_id = opts.get("step-id", "")
@@ -339,4 +352,8 @@ def step_teardown(conf: PlugstackArgs, opts: dict[str, str]) -> int:
         raise ShifterError("step-teardown: needs --step-id")
     argv = [os.path.join(buildinfo.PREFIX, "sbin", "unsetupRoot"), "--config", conf.shifter_config,
             "--job-id", job_id, "--step-id", step_id]
-    return _run_root_tool(argv)[0]
+    start = time.monotonic()
+    status = run_root_main(argv)[0]
+    print(f"shifter: step {job_id}.{step_id} teardown took {(time.monotonic() - start) * 1000:.1f} ms "
+          f"(status {status})", file=sys.stderr)
+    return status

@@ -48,9 +48,9 @@ class RootSpec(Record):
     """Everything a root is built from, besides the site configuration."""
 
     __slots__ = ("root", "image_dir", "account", "modules", "user_volumes", "hostsfile", "cache_tag",
-                 "privileged", "gpu", "writable")
+                 "privileged", "gpu", "writable", "udi_image_fd")
     _defaults = {"modules": [], "user_volumes": [], "hostsfile": None, "cache_tag": "", "privileged": True,
-                 "gpu": None, "writable": False}
+                 "gpu": None, "writable": False, "udi_image_fd": -1}
     root: str
     image_dir: str
     account: Account
@@ -61,6 +61,7 @@ class RootSpec(Record):
     privileged: bool  # False: built by the user in a user namespace (the launcher's fresh path)
     gpu: object  # shifter.runtime.gpu.Injection, or None: no GPU recipe on this node
     writable: bool  # image_dir is the job's overlay (--writable): its directories are bound read-write
+    udi_image_fd: int  # >= 0: an /opt/udiImage already built for these modules, bound read-only instead of copied
 
 
 def _check_root_only(path: str, what: str) -> None:
@@ -299,6 +300,13 @@ def _make_world_readable(top: str) -> None:
 
 def _setup_udi_image(config: UdiRootConfig, spec: RootSpec) -> None:
     opt = os.path.join(spec.root, "opt/udiImage")
+    if spec.udi_image_fd >= 0:  # a step's environment: its job's tree (setuproot/build.py shared_udi_image)
+        target_fd = fdpath.open_dir(opt)
+        try:
+            fdpath.bind_fd(spec.udi_image_fd, target_fd, readonly=True, propagation=_propagation(config))
+        finally:
+            os.close(target_fd)
+        return
     if config.opt_udi_image and os.path.isdir(config.opt_udi_image):
         filecopy.copy_contents(config.opt_udi_image, opt, keep_owner=spec.privileged)
     for module in spec.modules:

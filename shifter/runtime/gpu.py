@@ -14,11 +14,8 @@ import os
 import stat
 
 from shifter.errors import ShifterError
-
-# setupRoot reaches the whole GPU path through this module (``gpu.load_recipe``, ``gpu.discover``...)
-from shifter.formats.gpurecipe import load_recipe, parse_gpu_ids, site_env_values  # noqa: F401
 from shifter.record import Record
-from shifter.runtime.gpudiscovery import Discovery, HostPath, discover  # noqa: F401
+from shifter.runtime.gpudiscovery import Discovery, HostPath
 
 
 class Injection(Record):

@@ -10,7 +10,6 @@ the user instead (the layout before ACLs), which the descriptor-based teardown a
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import struct
@@ -78,6 +77,8 @@ def record_error(udi_mount: str, name: str, uid: int, gid: int, reason: str) -> 
     and the launch plan is withdrawn so that no task enters an environment that failed.  The
     epilog removes all of it.
     """
+    import contextlib  # only here: setupRoot imports this module, and contextlib costs it 2-3 ms
+
     from shifter.errors import ShifterError
 
     ensure_base(udi_mount, 0o755)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
+import uuid
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +20,7 @@ from localcluster.testing import Cluster
 pytestmark = pytest.mark.cluster
 
 USER = "shifter-u1"
+OTHER_USER = "shifter-u2"
 PROBE = ("echo {label}-$(test -e /etc/layer3 && echo layer3 || echo plain)-$SLURMD_NODENAME-"
          "$(readlink /proc/self/ns/user)")
 
@@ -127,3 +131,128 @@ def test_step_with_its_own_volume(cluster: Cluster) -> None:
         assert cluster.job_leftovers(job_id) == []
     finally:
         shutil.rmtree(data)
+
+
+def _step_identifier(cluster: Cluster, node: str, job_step: str) -> str:
+    """The image id in a step environment's marker, read as root from the node's mount namespace."""
+    import json
+
+    udi = cluster.config_value("udiMount")
+    marker = Path(f"/proc/{cluster.node_pids()[node]}/root{udi}/{job_step}/root/var/shifterConfig.json")
+    return json.loads(marker.read_text())["identifier"]
+
+
+def test_a_step_environment_is_its_users_and_its_requests_only(cluster: Cluster) -> None:
+    """Another user cannot enter a running step's environment, and neither can a step of the same job
+    whose request differs (the job's image; the step's image with other modules or another volume)."""
+    _fuse_closed()
+    job_image, other = cluster.image("demo/busybox"), cluster.image("demo/multilayer")
+    sync = Path("/scratch") / USER / f"steps-{uuid.uuid4().hex[:8]}"
+    made = cluster.run_as(USER, ["mkdir", "-p", str(sync)])
+    assert made.returncode == 0, made.stderr
+    probe = "test -e /etc/layer3 && echo {label}-layer3 || echo {label}-plain"
+    claim = ("srun --overlap -N1 -n1 {opts} bash -c 'SLURM_STEP_ID=0 shifter sh -c \"" + probe + "\"; "
+             "echo {label}-rc=$?; shifter sh -c \"test -e /data/claims && echo {label}-own-data || "
+             "echo {label}-own-nodata\"'")
+    body = "\n".join([
+        "#!/bin/bash",
+        f"srun -N1 -n1 --image=docker:{other} shifter sh -c '{probe.format(label='step0')}; "
+        f"for i in $(seq 600); do [ -e {sync}/go ] && break; sleep 0.1; done' &",
+        f"for i in $(seq 600); do [ -e {sync}/claims ] && break; sleep 0.1; done",
+        claim.format(opts="", label="jobimage"),
+        claim.format(opts=f"--image=docker:{other} --module=altmpi", label="othermodule"),
+        claim.format(opts=f"--image=docker:{other} --volume={sync}:/data", label="othervolume"),
+        f"touch {sync}/go",
+        "wait",
+    ])
+    try:
+        job_id = cluster.submit_batch(USER, body, nodes=1, nodelist="n1", image=f"docker:{job_image}")
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                identifier = _step_identifier(cluster, "n1", f"{job_id}.0")
+                break
+            except (OSError, RuntimeError):
+                assert time.monotonic() < deadline, f"step {job_id}.0 never got an environment"
+                time.sleep(0.2)
+        env = {"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": job_id, "SLURM_STEP_ID": "0", "SHIFTER_IMAGETYPE": "id",
+               "SHIFTER_IMAGE": identifier}
+        udi = cluster.config_value("udiMount")
+
+        def enter_as(user: str, label: str):
+            return cluster.node_exec("n1", [
+                "runuser", "-u", user, "--", "env", *(f"{k}={v}" for k, v in env.items()),
+                str(cluster.prefix / "bin" / "shifter"), "sh", "-c", probe.format(label=label)])
+
+        owner = enter_as(USER, "owner")  # the same command as the step's user: it enters
+        assert (owner.returncode, owner.stdout) == (0, "owner-layer3\n"), owner.stdout + owner.stderr
+        intruder = enter_as(OTHER_USER, "intruder")
+        assert intruder.returncode != 0 and "layer3" not in intruder.stdout, intruder.stdout + intruder.stderr
+        assert "no prepared environment matches" in intruder.stderr, intruder.stderr
+        listing = cluster.node_exec("n1", ["runuser", "-u", OTHER_USER, "--", "ls", f"{udi}/{job_id}.0/root"])
+        assert listing.returncode != 0 and "Permission denied" in listing.stderr, listing.stdout + listing.stderr
+        (sync / "claims").touch()
+        state = cluster.wait_job(job_id)
+        output = cluster.job_output(job_id)
+        assert state == "COMPLETED", output
+        assert "step0-layer3" in output, output
+        for label in ("jobimage", "othermodule", "othervolume"):  # none of them entered step 0's environment
+            assert f"{label}-layer3" not in output, output
+        # the job's image is the job's environment; the other requests have no environment to enter
+        assert "jobimage-plain" in output and "jobimage-rc=0" in output, output
+        for label in ("othermodule", "othervolume"):
+            assert re.search(rf"^{label}-rc=[1-9]", output, re.MULTILINE), output
+        # each claimant's own step environment still serves it (the volume only where it was asked)
+        assert "othermodule-own-nodata" in output and "othervolume-own-data" in output, output
+        assert cluster.job_leftovers(job_id) == []
+    finally:
+        shutil.rmtree(sync, ignore_errors=True)
+
+
+def test_step_images_with_modules(cluster: Cluster) -> None:
+    """Steps whose modules differ from the job's get them (environment, roothook, userhook); a step of
+    another image with the job's modules gets the job's /opt/udiImage."""
+    _fuse_closed()
+    job_image, other = cluster.image("demo/busybox"), cluster.image("demo/multilayer")
+    env_probe = ("echo {label}-$(test -e /etc/layer3 && echo layer3 || echo plain)"
+                 "-site=${{SHIFTER_SITE_MODULE:-unset}}-alt=${{SHIFTER_ALTMPI:-unset}}")
+    body = "\n".join([
+        "#!/bin/bash",
+        f"srun -N2 -n2 --image=docker:{other} shifter sh -c '{env_probe.format(label='image')}'",
+        f"srun -N2 -n2 --module=altmpi shifter sh -c '{env_probe.format(label='module')}'",
+        f"srun -N1 -n1 --image=docker:{other} --module=hooks shifter cat /opt/udiImage/modules/hooks/roothook.out",
+    ])
+    job_id, output = cluster.run_batch(USER, body, nodes=2, ntasks_per_node=1, image=f"docker:{job_image}")
+    lines = output.splitlines()
+    assert [line for line in lines if line.startswith("image-")] == ["image-layer3-site=1-alt=unset"] * 2, output
+    assert [line for line in lines if line.startswith("module-")] == ["module-plain-site=unset-alt=1"] * 2, output
+    udi = cluster.config_value("udiMount")
+    hook = [line for line in lines if line.startswith("roothook ran")]
+    assert hook == [f"roothook ran as uid 0 in {udi}/{job_id}.2/root"], output
+    assert "userhook ran as uid" in output, output
+    assert cluster.job_leftovers(job_id) == []
+
+
+def test_the_sruns_of_a_job_ask_the_gateway_once_per_tag(cluster: Cluster) -> None:
+    """srun --image=<tag> resolves the tag at the first srun of the job; the others use the answer kept in
+    the user's ~/.udiRoot/step-images.<jobid>."""
+    import pwd
+
+    from tests.integration.test_slurm_scenarios import gateway_lookups  # flushes the gateways' access logs
+
+    other = cluster.image("demo/multilayer")
+
+    def lookups() -> int:
+        return gateway_lookups(cluster, other)
+
+    before = lookups()
+    body = "#!/bin/bash\n" + "".join(f"srun -N1 -n1 --image=docker:{other} shifter true && echo ok-{i}\n"
+                                      for i in range(3))
+    job_id, output = cluster.run_batch(USER, body, nodes=1, image=f"docker:{cluster.image('demo/busybox')}")
+    assert [line for line in output.splitlines() if line.startswith("ok-")] == ["ok-0", "ok-1", "ok-2"], output
+    assert lookups() - before == 1, "one gateway lookup for three sruns of the same tag"
+    kept = Path(pwd.getpwnam(USER).pw_dir) / ".udiRoot" / f"step-images.{job_id}"
+    info = kept.stat()
+    assert info.st_uid == pwd.getpwnam(USER).pw_uid and info.st_mode & 0o777 == 0o600
+    assert other in kept.read_text()
+    assert cluster.job_leftovers(job_id) == []

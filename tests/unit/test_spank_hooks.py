@@ -193,3 +193,32 @@ def test_a_gpu_job_with_an_unreadable_slurm_conf_is_one_clear_error(tmp_path) ->
     env = {**PROLOG_ENV, "SLURM_JOB_GPUS": "0", "SLURM_CONF": str(tmp_path / "missing.conf")}
     with pytest.raises(ShifterError, match="missing.conf: No such file or directory"):
         argv_for([], env)
+
+
+def test_an_srun_in_a_job_reuses_the_image_id_its_job_resolved_only_from_the_users_own_file(
+        monkeypatch, tmp_path: Path) -> None:
+    """No gateway is configured here: whatever is not answered from ~/.udiRoot/step-images.<job> fails."""
+    from shifter.formats.imageref import parse_image_ref
+
+    home = tmp_path / "home"
+    (home / ".udiRoot").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    ref = parse_image_ref("docker:demo/app:1", "docker")
+    cache = home / ".udiRoot" / "step-images.7"
+    cache.write_text(f" {ref.type}:{ref.tag} {'b' * 64}\n docker:other {'c' * 64}\n")
+    cache.chmod(0o600)
+    out = dict(_submit({"image": "docker:demo/app:1"}, monkeypatch, tmp_path, SLURM_JOB_ID="7"))
+    assert (out["SHIFTER_IMAGE"], out["SHIFTER_IMAGETYPE"]) == ("b" * 64, "id")
+    assert out["SHIFTER_IMAGEREQUEST"] == f"{ref.type}:{ref.tag}"
+    with pytest.raises(ShifterError):  # another job's file is not this job's
+        _submit({"image": "docker:demo/app:1"}, monkeypatch, tmp_path, SLURM_JOB_ID="8")
+    with pytest.raises(ShifterError):  # outside a job the gateway is always asked
+        _submit({"image": "docker:demo/app:1"}, monkeypatch, tmp_path)
+    cache.chmod(0o620)  # a file someone else may write is not trusted
+    with pytest.raises(ShifterError):
+        _submit({"image": "docker:demo/app:1"}, monkeypatch, tmp_path, SLURM_JOB_ID="7")
+    cache.chmod(0o600)
+    cache.rename(home / "elsewhere")
+    cache.symlink_to(home / "elsewhere")  # nor one reached through a symlink
+    with pytest.raises(ShifterError):
+        _submit({"image": "docker:demo/app:1"}, monkeypatch, tmp_path, SLURM_JOB_ID="7")
