@@ -51,7 +51,6 @@ layer and the path:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -138,14 +137,9 @@ class Flattener:
         try:
             for layer in order:
                 self._await(layer)
-                ready = prefetch.take(layer) if prefetch else None
-                source = Layer(ready, layer.number) if ready else layer
-                try:
-                    with open_layer(source, self.deadline) as raw:
-                        self._layer(_Reader(raw, source, self.budget))
-                finally:
-                    if ready:
-                        os.unlink(ready)
+                ahead = prefetch.take(layer) if prefetch else None
+                with ahead if ahead is not None else open_layer(layer, self.deadline) as raw:
+                    self._layer(_Reader(raw, layer, self.budget))
                 if layer_done is not None:
                     layer_done(layer)
         finally:

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
 
@@ -96,16 +96,81 @@ def open_layer(layer: Layer, deadline: Deadline | None = None) -> Iterator[int |
             yield blob.fileno()
 
 
+class _Follow:
+    """A prefetched layer, read while its inflater may still be writing it.
+
+    The merge follows the inflater through the scratch file instead of waiting for the
+    whole layer (a 100 MB layer kept tar2sqfs idle for a second and more): at the end of
+    what is written so far, ``more`` waits for the file to grow or the inflater to end.
+    If the prefetch fails (a corrupt stream, its size cap, its CPU limit), the layer goes
+    on from its blob, streamed by ``open_layer``, past the bytes already read: the merge
+    sees one uninterrupted stream, and the streaming inflater reports the real problem.
+    """
+
+    def __init__(self, fd: int, path: str, finished: threading.Event, ok: Callable[[], bool],
+                 layer: Layer, deadline: Deadline | None) -> None:
+        self.file_fd = fd
+        self.fd: int | None = fd
+        self.stream: BinaryIO | None = None
+        self.path = path
+        self.finished = finished
+        self.ok = ok
+        self.layer = layer
+        self.deadline = deadline
+        self.fallen_back = False
+        self.stack = contextlib.ExitStack()
+
+    def __enter__(self) -> _Follow:
+        return self
+
+    def __exit__(self, *exc: object) -> bool:
+        try:
+            return bool(self.stack.__exit__(*exc))  # type: ignore[arg-type]
+        finally:
+            os.close(self.file_fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    def more(self) -> bool:
+        """At the end of the bytes read so far: True when reading again may give more."""
+        if self.fallen_back:
+            return False
+        while True:
+            done = self.finished.is_set()
+            if os.fstat(self.file_fd).st_size > os.lseek(self.file_fd, 0, os.SEEK_CUR):
+                return True
+            if done:
+                if self.ok():
+                    return False
+                self._fall_back()
+                return True
+            self.finished.wait(0.002)
+            if self.deadline is not None and self.deadline.expired():
+                raise self.deadline.error(f"converting layer {self.layer.number}")
+
+    def _fall_back(self) -> None:
+        consumed = os.lseek(self.file_fd, 0, os.SEEK_CUR)
+        raw = self.stack.enter_context(open_layer(self.layer, self.deadline))
+        self.fd, self.stream = (raw, None) if isinstance(raw, int) else (None, raw)
+        self.fallen_back = True
+        while consumed:  # already read (and counted) from the file
+            chunk = os.read(raw, min(consumed, _CHUNK)) if isinstance(raw, int) else raw.read(min(consumed, _CHUNK))
+            if not chunk:
+                raise ShifterError(f"layer {self.layer.number}: truncated tar stream")
+            consumed -= len(chunk)
+
+
 class _Prefetch:
-    """Inflate lower layers into scratch files while the upper ones stream.
+    """Inflate lower layers into scratch files ahead of the merge.
 
     The merge reads layers top-down, so a bottom layer's single-threaded inflate would
     otherwise only start when everything above it is done, while tar2sqfs's reader
     thread (slow on directories of many small files) leaves a core idle.  One background
     thread inflates the next layers, one at a time, each file capped at the remaining
     size limit (``prlimit --fsize`` for the inflater).  A layer not started yet when the merge
-    needs it is streamed instead; a failed prefetch is dropped and the layer streamed,
-    which then reports the real problem.  Files are removed as soon as they are read.
+    needs it is streamed instead; one being inflated is followed (``_Follow``); a failed
+    prefetch is dropped and the layer streamed, which then reports the real problem.
+    Files are removed as soon as they are read.
     """
 
     def __init__(self, layers: list[Layer], scratch: str, limit: int,
@@ -117,6 +182,7 @@ class _Prefetch:
         self.lock = threading.Lock()
         self.state: dict[int, str] = {layer.number: "pending" for layer in self.layers}
         self.paths: dict[int, str] = {}
+        self.ok: dict[int, bool] = {}
         self.done: dict[int, threading.Event] = {layer.number: threading.Event() for layer in self.layers}
         self.proc: subprocess.Popen | None = None
         self.stopping = False
@@ -136,57 +202,59 @@ class _Prefetch:
     def _work(self) -> None:
         used = 0
         for layer in self.layers:
+            number = layer.number
             downloaded = self._downloaded(layer)
+            compressed = downloaded and bool(_compression(layer.path))  # an uncompressed layer is read in place
             with self.lock:
-                if self.stopping or not downloaded or self.state[layer.number] != "pending":
-                    self.done[layer.number].set()
+                if self.stopping or not compressed or self.state[number] != "pending":
+                    self.done[number].set()
                     continue
-                self.state[layer.number] = "running"
-            path = None
+                fd, path = tempfile.mkstemp(prefix=f".layer{number}-", suffix=".tar", dir=self.scratch)
+                self.paths[number] = path
+                self.state[number] = "running"
+            size = None
             with contextlib.suppress(Exception):  # on failure the merge streams this layer
-                if _compression(layer.path):  # an uncompressed layer is read in place
-                    path = self._inflate(layer, self.limit - used)
-            if path:
-                used += os.path.getsize(path)
+                size = self._inflate(layer, fd, self.limit - used)
             with self.lock:
-                if path and not self.stopping:
-                    self.paths[layer.number] = path
-                elif path:
-                    os.unlink(path)
-                self.state[layer.number] = "finished"
-            self.done[layer.number].set()
-
-    def _inflate(self, layer: Layer, limit: int) -> str:
-        fd, path = tempfile.mkstemp(prefix=f".layer{layer.number}-", suffix=".tar", dir=self.scratch)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                if _compression(layer.path) == "gzip":
-                    with self.lock:
-                        if self.stopping:
-                            raise ShifterError("stopped")
-                        self.proc = subprocess.Popen(
-                            ["prlimit", f"--fsize={max(limit, 1)}", "--",
-                             *_inflater_command(self.deadline, "-dc", "--", layer.path)],
-                            stdout=out, stderr=subprocess.DEVNULL)
-                    if self.proc.wait() != 0:
-                        raise ShifterError("inflater failed")
+                self.ok[number] = size is not None and not self.stopping
+                if self.ok[number]:
+                    used += size or 0
                 else:
-                    with open(layer.path, "rb") as blob:
-                        reader = zstandard.ZstdDecompressor().stream_reader(
-                            blob, read_size=_CHUNK, read_across_frames=True)
-                        written = 0
-                        while chunk := reader.read(_CHUNK):
-                            written += len(chunk)
-                            if written > limit or self.stopping:
-                                raise ShifterError("over the limit")
-                            out.write(chunk)
-            return path
-        except BaseException:
-            os.unlink(path)
-            raise
+                    self.paths.pop(number, None)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                self.state[number] = "finished"
+            self.done[number].set()
 
-    def take(self, layer: Layer) -> str | None:
-        """The inflated file for ``layer``, or None to stream it (never started, or failed)."""
+    def _inflate(self, layer: Layer, fd: int, limit: int) -> int:
+        """Inflate ``layer`` into ``fd`` (closed here); returns the bytes written."""
+        with os.fdopen(fd, "wb") as out:
+            if _compression(layer.path) == "gzip":
+                with self.lock:
+                    if self.stopping:
+                        raise ShifterError("stopped")
+                    self.proc = subprocess.Popen(
+                        ["prlimit", f"--fsize={max(limit, 1)}", "--",
+                         *_inflater_command(self.deadline, "-dc", "--", layer.path)],
+                        stdout=out, stderr=subprocess.DEVNULL)
+                if self.proc.wait() != 0:
+                    raise ShifterError("inflater failed")
+            else:
+                with open(layer.path, "rb") as blob:
+                    reader = zstandard.ZstdDecompressor().stream_reader(
+                        blob, read_size=_CHUNK, read_across_frames=True)
+                    written = 0
+                    while chunk := reader.read(_CHUNK):
+                        written += len(chunk)
+                        if written > limit or self.stopping:
+                            raise ShifterError("over the limit")
+                        out.write(chunk)
+                    out.flush()
+            return os.fstat(out.fileno()).st_size
+
+    def take(self, layer: Layer) -> _Follow | None:
+        """``layer``'s inflated stream, complete or still growing, or None to stream it
+        (never started, or failed); it never waits for the inflater."""
         number = layer.number
         with self.lock:
             state = self.state.get(number)
@@ -195,9 +263,11 @@ class _Prefetch:
             if state == "pending":
                 self.state[number] = "skipped"
                 return None
-        self.done[number].wait()
-        with self.lock:
-            return self.paths.pop(number, None)
+            path = self.paths.pop(number, None)
+            if path is None:
+                return None
+            fd = os.open(path, os.O_RDONLY)
+        return _Follow(fd, path, self.done[number], lambda: self.ok.get(number, False), layer, self.deadline)
 
     def close(self) -> None:
         with self.lock:

@@ -26,7 +26,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
 
 from gateway.bounds import Deadline
 from shifter.errors import ShifterError
@@ -127,6 +127,18 @@ def _padded(size: int) -> int:
     return (size + BLOCK - 1) // BLOCK * BLOCK
 
 
+@runtime_checkable
+class Growing(Protocol):
+    """A source that may grow while it is read (``gateway.inflate._Follow``): its current
+    descriptor or stream, and ``more()`` to ask, at the end of what it holds so far, whether
+    reading again may give more bytes."""
+
+    fd: int | None
+    stream: BinaryIO | None
+
+    def more(self) -> bool: ...
+
+
 class _Reader:
     """Exact reads from a decompressed layer stream, counting bytes against the limit.
 
@@ -135,9 +147,13 @@ class _Reader:
     object (the in-process zstd decompressor).
     """
 
-    def __init__(self, source: int | BinaryIO, layer: Layer, budget: _Budget) -> None:
-        self.fd = source if isinstance(source, int) else None
-        self.stream = None if isinstance(source, int) else source
+    def __init__(self, source: int | BinaryIO | Growing, layer: Layer, budget: _Budget) -> None:
+        self.growing = source if isinstance(source, Growing) else None
+        if isinstance(source, Growing):
+            self.fd, self.stream = source.fd, source.stream
+        else:
+            self.fd = source if isinstance(source, int) else None
+            self.stream = None if isinstance(source, int) else source
         self.layer = layer
         self.budget = budget
         self.buf = bytearray()
@@ -145,13 +161,24 @@ class _Reader:
         self.scratch = bytearray(_CHUNK)
 
     def _raw_into(self, view: memoryview) -> int:
-        if self.fd is not None:
-            n = os.readv(self.fd, [view])
-        else:
-            assert self.stream is not None
-            n = self.stream.readinto(view)  # type: ignore[attr-defined]
+        while True:
+            if self.fd is not None:
+                n = os.readv(self.fd, [view])
+            else:
+                assert self.stream is not None
+                n = self.stream.readinto(view)  # type: ignore[attr-defined]
+            if n or not self._more():
+                break
         self.budget.consume(n, self.layer)
         return n
+
+    def _more(self) -> bool:
+        """At the end of the bytes so far: whether a growing source has (or may have) more;
+        it may have switched to another descriptor or stream."""
+        if self.growing is None or not self.growing.more():
+            return False
+        self.fd, self.stream = self.growing.fd, self.growing.stream
+        return True
 
     def _truncated(self) -> ShifterError:
         return ShifterError(f"layer {self.layer.number}: truncated tar stream")
@@ -219,7 +246,11 @@ class _Reader:
                     return n
                 raise
             if not moved:
-                raise self._truncated()
+                if not self._more():
+                    raise self._truncated()
+                if self.fd is None:
+                    return n  # the source became a stream: copied by the caller
+                continue
             self.budget.consume(moved, self.layer)
             n -= moved
         return 0
