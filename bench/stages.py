@@ -2,7 +2,8 @@
 
 - ``alone``: download + digest (the blob cache, cold), sha256 of the blobs by itself, the
   gzip inflater alone, the merge into a tar file (inflaters included), tar2sqfs from that
-  file, and publishing the squashfs into an imageDir on disk (copy + fsync + rename);
+  file, and publishing the squashfs into an imageDir on disk, from tmpfs (copy + fsync +
+  rename) and from the same filesystem (fsync + link);
 - ``together``: one cold ``build_image`` with a timeline: when each download ended, when
   the merge wrote its last byte to tar2sqfs, when tar2sqfs exited; CPU of the gateway's own
   process and of its tools (inflaters, tar2sqfs) over the whole build.
@@ -100,12 +101,20 @@ def alone(registry_addr: str, repo: str, tag: str, scratch: str, image_dir: str)
                        check=True)
     out["tar bytes"], out["squashfs bytes"] = os.path.getsize(merged), os.path.getsize(squashfs)
     os.unlink(merged)
-    image_id = "0" * 64
-    with _stage(out, "publish into an imageDir on disk"):
-        publish_files(squashfs, image_id, pipeline.image_meta(resolved.config), PublishTarget(image_dir))
+    image_id, meta = "0" * 64, pipeline.image_meta(resolved.config)
+    with _stage(out, "publish from tmpfs into an imageDir on disk (copy)"):
+        publish_files(squashfs, image_id, meta, PublishTarget(image_dir))
     for name in os.listdir(image_dir):
         os.unlink(os.path.join(image_dir, name))
+    # as tar2sqfs leaves it in an ExpandDirectory beside the imageDir: written, not yet synced
+    beside = os.path.join(os.path.dirname(image_dir), f"expand-{os.getpid()}.squashfs")
+    shutil.copyfile(squashfs, beside)
     os.unlink(squashfs)
+    with _stage(out, "publish from the same filesystem (link)"):
+        publish_files(beside, image_id, meta, PublishTarget(image_dir))
+    os.unlink(beside)
+    for name in os.listdir(image_dir):
+        os.unlink(os.path.join(image_dir, name))
     return out
 
 
