@@ -16,10 +16,11 @@ buffers), never through Python.
 Measured here (bench/pull.py, cold cache, download included, medians): the 3-layer
 debootstrap Debian image (92 MB compressed) in 0.91 s against 1.38 s for the floor
 (extract to tmpfs + mksquashfs zstd-3) and 11.2 s for the original's skopeo/umoci/mksquashfs
-pipeline (docs/performance.md has the stage profile); earlier, with pigz, a 2.1 GB 3-layer
-image in 15.2 s against 14.3 s and 157 s.  Lower layers are
-inflated ahead while the upper ones stream (``_Prefetch``), which keeps both cores busy
-while tar2sqfs's single reader works through directories of small files.
+pipeline (docs/performance.md has the stage profile, and the same for a 1 GB image);
+earlier, with pigz, a 2.1 GB 3-layer image in 15.2 s against 14.3 s and 157 s.  Lower
+layers are inflated ahead while the upper ones stream (``gateway.inflate._Prefetch``),
+which keeps both cores busy while tar2sqfs's single reader works through directories of
+small files.
 
 Where the parts live: ``gateway.tarread`` parses a layer's tar stream (strict headers,
 exact reads, the size budget), ``gateway.inflate`` opens a blob as its uncompressed
