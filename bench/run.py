@@ -89,6 +89,9 @@ def main() -> int:
                                                   str(state / "bench")))
     if "P3" in metrics and "P3f" in metrics["P3"]:
         metrics["P3f"] = metrics["P3"].pop("P3f")
+    record(metrics, "P3big", lambda: pull.measure_p3_big(env["SHIFTER_REGISTRY"], str(state / "bench")))
+    if "P3big" in metrics and "P3f" in metrics["P3big"]:
+        metrics["P3fbig"] = metrics["P3big"].pop("P3f")
     system = cluster.config_value("system")
     record(metrics, "P4", lambda: repull_metric(lookups.measure_p4(env["SHIFTER_GATEWAY"], system, busybox)))
     record(metrics, "P5", lambda: lookup_metric(

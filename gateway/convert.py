@@ -27,7 +27,8 @@ import threading
 from collections.abc import Callable
 
 from gateway.bounds import TOOL_MEMORY, Deadline, limited
-from gateway.flatten import FlattenStats, Layer, flatten, printable
+from gateway.flatten import FlattenStats, flatten
+from gateway.tarread import Layer, printable
 from shifter.errors import ShifterError
 
 DEFAULT_COMPRESSOR = ["-c", "zstd", "-X", "level=3"]

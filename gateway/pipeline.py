@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from gateway.blobcache import BlobCache
 from gateway.bounds import Deadline
 from gateway.convert import squash_layers
-from gateway.flatten import Layer
 from gateway.oci import INDEX_TYPES, check_reference, select_platform
 from gateway.publish import PublishTarget, publish_files, remove_files
 from gateway.registry import RegistryClient
+from gateway.tarread import Layer
 from shifter.errors import ShifterError
 from shifter.formats.meta import ImageMeta, format_meta
 
@@ -254,7 +254,7 @@ class _Downloads:
     """The missing blobs, fetched in parallel (top layer first) while the conversion runs.
 
     The merge reads layers top-down, so it starts as soon as the top layer is verified
-    while the lower ones still arrive; each layer's ``ready`` (``flatten.Layer``) waits for
+    while the lower ones still arrive; each layer's ``ready`` (``tarread.Layer``) waits for
     its own download and raises its failure.  The deadline is checked on every chunk
     received (a download that trickles stops within a chunk's time) and by the waiting
     thread twice a second, which gives up without waiting for a stuck download (its thread
