@@ -21,7 +21,7 @@ import tempfile
 import time
 
 from gateway.bounds import limited
-from gateway.flatten import printable
+from gateway.tarread import printable
 from shifter.errors import ShifterError
 
 MOUNT_TIMEOUT = 10.0

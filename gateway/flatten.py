@@ -18,7 +18,7 @@ debootstrap Debian image (92 MB compressed) in 0.91 s against 1.38 s for the flo
 (extract to tmpfs + mksquashfs zstd-3) and 11.2 s for the original's skopeo/umoci/mksquashfs
 pipeline (docs/performance.md has the stage profile, and the same for a 1 GB image);
 earlier, with pigz, a 2.1 GB 3-layer image in 15.2 s against 14.3 s and 157 s.  Lower
-layers are inflated ahead while the upper ones stream (``gateway.inflate._Prefetch``),
+layers are inflated ahead while the upper ones stream (``gateway.inflate.Prefetch``),
 which keeps both cores busy while tar2sqfs's single reader works through directories of
 small files.
 
@@ -56,24 +56,23 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from gateway.bounds import Deadline
-from gateway.inflate import _Prefetch, open_layer
+from gateway.inflate import Prefetch, open_layer
 from gateway.tarread import (
-    _WH,
+    WH,
+    Budget,
+    Entry,
     Layer,
-    _ancestors,
-    _Budget,
-    _Entry,
-    _fmt,
-    _padded,
-    _Reader,
+    Reader,
+    ancestors,
+    fmt,
     normalise,
-    printable,
+    padded,
     read_entries,
 )
-from gateway.tarwrite import TarWriter, _grow_pipe, _Output, _sanitise_mode
+from gateway.tarwrite import Output, TarWriter, grow_pipe, sanitise_mode
 from shifter.errors import ShifterError
 
-__all__ = ["FlattenStats", "Flattener", "Layer", "flatten", "printable", "_Budget", "_Reader"]
+__all__ = ["FlattenStats", "Flattener", "flatten"]
 
 MAX_DIR_ENTRIES = 100_000  # see Flattener._count_child
 MAX_PATHS = 4_000_000    # paths the merge remembers over all layers (MaxImagePaths)
@@ -110,9 +109,9 @@ class Flattener:
                                 else max_index_bytes)
         self.paths = 0          # paths remembered, and their total length (see _charge)
         self.index_bytes = 0
-        self.out = _Output(out_fd)
+        self.out = Output(out_fd)
         self.writer = TarWriter(self.out)
-        self.budget = _Budget(max_bytes, deadline)
+        self.budget = Budget(max_bytes, deadline)
         self.stats = FlattenStats()
         self.emitted: dict[bytes, tuple[int, int]] = {}   # path -> (kind, layer number)
         self.whiteouts: set[bytes] = set()                 # from upper layers: hide path + subtree
@@ -131,16 +130,16 @@ class Flattener:
             scratch: str | None = None) -> FlattenStats:
         """Merge ``layers`` (bottom first, as in the manifest) and end the stream.
 
-        With a ``scratch`` directory, lower layers are decompressed ahead (see _Prefetch).
+        With a ``scratch`` directory, lower layers are decompressed ahead (see Prefetch).
         """
         order = list(reversed(layers))
-        prefetch = _Prefetch(order[1:], scratch, self.budget.limit, self.deadline) if scratch else None
+        prefetch = Prefetch(order[1:], scratch, self.budget.limit, self.deadline) if scratch else None
         try:
             for layer in order:
                 self._await(layer)
                 ahead = prefetch.take(layer) if prefetch else None
                 with ahead if ahead is not None else open_layer(layer, self.deadline) as raw:
-                    self._layer(_Reader(raw, layer, self.budget))
+                    self._layer(Reader(raw, layer, self.budget))
                 if layer_done is not None:
                     layer_done(layer)
         finally:
@@ -154,7 +153,7 @@ class Flattener:
         self.stats.bytes_read = self.budget.used
         return self.stats
 
-    def _layer(self, reader: _Reader) -> None:
+    def _layer(self, reader: Reader) -> None:
         layer = reader.layer
         new_whiteouts: list[bytes] = []
         new_opaque: list[bytes] = []
@@ -163,9 +162,9 @@ class Flattener:
         self.deferred = {}
         for entry in self._entries(reader):
             base = entry.path.rsplit(b"/", 1)[-1]
-            if base.startswith(_WH):
+            if base.startswith(WH):
                 self._whiteout(entry, base, layer, new_whiteouts, new_opaque)
-                reader.copy(_padded(entry.size), None)
+                reader.copy(padded(entry.size), None)
                 continue
             emit = self._decide(entry, layer)
             if not emit and (entry.kind in _REGULAR or entry.kind == b"1"):
@@ -181,7 +180,7 @@ class Flattener:
             if emit:
                 self._emit(entry, layer, reader)
             else:
-                reader.copy(_padded(entry.size), None)
+                reader.copy(padded(entry.size), None)
         reader.drain()
         if self.deferred:
             self._replay(layer)
@@ -196,15 +195,15 @@ class Flattener:
         (rare: e.g. an upper layer deleted or replaced only one name of a hardlinked file).
         """
         with open_layer(layer, self.deadline) as raw:
-            reader = _Reader(raw, layer, self.budget)
+            reader = Reader(raw, layer, self.budget)
             for entry in self._entries(reader):
                 links = self.deferred.pop(entry.path, None) if entry.kind in _REGULAR else None
                 if not links:
-                    reader.copy(_padded(entry.size), None)
+                    reader.copy(padded(entry.size), None)
                     continue
                 first = links[0]
-                self.writer.header(first, _sanitise_mode(entry.mode, False), entry.size, entry.mtime, b"0")
-                reader.copy(_padded(entry.size), self.out)
+                self.writer.header(first, sanitise_mode(entry.mode, False), entry.size, entry.mtime, b"0")
+                reader.copy(padded(entry.size), self.out)
                 for other in links[1:]:
                     self.writer.header(other, 0o644, 0, entry.mtime, b"1", first)
                 self.stats.entries += len(links)
@@ -224,12 +223,12 @@ class Flattener:
 
     # -- reading ----------------------------------------------------------------------
 
-    def _entries(self, reader: _Reader) -> Iterator[_Entry]:
+    def _entries(self, reader: Reader) -> Iterator[Entry]:
         return read_entries(reader)
 
     # -- merging ----------------------------------------------------------------------
 
-    def _whiteout(self, entry: _Entry, base: bytes, layer: Layer,
+    def _whiteout(self, entry: Entry, base: bytes, layer: Layer,
                   new_whiteouts: list[bytes], new_opaque: list[bytes]) -> None:
         parent = entry.path[:-len(base) - 1] if b"/" in entry.path else b""
         self._keep_parent(parent, layer.number)
@@ -238,9 +237,9 @@ class Flattener:
             return
         if base.startswith(_WH_META):
             return  # aufs bookkeeping (.wh..wh.plnk, .wh..wh.aufs): never part of the image
-        target = base[len(_WH):]
+        target = base[len(WH):]
         if target in (b"", b".", b".."):
-            raise ShifterError(f"layer {layer.number}: whiteout names an invalid path: {_fmt(entry.name)}")
+            raise ShifterError(f"layer {layer.number}: whiteout names an invalid path: {fmt(entry.name)}")
         self._charge(entry.path, layer.number)
         new_whiteouts.append(parent + b"/" + target if parent else target)
 
@@ -250,19 +249,19 @@ class Flattener:
         attempt to write through a link and is refused."""
         if b"" in self.opaque:
             return True  # an upper layer made the root itself opaque
-        for anc in _ancestors(path):
+        for anc in ancestors(path):
             if anc in self.whiteouts or anc in self.opaque:
                 return True
             seen = self.emitted.get(anc)
             if seen is not None and seen[0] in _NON_DIRS:
                 if seen[1] == number:
                     raise ShifterError(
-                        f"layer {number}: {_fmt(path)} is written through the"
-                        f" {_KIND_NAME[seen[0]]} {_fmt(anc)}")
+                        f"layer {number}: {fmt(path)} is written through the"
+                        f" {_KIND_NAME[seen[0]]} {fmt(anc)}")
                 return True  # an upper layer replaced the directory by a file or link
         return path in self.whiteouts
 
-    def _decide(self, entry: _Entry, layer: Layer) -> bool:
+    def _decide(self, entry: Entry, layer: Layer) -> bool:
         """True when this entry is the visible version of its path and must be emitted."""
         if not entry.path:
             return False  # the root's attributes are ours (root, 0755), never a layer's
@@ -278,10 +277,10 @@ class Flattener:
             if is_dir:
                 return True  # first explicit attributes for a directory an upper layer needed
             raise ShifterError(
-                f"layer {where}: entries are written through {_fmt(entry.path)}, which is a"
+                f"layer {where}: entries are written through {fmt(entry.path)}, which is a"
                 f" {'symlink' if entry.kind == b'2' else 'non-directory'} in layer {number}")
         if where == number and not (is_dir and kind == _DIR):
-            raise ShifterError(f"layer {number}: duplicate entry {_fmt(entry.name)}")
+            raise ShifterError(f"layer {number}: duplicate entry {fmt(entry.name)}")
         return False  # an upper layer's version wins
 
     def _keep_parent(self, parent: bytes, number: int) -> None:
@@ -293,7 +292,7 @@ class Flattener:
             self._register(parent, _IMPLICIT, number)
             self.whiteout_dirs.append(parent)
 
-    def _emit(self, entry: _Entry, layer: Layer, reader: _Reader) -> None:
+    def _emit(self, entry: Entry, layer: Layer, reader: Reader) -> None:
         writer = self.writer
         stats = self.stats
         kind = entry.kind
@@ -301,47 +300,47 @@ class Flattener:
             stats.dropped_xattrs += 1
         if kind in (b"3", b"4", b"6"):
             stats.dropped_devices += 1
-            reader.copy(_padded(entry.size), None)
+            reader.copy(padded(entry.size), None)
             self._register(entry.path, _DROPPED, layer.number)  # still hides lower versions
             return
         if entry.mode & 0o6000:
             stats.cleared_setid += 1
         if kind == b"5":
-            writer.header(entry.path, _sanitise_mode(entry.mode, True), 0, entry.mtime, b"5")
-            reader.copy(_padded(entry.size), None)
+            writer.header(entry.path, sanitise_mode(entry.mode, True), 0, entry.mtime, b"5")
+            reader.copy(padded(entry.size), None)
             self._register(entry.path, _DIR, layer.number)
         elif kind in (b"0", b"\0", b"7"):
-            writer.header(entry.path, _sanitise_mode(entry.mode, False), entry.size, entry.mtime, b"0")
-            reader.copy(_padded(entry.size), self.out)
+            writer.header(entry.path, sanitise_mode(entry.mode, False), entry.size, entry.mtime, b"0")
+            reader.copy(padded(entry.size), self.out)
             self._register(entry.path, _FILE, layer.number)
         elif kind == b"2":
             if not entry.link or len(entry.link) > 4095:
-                raise ShifterError(f"layer {layer.number}: invalid symlink target for {_fmt(entry.name)}")
+                raise ShifterError(f"layer {layer.number}: invalid symlink target for {fmt(entry.name)}")
             writer.header(entry.path, 0o777, 0, entry.mtime, b"2", entry.link)
-            reader.copy(_padded(entry.size), None)
+            reader.copy(padded(entry.size), None)
             self._register(entry.path, _SYMLINK, layer.number)
         elif kind == b"1":
             target = normalise(entry.link)
             if target is None or not target:
-                raise ShifterError(f"layer {layer.number}: hardlink {_fmt(entry.name)} points outside"
-                                   f" the image root: {_fmt(entry.link)}")
+                raise ShifterError(f"layer {layer.number}: hardlink {fmt(entry.name)} points outside"
+                                   f" the image root: {fmt(entry.link)}")
             canonical = self.canonical.get(target, target)
             if canonical in self.skipped:  # the target's content here was hidden: copy it later
                 self.deferred.setdefault(canonical, []).append(entry.path)
                 self._register(entry.path, _FILE, layer.number)
-                reader.copy(_padded(entry.size), None)
+                reader.copy(padded(entry.size), None)
                 return
             seen = self.emitted.get(target)
             if seen is None or seen[0] not in (_FILE, _SYMLINK):
                 what = "a missing target" if seen is None else f"a {_KIND_NAME[seen[0]]}"
-                raise ShifterError(f"layer {layer.number}: hardlink {_fmt(entry.name)} points to"
-                                   f" {what}: {_fmt(entry.link)}")
+                raise ShifterError(f"layer {layer.number}: hardlink {fmt(entry.name)} points to"
+                                   f" {what}: {fmt(entry.link)}")
             writer.header(entry.path, 0o644, 0, entry.mtime, b"1", target)
-            reader.copy(_padded(entry.size), None)
+            reader.copy(padded(entry.size), None)
             self._register(entry.path, seen[0], layer.number)
         else:
             raise ShifterError(f"layer {layer.number}: unsupported tar entry type {kind!r}"
-                               f" for {_fmt(entry.name)}")
+                               f" for {fmt(entry.name)}")
         stats.entries += 1
 
     def _register(self, path: bytes, kind: int, number: int) -> None:
@@ -349,7 +348,7 @@ class Flattener:
             self._count_child(path, number)
             self._charge(path, number)
         self.emitted[path] = (kind, number)
-        for anc in _ancestors(path):
+        for anc in ancestors(path):
             if anc not in self.emitted:
                 self._count_child(anc, number)
                 self._charge(anc, number)
@@ -375,7 +374,7 @@ class Flattener:
         count = self.children.get(parent, 0) + 1
         self.children[parent] = count
         if count > MAX_DIR_ENTRIES:
-            raise ShifterError(f"layer {number}: directory {_fmt(parent) or '/'} has more than"
+            raise ShifterError(f"layer {number}: directory {fmt(parent) or '/'} has more than"
                                f" {MAX_DIR_ENTRIES} entries")
 
 
@@ -383,5 +382,5 @@ def flatten(layers: list[Layer], out_fd: int, max_bytes: int,
             layer_done: Callable[[Layer], None] | None = None, scratch: str | None = None,
             deadline: Deadline | None = None, max_paths: int | None = None) -> FlattenStats:
     """Write the merged, sanitised tar stream of ``layers`` (bottom first) to ``out_fd``."""
-    _grow_pipe(out_fd)
+    grow_pipe(out_fd)
     return Flattener(out_fd, max_bytes, max_paths, deadline=deadline).run(layers, layer_done, scratch)

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from typing import TextIO
 
 from gateway.bounds import UNSQUASHFS_MEMORY, limited
-from gateway.flatten import printable
+from gateway.tarread import printable
 from shifter.errors import ShifterError
 
 SQUASHFS_MAGIC = b"hsqs"

@@ -21,7 +21,7 @@ import zstandard
 
 from gateway.bounds import PIGZ_MEMORY, Deadline, limited
 from gateway.tarread import _CHUNK, Layer
-from gateway.tarwrite import _grow_pipe
+from gateway.tarwrite import grow_pipe
 from shifter.errors import ShifterError
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -66,7 +66,7 @@ def open_layer(layer: Layer, deadline: Deadline | None = None) -> Iterator[int |
                                         stderr=errors, bufsize=0)
                 try:
                     assert proc.stdout is not None
-                    _grow_pipe(proc.stdout.fileno())
+                    grow_pipe(proc.stdout.fileno())
                     yield proc.stdout.fileno()
                 except BaseException as err:
                     try:  # a corrupt stream ends the inflater first: wait briefly to report its error
@@ -160,7 +160,7 @@ class _Follow:
             consumed -= len(chunk)
 
 
-class _Prefetch:
+class Prefetch:
     """Inflate lower layers into scratch files ahead of the merge.
 
     The merge reads layers top-down, so a bottom layer's single-threaded inflate would

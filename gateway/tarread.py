@@ -12,7 +12,7 @@ What the reader refuses (each entry is untrusted; ``gateway.flatten`` applies th
   reader never moves backwards, so no header can make a layer loop;
 * a name or link longer than ``MAX_PATH`` bytes, a component longer than ``NAME_MAX``, a
   path deeper than ``MAX_DEPTH``; pax or GNU long-name records over 1 MiB; sparse files;
-* more uncompressed bytes over all layers than the limit (``_Budget``: a decompression
+* more uncompressed bytes over all layers than the limit (``Budget``: a decompression
   bomb stops with a failure naming the limit); declared sizes are checked before reading.
 
 A path in a message has its control characters escaped (``printable``), so a name can
@@ -32,7 +32,7 @@ from gateway.bounds import Deadline
 from shifter.errors import ShifterError
 
 if TYPE_CHECKING:
-    from gateway.tarwrite import _Output
+    from gateway.tarwrite import Output
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
@@ -47,7 +47,7 @@ MAX_DEPTH = 256          # components in one path; real images stay far below 64
 _OCTAL = re.compile(rb"[0-7]+")
 _DECIMAL = re.compile(rb"[0-9]{1,30}")
 _PAX_TIME = re.compile(rb"-?[0-9]{1,30}(\.[0-9]{0,30})?")
-_WH = b".wh."
+WH = b".wh."
 
 
 @dataclass
@@ -76,7 +76,7 @@ def printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
-def _fmt(path: bytes) -> str:
+def fmt(path: bytes) -> str:
     """A path for a message: undecodable bytes and control characters shown as escapes,
     length bounded."""
     text = path[:400].decode("utf-8", "backslashreplace")
@@ -116,14 +116,14 @@ def normalise(name: bytes) -> bytes | None:
     return b"/".join(parts)
 
 
-def _ancestors(path: bytes) -> Iterator[bytes]:
+def ancestors(path: bytes) -> Iterator[bytes]:
     i = path.find(b"/")
     while i != -1:
         yield path[:i]
         i = path.find(b"/", i + 1)
 
 
-def _padded(size: int) -> int:
+def padded(size: int) -> int:
     return (size + BLOCK - 1) // BLOCK * BLOCK
 
 
@@ -139,7 +139,7 @@ class Growing(Protocol):
     def more(self) -> bool: ...
 
 
-class _Reader:
+class Reader:
     """Exact reads from a decompressed layer stream, counting bytes against the limit.
 
     ``source`` is a file descriptor (an inflater's pipe or an uncompressed blob), from which file
@@ -147,7 +147,7 @@ class _Reader:
     object (the in-process zstd decompressor).
     """
 
-    def __init__(self, source: int | BinaryIO | Growing, layer: Layer, budget: _Budget) -> None:
+    def __init__(self, source: int | BinaryIO | Growing, layer: Layer, budget: Budget) -> None:
         self.growing = source if isinstance(source, Growing) else None
         if isinstance(source, Growing):
             self.fd, self.stream = source.fd, source.stream
@@ -203,7 +203,7 @@ class _Reader:
         self.pos += n
         return data
 
-    def copy(self, n: int, out: _Output | None) -> None:
+    def copy(self, n: int, out: Output | None) -> None:
         """Copy (or skip, when ``out`` is None) exactly ``n`` bytes."""
         self._forward(n)
         take = min(n, len(self.buf) - self.pos)
@@ -234,7 +234,7 @@ class _Reader:
         if n < 0:
             raise ShifterError(f"layer {self.layer.number}: corrupt tar stream (negative length {n})")
 
-    def _splice(self, n: int, out: _Output) -> int:
+    def _splice(self, n: int, out: Output) -> int:
         """Move ``n`` bytes fd to fd in the kernel; returns what is left (on EINVAL: all)."""
         assert self.fd is not None
         while n:
@@ -263,7 +263,7 @@ class _Reader:
                 pass
 
 
-class _Budget:
+class Budget:
     """The decompression-bomb guard: total uncompressed bytes read from all layers; and,
     checked as often, the pull's deadline (a layer that trickles out of a stalled
     decompressor, or a conversion that runs too long, ends the pull)."""
@@ -291,7 +291,7 @@ class _Budget:
 
 
 @dataclass
-class _Entry:
+class Entry:
     name: bytes          # raw name from the archive
     path: bytes          # normalised path ("" = root)
     kind: bytes          # typeflag
@@ -305,17 +305,17 @@ class _Entry:
 def _check_shape(name: bytes, path: bytes, link: bytes, layer: Layer) -> None:
     """Refuse names no filesystem could hold; they also bound what the merge keeps per path."""
     if len(name) > MAX_PATH or len(link) > MAX_PATH:
-        what = "name" if len(name) > MAX_PATH else f"link target of {_fmt(name)}"
+        what = "name" if len(name) > MAX_PATH else f"link target of {fmt(name)}"
         raise ShifterError(f"layer {layer.number}: {what} longer than {MAX_PATH} bytes"
-                           + (f": {_fmt(name)}" if what == "name" else ""))
+                           + (f": {fmt(name)}" if what == "name" else ""))
     if len(path) <= NAME_MAX:
         return  # the common case: no component can be too long, nor the path too deep
     parts = path.split(b"/")
     if len(parts) > MAX_DEPTH:
-        raise ShifterError(f"layer {layer.number}: path deeper than {MAX_DEPTH} components: {_fmt(name)}")
-    if any(len(part) > NAME_MAX + (len(_WH) if part.startswith(_WH) else 0) for part in parts):
+        raise ShifterError(f"layer {layer.number}: path deeper than {MAX_DEPTH} components: {fmt(name)}")
+    if any(len(part) > NAME_MAX + (len(WH) if part.startswith(WH) else 0) for part in parts):
         raise ShifterError(f"layer {layer.number}: a component longer than {NAME_MAX} bytes"
-                           f" in {_fmt(name)}")
+                           f" in {fmt(name)}")
 
 
 def _parse_pax(data: bytes, layer: Layer) -> dict[bytes, bytes]:
@@ -338,7 +338,7 @@ def _parse_pax(data: bytes, layer: Layer) -> dict[bytes, bytes]:
     return records
 
 
-def read_entries(reader: _Reader) -> Iterator[_Entry]:
+def read_entries(reader: Reader) -> Iterator[Entry]:
     """The entries of ``reader``'s layer, parsed strictly; each entry's body is left for
     the caller to copy or skip (``reader.copy``) before the next one is read."""
     layer = reader.layer
@@ -359,7 +359,7 @@ def read_entries(reader: _Reader) -> Iterator[_Entry]:
         if typeflag in (b"x", b"g", b"L", b"K"):
             if size > _MAX_META_RECORD:
                 raise ShifterError(f"layer {layer.number}: oversized tar metadata record")
-            data = reader.read_exact(_padded(size))[:size]
+            data = reader.read_exact(padded(size))[:size]
             if typeflag == b"x":
                 pax = _parse_pax(data, layer)
             elif typeflag == b"L":
@@ -380,30 +380,30 @@ def read_entries(reader: _Reader) -> Iterator[_Entry]:
         link = long_link if long_link is not None else pax.get(b"linkpath", _cstring(hdr[157:257]))
         if b"size" in pax:
             if not _DECIMAL.fullmatch(pax[b"size"]):
-                raise ShifterError(f"layer {layer.number}: corrupt pax size for {_fmt(name)}")
+                raise ShifterError(f"layer {layer.number}: corrupt pax size for {fmt(name)}")
             size = int(pax[b"size"])
         mtime = _parse_number(hdr[136:148])
         if b"mtime" in pax:
             if not _PAX_TIME.fullmatch(pax[b"mtime"]):
-                raise ShifterError(f"layer {layer.number}: corrupt pax mtime for {_fmt(name)}")
+                raise ShifterError(f"layer {layer.number}: corrupt pax mtime for {fmt(name)}")
             mtime = int(pax[b"mtime"].partition(b".")[0])
         if mtime is None:
-            raise ShifterError(f"layer {layer.number}: corrupt tar header (bad mtime) for {_fmt(name)}")
+            raise ShifterError(f"layer {layer.number}: corrupt tar header (bad mtime) for {fmt(name)}")
         mtime = min(max(mtime, 0), _MAX_MTIME)  # squashfs keeps 32-bit times anyway
         if any(k.startswith(b"GNU.sparse") for k in pax) or typeflag == b"S":
-            raise ShifterError(f"layer {layer.number}: sparse file {_fmt(name)} is not supported")
+            raise ShifterError(f"layer {layer.number}: sparse file {fmt(name)} is not supported")
         had_xattrs = any(b"xattr" in k or k.startswith(b"SCHILY.acl") for k in pax)
         pax, long_name, long_link = {}, None, None
         if b"\0" in name or b"\0" in link:
-            raise ShifterError(f"layer {layer.number}: NUL byte in a name: {_fmt(name)}")
+            raise ShifterError(f"layer {layer.number}: NUL byte in a name: {fmt(name)}")
         path = normalise(name)
         if path is None:
-            raise ShifterError(f"layer {layer.number}: path escapes the image root: {_fmt(name)}")
+            raise ShifterError(f"layer {layer.number}: path escapes the image root: {fmt(name)}")
         _check_shape(name, path, link, layer)
         if typeflag in (b"0", b"\0", b"7") and name.endswith(b"/"):
             typeflag = b"5"
         mode = _parse_number(hdr[100:108])
         if mode is None or mode < 0:
-            raise ShifterError(f"layer {layer.number}: corrupt tar header (bad mode) for {_fmt(name)}")
+            raise ShifterError(f"layer {layer.number}: corrupt tar header (bad mode) for {fmt(name)}")
         reader.budget.check_declared(size, layer)
-        yield _Entry(name, path, typeflag, mode, size, mtime, link, had_xattrs)
+        yield Entry(name, path, typeflag, mode, size, mtime, link, had_xattrs)

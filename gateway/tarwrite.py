@@ -3,7 +3,7 @@
 Headers are rebuilt, never copied: owner root, GNU long names for paths over 100 bytes,
 modes made world-readable with setuid/setgid cleared.  The output is a pipe to tar2sqfs
 with a 1 MiB buffer; file bodies at least 64 KiB long skip the buffer (``write_direct``,
-or ``splice`` from the reader's side, see ``gateway.tarread._Reader.copy``).
+or ``splice`` from the reader's side, see ``gateway.tarread.Reader.copy``).
 """
 
 from __future__ import annotations
@@ -12,19 +12,19 @@ import contextlib
 import fcntl
 import os
 
-from gateway.tarread import _CHUNK, _ZERO_BLOCK, BLOCK, _padded
+from gateway.tarread import _CHUNK, _ZERO_BLOCK, BLOCK, padded
 
 _F_SETPIPE_SZ = 1031
 
 
-def _grow_pipe(fd: int) -> None:
+def grow_pipe(fd: int) -> None:
     """Ask for a 1 MiB pipe buffer: with the default 64 KiB the three processes of the
     pipeline (the inflater, us, tar2sqfs) run in lock-step and the two cores idle."""
     with contextlib.suppress(OSError):
         fcntl.fcntl(fd, _F_SETPIPE_SZ, _CHUNK)
 
 
-class _Output:
+class Output:
     """Buffered writes to a file descriptor; long file bodies are spliced in the kernel."""
 
     def __init__(self, fd: int) -> None:
@@ -54,7 +54,7 @@ class _Output:
 class TarWriter:
     """Writes sanitised GNU-format headers (root owner) to the output stream."""
 
-    def __init__(self, out: _Output) -> None:
+    def __init__(self, out: Output) -> None:
         self.out = out
 
     @staticmethod
@@ -84,7 +84,7 @@ class TarWriter:
     def _long(self, typeflag: bytes, value: bytes) -> bytes:
         data = value + b"\0"
         return (self._record(b"././@LongLink", 0o644, len(data), 0, typeflag, b"")
-                + data + bytes(_padded(len(data)) - len(data)))
+                + data + bytes(padded(len(data)) - len(data)))
 
     def header(self, path: bytes, mode: int, size: int, mtime: int, typeflag: bytes,
                link: bytes = b"") -> None:
@@ -100,7 +100,7 @@ class TarWriter:
         self.out.flush()
 
 
-def _sanitise_mode(mode: int, is_dir: bool) -> int:
+def sanitise_mode(mode: int, is_dir: bool) -> int:
     """Clear setuid/setgid, keep sticky, make readable by all (a+rX,u+w)."""
     mode &= 0o1777
     mode |= 0o644

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gateway.convert import squash_layers
-from gateway.flatten import Layer
+from gateway.tarread import Layer
 
 
 def write_layers(workdir: Path, layers: tuple[bytes, ...]) -> list[Layer]:

@@ -253,12 +253,12 @@ def test_negative_or_non_numeric_sizes_are_refused_without_looping(
 
 
 def test_reader_never_moves_backwards(sandbox: Path) -> None:
-    from gateway.flatten import Layer, _Budget, _Reader
+    from gateway.tarread import Budget, Layer, Reader
 
     blob = sandbox / "blob"
     blob.write_bytes(bytes(1024))
     with open(blob, "rb", buffering=0) as fh:
-        reader = _Reader(fh.fileno(), Layer(str(blob), 3), _Budget(1 << 20))
+        reader = Reader(fh.fileno(), Layer(str(blob), 3), Budget(1 << 20))
         reader.read_exact(512)
         for move in (lambda: reader.copy(-512, None), lambda: reader.read_exact(-1)):
             with pytest.raises(ShifterError, match=r"layer 3: corrupt tar stream \(negative length"):

@@ -18,8 +18,8 @@ import pytest
 import zstandard
 
 from gateway.inflate import _Follow
-from gateway.tarread import Layer, _Budget, _Reader
-from gateway.tarwrite import _Output
+from gateway.tarread import Budget, Layer, Reader
+from gateway.tarwrite import Output
 from shifter.errors import ShifterError
 
 DATA = os.urandom(300_000) + bytes(200_000) + os.urandom(100_000)  # splice-sized runs
@@ -34,7 +34,7 @@ def _follow(tmp_path: Path, blob: bytes, written: bytes, finished: threading.Eve
     return _Follow(fd, str(partial), finished, lambda: ok, Layer(str(blob_path), 2), None), partial
 
 
-def _copy_through_pipe(reader: _Reader, n: int) -> bytes:
+def _copy_through_pipe(reader: Reader, n: int) -> bytes:
     """``reader.copy`` into a pipe (the splice path), drained by a thread."""
     rfd, wfd = os.pipe()
     got = bytearray()
@@ -46,7 +46,7 @@ def _copy_through_pipe(reader: _Reader, n: int) -> bytes:
     thread = threading.Thread(target=drain)
     thread.start()
     try:
-        out = _Output(wfd)
+        out = Output(wfd)
         reader.copy(n, out)
         out.flush()
     finally:
@@ -62,9 +62,9 @@ def test_a_failed_prefetch_goes_on_from_the_blob_past_what_was_read(tmp_path: Pa
     finished = threading.Event()
     finished.set()
     follow, partial = _follow(tmp_path, compress(DATA), DATA[:250_000], finished, ok=False)
-    budget = _Budget(1 << 30)
+    budget = Budget(1 << 30)
     with follow:
-        reader = _Reader(follow, follow.layer, budget)
+        reader = Reader(follow, follow.layer, budget)
         head = reader.read_exact(1000)
         body = _copy_through_pipe(reader, len(DATA) - 1000)
     assert head + body == DATA
@@ -86,10 +86,10 @@ def test_a_growing_file_is_read_to_its_end_without_waiting_for_the_whole_layer(t
 
     writer = threading.Thread(target=inflater)
     writer.start()
-    budget = _Budget(1 << 30)
+    budget = Budget(1 << 30)
     try:
         with follow:
-            reader = _Reader(follow, follow.layer, budget)
+            reader = Reader(follow, follow.layer, budget)
             assert _copy_through_pipe(reader, len(DATA)) == DATA
             reader.drain()
     finally:
@@ -104,7 +104,7 @@ def test_a_corrupt_blob_behind_a_failed_prefetch_reports_the_inflaters_error(tmp
     finished.set()
     follow, _ = _follow(tmp_path, bytes(blob), DATA[:1000], finished, ok=False)
     with pytest.raises(ShifterError, match=r"^layer 2: (gzip decompression failed|truncated tar stream)"), follow:
-        reader = _Reader(follow, follow.layer, _Budget(1 << 30))
+        reader = Reader(follow, follow.layer, Budget(1 << 30))
         reader.read_exact(len(DATA))
 
 
@@ -115,5 +115,5 @@ def test_a_stalled_inflater_ends_at_the_deadline(tmp_path: Path) -> None:
     follow.deadline = Deadline(0.3)
     started = time.monotonic()
     with pytest.raises(ShifterError, match="layer 2"), follow:
-        _Reader(follow, follow.layer, _Budget(1 << 30)).read_exact(len(DATA))
+        Reader(follow, follow.layer, Budget(1 << 30)).read_exact(len(DATA))
     assert time.monotonic() - started < 2
