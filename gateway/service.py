@@ -3,7 +3,7 @@
 One process serves HTTP (uvicorn with httptools on uvloop) and runs the pull workers
 in threads, like the original. SIGTERM/SIGINT stop accepting requests, let running
 requests finish, then stop the workers; a pull interrupted that way is picked up by
-the next start (see gateway.manager.recover). Also runnable as
+the next start (see gateway.recovery). Also runnable as
 ``python -m gateway.service --config ...``.
 """
 
@@ -102,7 +102,7 @@ def serve(config_path: str) -> None:
     """Load the config, recover the store, serve until a signal arrives."""
     import uvicorn
 
-    from gateway.api import AccessLog, create_app
+    from gateway.asgi import AccessLog, create_app
     from gateway.config import load_config
     from gateway.manager import ImageManager
     from gateway.store import open_store
