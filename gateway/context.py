@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway import pipeline
+from gateway.buildproc import Builds
 from gateway.checks import NotFound
 from gateway.config import GatewayConfig, PlatformConfig
 from gateway.metrics import Metrics
@@ -93,6 +94,7 @@ class Context:
         # jobs that ended without settling their record because the store did not answer:
         # {rid: (kind, message)}, settled by the housekeeper once the store answers again
         self.unsettled: dict[str, tuple[str, str]] = {}
+        self.builds = Builds()  # the conversion processes, ended when the gateway stops
 
     # -- owners and leases ----------------------------------------------------------------
 

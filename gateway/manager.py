@@ -83,8 +83,10 @@ class ImageManager:
         self._threads.append(t)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop taking jobs; running jobs are abandoned to recovery (their records say who owned them)."""
+        """Stop taking jobs; running jobs are abandoned to recovery (their records say who owned them),
+        their conversion processes killed."""
         self._stop.set()
+        self.ctx.builds.stop()
         for _ in self._threads:
             self.ctx.jobs.put(None)
         deadline = time.monotonic() + timeout

@@ -5,6 +5,8 @@
 * Before downloading anything the worker resolves the tag to its image id (one manifest
   request). If that image is already published, the pull only re-tags it (and rewrites
   the ACLs in ``.meta`` if they changed): an unchanged tag is re-pulled in milliseconds.
+* The download and conversion run in a process of their own (gateway.buildproc), so that
+  they never hold the API process's GIL.
 * Privacy is decided after the build, from what the registry actually required.
 * Registry credentials from the munge payload stay in memory, never in the store.
 """
@@ -22,6 +24,7 @@ from typing import Any
 from gateway import examine, pipeline
 from gateway.access import Access, effective, for_tag
 from gateway.auth import Session
+from gateway.buildproc import Cancelled
 from gateway.checks import BadRequest, check_tag
 from gateway.config import PlatformConfig
 from gateway.context import FAILURE_HOLD_SECONDS, Context
@@ -205,6 +208,8 @@ class Pulls:
             spec = self.pull_spec(rec["pulltag"], tokens, work_dir)
             resolved = pipeline.resolve(spec)
             self._finish(rec, platform, spec, resolved, started)
+        except Cancelled:  # the gateway is stopping: the record is left to recovery, as for a crash
+            log.info("pull %s (%s) stopped with the gateway", rid, rec.get("pulltag"))
         except ShifterError as err:
             ctx.fail(rid, str(err), started, work_dir)
         except Exception as err:
@@ -246,7 +251,7 @@ class Pulls:
             return
         ctx.set(rid, "CONVERSION", "downloading and converting layers")
         built_at = time.monotonic()
-        built = pipeline.build_image(spec, resolved, self._progress(rid))
+        built = ctx.builds.build(spec, resolved, self._progress(rid))  # in a process of its own
         ctx.metrics.observe("shifter_gateway_conversion_seconds", time.monotonic() - built_at)
         if ctx.config.examiner:
             ctx.set(rid, "EXAMINATION", f"running the examiner {os.path.basename(ctx.config.examiner)}")

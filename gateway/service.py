@@ -1,10 +1,10 @@
 """``shifter-gateway --config imagemanager.json``: run the image gateway (uvicorn, one process).
 
 One process serves HTTP (uvicorn with httptools on uvloop) and runs the pull workers
-in threads, like the original. SIGTERM/SIGINT stop accepting requests, let running
-requests finish, then stop the workers; a pull interrupted that way is picked up by
-the next start (see gateway.recovery). Also runnable as
-``python -m gateway.service --config ...``.
+in threads, like the original; each conversion runs in a child process (gateway.buildproc).
+SIGTERM/SIGINT stop accepting requests, let running requests finish, then stop the workers
+and their conversion processes; a pull interrupted that way is picked up by the next start
+(see gateway.recovery). Also runnable as ``python -m gateway.service --config ...``.
 """
 
 from __future__ import annotations
@@ -124,8 +124,8 @@ def serve(config_path: str) -> None:
     app = create_app(config, manager, access_log=access_log)
     gc.collect()
     gc.freeze()  # the start-up objects never need scanning again: shorter GC pauses under load
-    # a pull's flattener holds the GIL for whole switch intervals: a shorter one lets lookups in
-    # between (they hand the GIL over several times per request)
+    # the worker threads (store writes, publishing, the examiner's wait) hold the GIL for whole
+    # switch intervals: a shorter one lets lookups in between (they hand it over several times each)
     sys.setswitchinterval(LOOKUP_SWITCH_INTERVAL)
     server = uvicorn.Server(
         uvicorn.Config(
