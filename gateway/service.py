@@ -102,6 +102,7 @@ def serve(config_path: str) -> None:
     """Load the config, recover the store, serve until a signal arrives."""
     import uvicorn
 
+    from gateway.api import shutdown_pool
     from gateway.asgi import AccessLog, create_app
     from gateway.config import load_config
     from gateway.manager import ImageManager
@@ -151,6 +152,7 @@ def serve(config_path: str) -> None:
     try:
         server.run(sockets=sockets)
     finally:
+        shutdown_pool()
         manager.stop()
         store.close()
         if access_log is not None:
