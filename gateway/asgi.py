@@ -39,13 +39,18 @@ class AccessLog:
         self._fh = open(path, "a", buffering=1 << 16, encoding="utf-8")  # noqa: SIM115 (lives with the app)
         self._flushed = time.time()
         self._flush_scheduled = False
+        self._second = -1  # the time stamp is formatted once a second, not once a request
+        self._stamp = ""
 
     def write(self, scope: Scope, status: int, started: float) -> None:
         client = scope.get("client") or ("-", 0)
         now = time.time()
+        if int(now) != self._second:
+            self._second = int(now)
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self._second))
         path = scope.get("path", "")
         self._fh.write(
-            f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(now))} {client[0]} "
+            f"{self._stamp} {client[0]} "
             f"{scope.get('method', '-')} {path!r} {status} {(now - started) * 1000:.1f}ms\n"
         )
         if now - self._flushed > 1.0:
