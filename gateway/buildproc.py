@@ -85,7 +85,7 @@ class Builds:
             if self._stopping:
                 raise Cancelled()
             proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway.buildproc", str(os.getpid())],
+                [sys.executable, *_isolation(), "-m", "gateway.buildproc", str(os.getpid())],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, close_fds=True,
                 cwd="/", start_new_session=True, env=_child_env(),
             )
@@ -125,6 +125,13 @@ class Builds:
                 raise spec.deadline.error(f"converting (the conversion process did not stop: {name})")
             raise ShifterError(f"the conversion process was killed by {name}; try again")
         raise ShifterError(f"the conversion process exited with status {proc.returncode}: {_last_line(errlog)}")
+
+
+def _isolation() -> list[str]:
+    """``-I`` when the gateway itself runs isolated (the installed ``shifter-gateway``): the child
+    then ignores PYTHON* variables and the user's site too, and finds the package where the
+    gateway's interpreter does."""
+    return ["-I"] if sys.flags.isolated else []
 
 
 def _child_env() -> dict[str, str]:
