@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -45,6 +46,12 @@ def _cpu_seconds(pid: int) -> float:
     """utime + stime of the process (all its threads, not its children)."""
     fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[-1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu() -> float:
+    """user + system seconds of this process's waited-for children (the load generator)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> int:
@@ -82,16 +89,19 @@ def main() -> int:
                 assert gateway.proc is not None
                 for side in ("idle",) if busy is None else ("idle", "loaded"):
                     gw0, mu0 = _cpu_seconds(gateway.proc.pid), _cpu_seconds(munged.pid or 0)
+                    cl0 = _children_cpu()
                     result = measure_p5(gateway.url, "testsys", small, args.seconds, args.clients, munged.socket,
                                         busy_tag=busy if side == "loaded" else None)
                     requests = max(1, result["requests"])
                     result["gateway_cpu_us"] = (_cpu_seconds(gateway.proc.pid) - gw0) / requests * 1e6
                     result["munged_cpu_us"] = (_cpu_seconds(munged.pid or 0) - mu0) / requests * 1e6
+                    if side == "idle":  # the load generator (a child process), its munge encodes included
+                        result["client_cpu_us"] = (_children_cpu() - cl0) / requests * 1e6
                     result["load1"] = os.getloadavg()[0]
                     results.setdefault(f"{checkout.name} {side}", []).append(result)
                 gateway.stop()
         keys = ("lookups_per_s", "p50_ms", "p99_ms", "errors", "load_cycles", "gateway_cpu_us", "munged_cpu_us",
-                "load1")
+                "client_cpu_us", "load1")
         summary = {
             name: {
                 "lookups_per_s": statistics.median(r["lookups_per_s"] for r in runs),
