@@ -105,16 +105,17 @@ class Builds:
             proc.wait()
         finally:
             watchdog.cancel()
-            if proc.poll() is None:
+            if proc.poll() is None:  # the parent gave up on it (its progress could not be written)
                 _kill_group(proc)
                 proc.wait()
             with self._lock:
                 self._procs.discard(proc)
                 stopping = self._stopping
             _forward_log(errlog)
+            if "built" not in result or proc.returncode != 0:
+                _remove_partials(spec, resolved)
         if "built" in result and proc.returncode == 0:
             return _built(spec, resolved, result)
-        _remove_partials(spec, resolved)
         if stopping:
             raise Cancelled()
         if "error" in result:
