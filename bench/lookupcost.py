@@ -19,6 +19,7 @@ import cProfile
 import io
 import json
 import pstats
+import shutil
 import statistics
 import sys
 import tempfile
@@ -205,6 +206,7 @@ def main() -> int:
     finally:
         registry.stop()
         munged.stop()
+        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

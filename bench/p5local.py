@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -118,6 +119,7 @@ def main() -> int:
             gateway.stop()
         registry.stop()
         munged.stop()
+        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
