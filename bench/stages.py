@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.pull import _scratch, _spec  # noqa: E402
-from gateway import convert, pipeline, registry  # noqa: E402
+from gateway import blobcache, convert, pipeline  # noqa: E402
 from gateway.flatten import flatten  # noqa: E402
 from gateway.inflate import _inflater  # noqa: E402
 from gateway.publish import PublishTarget, publish_files  # noqa: E402
@@ -80,7 +80,7 @@ def alone(registry_addr: str, repo: str, tag: str, scratch: str, image_dir: str)
     shutil.rmtree(spec.cache_dir, ignore_errors=True)
     resolved = pipeline.resolve(spec)
     out: dict = {}
-    cache, client = registry.BlobCache(spec.cache_dir), pipeline._client(spec)
+    cache, client = blobcache.BlobCache(spec.cache_dir), pipeline._client(spec)
     with _stage(out, "download + digest (one at a time)"):
         blobs = [cache.fetch(client, d["digest"], d["size"], lambda _: None) for d in resolved.layers]
     import hashlib
@@ -123,13 +123,13 @@ def together(registry_addr: str, repo: str, tag: str, scratch: str) -> dict:
     spec = _spec(registry_addr, repo, tag, scratch)
     shutil.rmtree(spec.cache_dir, ignore_errors=True)
     marks: dict[str, float] = {}
-    fetch, squash_flatten = registry.BlobCache.fetch, convert.flatten
+    fetch, squash_flatten = blobcache.BlobCache.fetch, convert.flatten
     started = time.perf_counter()
 
     def mark(name: str) -> None:
         marks.setdefault(name, time.perf_counter() - started)
 
-    def timed_fetch(self: registry.BlobCache, *args: object, **kwargs: object) -> str:
+    def timed_fetch(self: blobcache.BlobCache, *args: object, **kwargs: object) -> str:
         path = fetch(self, *args, **kwargs)  # type: ignore[arg-type]
         mark(f"download {len([k for k in marks if k.startswith('download')]) + 1} done")
         return path
@@ -141,7 +141,7 @@ def together(registry_addr: str, repo: str, tag: str, scratch: str) -> dict:
         finally:
             mark("merge wrote its last byte")
 
-    registry.BlobCache.fetch, convert.flatten = timed_fetch, timed_flatten  # type: ignore[method-assign]
+    blobcache.BlobCache.fetch, convert.flatten = timed_fetch, timed_flatten  # type: ignore[method-assign]
     try:
         me, kids = _cpu()
         resolved = pipeline.resolve(spec)
@@ -150,7 +150,7 @@ def together(registry_addr: str, repo: str, tag: str, scratch: str) -> dict:
         mark("tar2sqfs exited (build_image returned)")
         me2, kids2 = _cpu()
     finally:
-        registry.BlobCache.fetch, convert.flatten = fetch, squash_flatten  # type: ignore[method-assign]
+        blobcache.BlobCache.fetch, convert.flatten = fetch, squash_flatten  # type: ignore[method-assign]
     os.unlink(built.squashfs_path)
     return {"marks": dict(sorted(marks.items(), key=lambda kv: kv[1])), "cpu self": me2 - me,
             "cpu tools": kids2 - kids, "wall": marks["tar2sqfs exited (build_image returned)"]}

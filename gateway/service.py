@@ -1,10 +1,10 @@
 """``shifter-gateway --config imagemanager.json``: run the image gateway (uvicorn, one process).
 
 One process serves HTTP (uvicorn with httptools on uvloop) and runs the pull workers
-in threads, like the original. SIGTERM/SIGINT stop accepting requests, let running
-requests finish, then stop the workers; a pull interrupted that way is picked up by
-the next start (see gateway.manager.recover). Also runnable as
-``python -m gateway.service --config ...``.
+in threads, like the original; each conversion runs in a child process (gateway.buildproc).
+SIGTERM/SIGINT stop accepting requests, let running requests finish, then stop the workers
+and their conversion processes; a pull interrupted that way is picked up by the next start
+(see gateway.recovery). Also runnable as ``python -m gateway.service --config ...``.
 """
 
 from __future__ import annotations
@@ -15,11 +15,32 @@ import logging
 import os
 import socket
 import sys
+from typing import Any
 
 from shifter.errors import ShifterError
 
 DEFAULT_CONFIG = "/etc/shifter/imagemanager.json"
 HEADER_SECONDS = 10.0  # from the first byte of a request (or the connection) to its last header
+
+
+class _AddressesOnly:
+    """A transport as uvicorn's ``connection_made`` sees it: no ``"socket"`` extra info.
+
+    uvicorn asks for the socket to read the peer's and its own address, and uvloop builds
+    a new socket object for each such call (two per connection, ~25 us each); without it
+    uvicorn takes the addresses uvloop already holds ("peername", "sockname").
+    """
+
+    __slots__ = ("_transport",)
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default if name == "socket" else self._transport.get_extra_info(name, default)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 def header_deadline_protocol() -> type:
@@ -49,7 +70,8 @@ def header_deadline_protocol() -> type:
                 self.transport.close()
 
         def connection_made(self, transport):  # type: ignore[no-untyped-def]
-            super().connection_made(transport)
+            super().connection_made(_AddressesOnly(transport))
+            self.transport = transport
             self._arm()
 
         def on_message_begin(self) -> None:
@@ -102,7 +124,8 @@ def serve(config_path: str) -> None:
     """Load the config, recover the store, serve until a signal arrives."""
     import uvicorn
 
-    from gateway.api import AccessLog, create_app
+    from gateway.api import shutdown_pool
+    from gateway.asgi import AccessLog, create_app
     from gateway.configfile import load_config
     from gateway.manager import ImageManager
     from gateway.store.backend import open_store
@@ -124,8 +147,8 @@ def serve(config_path: str) -> None:
     app = create_app(config, manager, access_log=access_log)
     gc.collect()
     gc.freeze()  # the start-up objects never need scanning again: shorter GC pauses under load
-    # a pull's flattener holds the GIL for whole switch intervals: a shorter one lets lookups in
-    # between (they hand the GIL over several times per request)
+    # the worker threads (store writes, publishing, the examiner's wait) hold the GIL for whole
+    # switch intervals: a shorter one lets lookups in between (they hand it over several times each)
     sys.setswitchinterval(LOOKUP_SWITCH_INTERVAL)
     server = uvicorn.Server(
         uvicorn.Config(
@@ -134,7 +157,8 @@ def serve(config_path: str) -> None:
             loop="uvloop",
             lifespan="off",
             log_config=None,
-            access_log=bool(config.access_log),
+            access_log=False,  # gateway.asgi.AccessLog writes it, without a LogRecord per request
+            proxy_headers=False,  # the client address is the peer's: no X-Forwarded-For trusted
             server_header=False,
             timeout_keep_alive=30,
             backlog=2048,
@@ -151,6 +175,7 @@ def serve(config_path: str) -> None:
     try:
         server.run(sockets=sockets)
     finally:
+        shutdown_pool()
         manager.stop()
         store.close()
         if access_log is not None:

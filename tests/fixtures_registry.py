@@ -222,7 +222,8 @@ class GatewayProcess:
     """The real gateway service as a subprocess (``python -m gateway.service --config``)."""
 
     def __init__(self, root: Path, config: dict[str, Any], hostname: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, repo: Path | None = None) -> None:
+        self.repo = repo or REPO  # another checkout's gateway (benchmarks compare two)
         self.root = root
         self.config = config
         self.hostname = hostname
@@ -243,7 +244,7 @@ class GatewayProcess:
         with open(self.out, "ab") as out:
             self.proc = subprocess.Popen(
                 [PYTHON, "-m", "gateway.service", "--config", str(self.config_path)],
-                cwd=REPO,
+                cwd=self.repo,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -373,7 +373,7 @@ cut -d' ' -f19 /proc/$$/stat > {out}
 def test_pulls_run_at_a_lower_cpu_priority_than_the_api(services: tuple[Path, Munged, Registry]) -> None:
     """A pull's tools (here the examiner, a script of the test's) run PULL_NICENESS below the process
     that answers lookups, so a conversion on a small gateway host does not slow job submission."""
-    from gateway.manager import PULL_NICENESS
+    from gateway.context import PULL_NICENESS
 
     top, munged, registry = services
     root = top / "niceness"

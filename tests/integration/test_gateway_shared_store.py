@@ -245,7 +245,7 @@ def test_pulls_of_a_killed_gateway_are_taken_over_by_the_other_when_their_lease_
     by the store's lease once it has run out (LEASE_SECONDS after A's last heartbeat, found
     within RECLAIM_SECONDS), finishes them, and no half image is visible meanwhile. A restarted
     afterwards runs neither a second time."""
-    from gateway.manager import LEASE_SECONDS, RECLAIM_SECONDS
+    from gateway.context import LEASE_SECONDS, RECLAIM_SECONDS
 
     top, munged, registry = services
     root = top / "takeover"
