@@ -1059,7 +1059,7 @@ def test_examiner_that_hangs_is_killed_at_its_timeout_and_the_mount_removed(tmp_
 
 def test_a_pull_from_a_trickling_registry_fails_at_the_pull_deadline(env: Env) -> None:
     """issue 10: a registry sending a byte a second kept the pull in flight for ever."""
-    from tests.unit.test_pull_bounds import Registry as TrickleRegistry
+    from tests.unit.gateway.test_pull_bounds import Registry as TrickleRegistry
 
     slow = TrickleRegistry(oci.gzip_bytes(oci.tar_bytes([oci.file("etc/hello", b"hello\n" * 50)])))
     slow.mode = "trickle"

@@ -890,7 +890,7 @@ def test_hostile_layers_from_a_real_registry_fail_the_pull_in_bounded_time(regis
     """issue 10: a pax size of -512 looped for ever; a name 40,000 levels deep took 3 GB;
     a name with escape sequences reached the status message as it was."""
     from tests.layer_blobs import end_of_archive, pax_member, raw_header
-    from tests.unit.test_hostile_layers import time_bound
+    from tests.unit.gateway.test_hostile_layers import time_bound
 
     next_entry = raw_header(b"next", b"0", b"00000000001\0") + b"x" + bytes(511) + end_of_archive()
     cases = {

@@ -12,7 +12,7 @@ import pytest
 
 from localcluster.oci import file, gzip_bytes, tar_bytes
 from shifter.errors import ShifterError
-from tests.unit.test_pull_bounds import Registry, pull, spec_for
+from tests.unit.gateway.test_pull_bounds import Registry, pull, spec_for
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import pytest
 from gateway import pipeline
 from localcluster.oci import file, gzip_bytes, read_squashfs, tar_bytes
 from shifter.errors import ShifterError
-from tests.unit.test_pull_bounds import serve_on_loopback
+from tests.unit.gateway.test_pull_bounds import serve_on_loopback
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from localcluster.oci import gzip_bytes, read_squashfs, zstd_bytes
 from shifter.errors import ShifterError
 from tests.layer_blobs import end_of_archive, pax_member, raw_header, squash, write_layers
-from tests.unit.test_hostile_layers import _snapshot, time_bound
+from tests.unit.gateway.test_hostile_layers import _snapshot, time_bound
 
 EXAMPLES = int(os.environ.get("HOSTILE_EXAMPLES", "100"))
 
