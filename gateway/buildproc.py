@@ -4,7 +4,7 @@ Download, flatten and the feed of tar2sqfs are CPU-heavy Python; run as threads 
 API process they held its GIL and every lookup waited for them. Here each build runs in
 a fresh interpreter (``python -m gateway.buildproc``, started with fork+exec by
 subprocess, never a bare fork() of the threaded gateway) that inherits the worker
-thread's lower CPU priority (gateway.context.PULL_NICENESS). The tools' prlimits and
+thread's lower CPU priority (gateway.context.PULL_NICENESS) and drops to SCHED_IDLE. The tools' prlimits and
 the pull deadline are the pipeline's own, in the child; the parent adds:
 
 * a watchdog: a child still running ``KILL_GRACE_SECONDS`` after the pull deadline is
@@ -252,8 +252,20 @@ def _spec(doc: dict[str, Any]) -> pipeline.PullSpec:
     return pipeline.PullSpec(**doc)
 
 
+def _run_when_idle() -> None:
+    """Take only CPU time that nothing else on the host wants: the conversion and all its tools.
+
+    The thread that started us already gave us a higher nice value; ``SCHED_IDLE`` goes further
+    (10 nice levels still left a pull about a tenth of a busy core, which showed as lookup
+    latency: P5's p99 under a pull, docs/performance.md).  Safe here and not in the gateway's own
+    threads: this process shares no lock with the lookups.
+    """
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
 def main() -> int:
     _die_with_parent(int(sys.argv[1]))
+    _run_when_idle()
     # the protocol gets its own descriptor; fd 1 becomes stderr, so no tool can write into it
     replies = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
     os.dup2(2, 1)

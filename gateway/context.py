@@ -39,7 +39,9 @@ def yield_to_requests() -> None:
 
     Lookups decide how fast jobs are submitted; a pull or an expiry can wait.  On Linux the nice
     value is per thread and inherited by the threads and processes a thread creates, so one
-    call here covers downloads, the flattener, pigz, tar2sqfs and the examiner.
+    call here covers the conversion process, the examiner and every other tool.  The conversion
+    process also drops itself to ``SCHED_IDLE`` (gateway.buildproc); threads of this process
+    must not, as one that holds the interpreter's lock would then stall the lookups.
     """
     tid = threading.get_native_id()
     os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + PULL_NICENESS))

@@ -207,6 +207,7 @@ def test_lookups_are_answered_while_a_conversion_process_runs(services: tuple[Pa
         (child,) = conversion_processes(run.gw.proc.pid)
         assert child != run.gw.proc.pid
         assert nice(child) == min(19, nice(run.gw.proc.pid) + PULL_NICENESS)  # it yields to the API
+        assert os.sched_getscheduler(child) == os.SCHED_IDLE
         for _ in range(20):
             started = time.monotonic()
             status, rec = run.request("GET", f"/api/lookup/testsys/docker/{small}/")
