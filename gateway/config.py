@@ -81,6 +81,7 @@ class GatewayConfig:
     unbound_credentials: str = "read-only"
     pull_deadline: float = 3600.0
     max_image_paths: int = 4_000_000
+    api_processes: int = 1  # gateway processes serving the Listen sockets (gateway.service)
 
     def import_allowed(self, user: str | None) -> bool:
         """ImportUsers: "all", "none"/absent, or a list of user names."""

@@ -7,7 +7,7 @@ message naming the key (and the closest known key for a typo).
 
 Keys added by this implementation (documented in docs/gateway.md):
 ``Store``, ``Listen``, ``AccessLog``, ``LogFile``, ``ImagePlatform``, ``MaxImageBytes``, ``ExaminerTimeout``,
-``GatewayAddresses``, ``UnboundCredentials``.
+``GatewayAddresses``, ``UnboundCredentials``, ``APIProcesses``.
 
 The validated result is a gateway.config.GatewayConfig (the types live there, so the
 modules that only read a configuration need not import the reader).
@@ -63,6 +63,7 @@ _TOP_KEYS: dict[str, tuple[type | tuple[type, ...], bool]] = {
     "UnboundCredentials": (str, False),
     "PullDeadline": ((int, float), False),
     "MaxImagePaths": (int, False),
+    "APIProcesses": (int, False),
 }
 
 _LOCATION_KEYS: dict[str, tuple[type | tuple[type, ...], bool]] = {
@@ -367,7 +368,11 @@ def parse_config(text: str, source: str = "imagemanager.json") -> GatewayConfig:
     max_paths = doc.get("MaxImagePaths", 4_000_000)
     if not 1000 <= max_paths <= 100_000_000:
         raise ShifterError(f"{source}: key MaxImagePaths must be between 1000 and 100000000")
+    api_processes = doc.get("APIProcesses", 1)
+    if not 1 <= api_processes <= 64:
+        raise ShifterError(f"{source}: key APIProcesses must be between 1 and 64, got {api_processes}")
     return GatewayConfig(
+        api_processes=api_processes,
         image_platform=(plat[0], plat[1], plat[2] if len(plat) == 3 else None),
         max_image_bytes=max_bytes,
         path=source,

@@ -1,20 +1,31 @@
-"""``shifter-gateway --config imagemanager.json``: run the image gateway (uvicorn, one process).
+"""``shifter-gateway --config imagemanager.json``: run the image gateway (uvicorn).
 
 One process serves HTTP (uvicorn with httptools on uvloop) and runs the pull workers
 in threads, like the original; each conversion runs in a child process (gateway.buildproc).
 SIGTERM/SIGINT stop accepting requests, let running requests finish, then stop the workers
 and their conversion processes; a pull interrupted that way is picked up by the next start
 (see gateway.recovery). Also runnable as ``python -m gateway.service --config ...``.
+
+With ``APIProcesses`` N > 1 the listening sockets are bound once and N processes are forked
+to serve them, each a whole gateway on the shared store (its own owner identity, leases and
+recovery, as several gateways on one host are): one Python process is bound to one core by
+the GIL. The parent only supervises: it forwards SIGTERM/SIGINT, and a worker that exits
+on its own stops the others and makes the service exit non-zero (the service manager
+restarts it; nothing is restarted silently). Workers die with the parent (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import logging
 import os
+import signal
 import socket
 import sys
+import time
+import traceback
 from typing import Any
 
 from shifter.errors import ShifterError
@@ -89,8 +100,11 @@ def header_deadline_protocol() -> type:
     return HeaderDeadline
 
 
-def _setup_logging(level: str, log_file: str | None) -> None:
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _setup_logging(level: str, log_file: str | None, with_pid: bool = False) -> None:
+    """One handler for the whole process (and, inherited, its API processes: the file is
+    opened O_APPEND and every record is written and flushed whole, so lines never mix)."""
+    pid = "[%(process)d] " if with_pid else ""
+    fmt = logging.Formatter(f"%(asctime)s %(levelname)s {pid}%(name)s: %(message)s")
     handler: logging.Handler = (
         logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
     )
@@ -120,25 +134,43 @@ def _bind(host: str, port: int) -> socket.socket:
 LOOKUP_SWITCH_INTERVAL = 0.0005  # seconds; CPython's default is 0.005
 
 
-def serve(config_path: str) -> None:
-    """Load the config, recover the store, serve until a signal arrives."""
-    import uvicorn
+PR_SET_PDEATHSIG = 1
+WORKER_STOP_SECONDS = 60.0  # after SIGTERM, a worker still running this long is killed
+_SUPERVISED = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
 
-    from gateway.api import shutdown_pool
-    from gateway.asgi import AccessLog, create_app
+
+def serve(config_path: str) -> int:
+    """Load the config, bind the listening sockets, serve until a signal arrives; the exit code."""
     from gateway.configfile import load_config
-    from gateway.manager import ImageManager
-    from gateway.store.backend import open_store
 
     config = load_config(config_path)
     # cache, expand tree, store and work files are the gateway's alone; published
     # images get their modes explicitly (gateway.publish)
     os.umask(0o077)
-    _setup_logging(config.log_level, config.log_file)
-    log = logging.getLogger("gateway.service")
+    _setup_logging(config.log_level, config.log_file, with_pid=config.api_processes > 1)
     sockets = [_bind(host, port) for host, port in config.listen]
+    if config.api_processes == 1:
+        _serve_one(config, sockets)
+        return 0
+    return _supervise(config, sockets)
+
+
+def _serve_one(config: Any, sockets: list[socket.socket]) -> None:
+    """One whole gateway: recover the store, serve ``sockets`` until SIGTERM/SIGINT."""
+    import uvicorn
+
+    from gateway.api import shutdown_pool
+    from gateway.asgi import AccessLog, create_app
+    from gateway.manager import ImageManager
+    from gateway.store.backend import open_store
+
+    log = logging.getLogger("gateway.service")
     store = open_store(config.store, config.mongodb_name)
     manager = ImageManager(config, store)
+    # which process answered a scrape: with APIProcesses > 1 each serves its own counters
+    pid = float(os.getpid())
+    manager.metrics.gauge("shifter_gateway_process_id", "The pid of the gateway process that answered.",
+                          lambda: pid)
     manager.start()
     try:
         access_log = AccessLog(config.access_log) if config.access_log else None
@@ -185,6 +217,127 @@ def serve(config_path: str) -> None:
         log.info("shifter-gateway stopped")
 
 
+
+def _supervise(config: Any, sockets: list[socket.socket]) -> int:
+    """Fork ``config.api_processes`` gateways on ``sockets``; wait for a signal or a worker's exit.
+
+    The signals are blocked before the first fork and taken with sigwaitinfo, so a worker
+    that dies at once or a SIGTERM during start-up is never missed.
+    """
+    log = logging.getLogger("gateway.service")
+    parent = os.getpid()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISED)
+    workers: dict[int, int] = {}  # pid -> worker number
+    try:
+        for number in range(config.api_processes):
+            pid = os.fork()
+            if pid == 0:
+                _worker(config, sockets, parent, mask)  # never returns
+            workers[pid] = number
+    except OSError as err:
+        log.error("cannot start API process %d: %s", len(workers), err.strerror)
+        _stop_workers(workers, log)
+        return 1
+    finally:
+        for sock in sockets:  # the workers hold them now
+            sock.close()
+    log.info(
+        "shifter-gateway %d: %d API processes (%s) on %s",
+        parent,
+        len(workers),
+        " ".join(str(p) for p in workers),
+        ", ".join(f"{h}:{p}" for h, p in config.listen),
+    )
+    failed = _wait_workers(workers, log)
+    log.info("shifter-gateway %d stopped%s", parent, " after a failure" if failed else "")
+    return 1 if failed else 0
+
+
+def _worker(config: Any, sockets: list[socket.socket], parent: int, mask: Any) -> None:
+    """The forked API process: dies with the parent, serves, exits with its own status."""
+    code = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: nobody would stop us
+            os._exit(1)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        _serve_one(config, sockets)
+        code = 0
+    except ShifterError as err:
+        print(f"shifter-gateway[{os.getpid()}]: {err}", file=sys.stderr)
+        logging.getLogger("gateway.service").error("%s", err)
+    except BaseException:  # noqa: BLE001 - reported, then the worker's exit status says it
+        traceback.print_exc()
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # never back into the parent's code (atexit, finally blocks)
+
+
+def _wait_workers(workers: dict[int, int], log: logging.Logger) -> bool:
+    """Until every worker is gone; True if one exited on its own or failed to stop cleanly."""
+    failed = False
+    stopping = False
+    deadline: float | None = None
+    while workers:
+        if deadline is None:
+            info = signal.sigwaitinfo(_SUPERVISED)
+        else:
+            info = signal.sigtimedwait(_SUPERVISED, max(0.0, deadline - time.monotonic()))
+            if info is None:  # a worker ignored SIGTERM for WORKER_STOP_SECONDS
+                for pid in workers:
+                    log.error("API process %d did not stop in %.0fs: killed", pid, WORKER_STOP_SECONDS)
+                    _signal(pid, signal.SIGKILL)
+                deadline = None
+                continue
+        if info.si_signo != signal.SIGCHLD:
+            if not stopping:
+                log.info("signal %d: stopping %d API processes", info.si_signo, len(workers))
+            stopping = True
+            deadline = deadline or time.monotonic() + WORKER_STOP_SECONDS
+            for pid in workers:  # SIGTERM (uvicorn stops the same way; SIGINT would leave a traceback)
+                _signal(pid, signal.SIGTERM)
+            continue
+        while workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                workers.clear()
+                break
+            if pid == 0:
+                break
+            if workers.pop(pid, None) is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            # uvicorn re-raises the SIGTERM it stopped on once it has shut down: that is a clean stop
+            if not stopping or code not in (0, -signal.SIGTERM):
+                how = f"killed by signal {-code}" if code < 0 else f"exited with {code}"
+                log.error("API process %d %s; stopping the service", pid, how)
+                failed = True
+            if not stopping:
+                stopping = True
+                deadline = time.monotonic() + WORKER_STOP_SECONDS
+                for other in workers:
+                    _signal(other, signal.SIGTERM)
+    return failed
+
+
+def _signal(pid: int, signo: int) -> None:
+    try:
+        os.kill(pid, signo)
+    except ProcessLookupError:
+        pass
+
+
+def _stop_workers(workers: dict[int, int], log: logging.Logger) -> None:
+    """SIGTERM the workers started so far and wait for them (a failed start)."""
+    for pid in workers:
+        _signal(pid, signal.SIGTERM)
+    _wait_workers(workers, log)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shifter-gateway", description="Shifter image gateway")
     parser.add_argument(
@@ -194,11 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        serve(args.config)
+        return serve(args.config)
     except ShifterError as err:
         print(f"shifter-gateway: {err}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -135,6 +135,12 @@ def test_unknown_nested_keys_are_named_with_their_path() -> None:
         ("WorkerThreads", "4", "WorkerThreads must be an integer"),
         ("WorkerThreads", True, "WorkerThreads must be an integer"),
         ("WorkerThreads", 0, "WorkerThreads must be between"),
+        ("APIProcesses", 0, "APIProcesses must be between 1 and 64, got 0"),
+        ("APIProcesses", 65, "APIProcesses must be between 1 and 64, got 65"),
+        ("APIProcesses", -2, "APIProcesses must be between 1 and 64, got -2"),
+        ("APIProcesses", "2", "APIProcesses must be an integer, got a string"),
+        ("APIProcesses", 2.0, "APIProcesses must be an integer, got a number"),
+        ("APIProcesses", True, "APIProcesses must be an integer, got true/false"),
         ("PullUpdateTimeout", "300", "PullUpdateTimeout must be"),
         ("Metrics", "yes", "Metrics must be true/false"),
         ("ImageExpirationTimeout", "90 days", "ImageExpirationTimeout must be"),
@@ -242,3 +248,9 @@ def test_examiner_and_its_timeout() -> None:
     assert parse_config(cfg(), "im.json").examiner_timeout == 600
     assert "ExaminerTimeout" in error_of(cfg(ExaminerTimeout=0))
     assert "ExaminerTimeout" in error_of(cfg(ExaminerTimeout="10"))
+
+
+def test_api_processes_default_and_range() -> None:
+    assert parse_config(cfg()).api_processes == 1
+    assert parse_config(cfg(APIProcesses=2)).api_processes == 2
+    assert parse_config(cfg(APIProcesses=64)).api_processes == 64
