@@ -7,6 +7,7 @@ cached Debian layout (``python -m localcluster debian-image`` builds it once), a
 the end. Prints one JSON document: the runs of each side, alternating, and their medians.
 
     .venv/bin/python -m bench.p5local --runs 3 --seconds 10
+    .venv/bin/python -m bench.p5local --api-processes 1 --api-processes 2   # APIProcesses compared
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _service_cpu(pid: int, api_processes: int) -> float:
+    """The gateway's CPU seconds: the process, or with APIProcesses > 1 its API processes
+    (its direct children; their conversion processes are not counted, as with one process)."""
+    if api_processes == 1:
+        return _cpu_seconds(pid)
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return _cpu_seconds(pid) + sum(_cpu_seconds(int(c)) for c in children)
+
+
 def _children_cpu() -> float:
     """user + system seconds of this process's waited-for children (the load generator)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -63,6 +73,8 @@ def main() -> int:
     parser.add_argument("--idle-only", action="store_true", help="no pull-and-expire load")
     parser.add_argument("--checkout", action="append", type=Path, default=[],
                         help="run this checkout's gateway (repeat to compare; default: this one)")
+    parser.add_argument("--api-processes", action="append", type=int, default=[],
+                        help="the gateway's APIProcesses (repeat to compare; default: 1)")
     args = parser.parse_args()
     if not DEBIAN_IMAGE.cache.exists() and not args.idle_only:
         print(f"bench.p5local: no Debian layout in {DEBIAN_IMAGE.cache} (python -m localcluster debian-image)",
@@ -78,28 +90,32 @@ def main() -> int:
         oci.push_image(registry.url, "test/small", "v1", [oci.gzip_bytes(layer)], oci.image_config([layer]))
         small = f"docker:{registry.addr}/test/small:v1"
         busy = None if args.idle_only else _push_debian(registry)
-        for number, checkout in enumerate(checkouts):
+        processes = args.api_processes or [1]
+        sides = [(checkout, n) for checkout in checkouts for n in processes]
+        for number, (checkout, n) in enumerate(sides):
             home = root / f"gw{number}"
             home.mkdir()
-            config = gateway_config(home, registry, munged.socket, AccessLog=str(home / "access.log"))
+            extra = {"APIProcesses": n} if n != 1 else {}  # an older checkout may not know the key
+            config = gateway_config(home, registry, munged.socket, AccessLog=str(home / "access.log"), **extra)
             gateways.append(GatewayProcess(home, config, repo=checkout))
         results: dict[str, list[dict]] = {}
         for _ in range(args.runs):
-            for checkout, gateway in zip(checkouts, gateways, strict=True):
+            for (checkout, n), gateway in zip(sides, gateways, strict=True):
                 gateway.start()
                 assert gateway.proc is not None
+                name = checkout.name if len(processes) == 1 else f"{checkout.name} x{n}"
                 for side in ("idle",) if busy is None else ("idle", "loaded"):
-                    gw0, mu0 = _cpu_seconds(gateway.proc.pid), _cpu_seconds(munged.pid or 0)
+                    gw0, mu0 = _service_cpu(gateway.proc.pid, n), _cpu_seconds(munged.pid or 0)
                     cl0 = _children_cpu()
                     result = measure_p5(gateway.url, "testsys", small, args.seconds, args.clients, munged.socket,
                                         busy_tag=busy if side == "loaded" else None)
                     requests = max(1, result["requests"])
-                    result["gateway_cpu_us"] = (_cpu_seconds(gateway.proc.pid) - gw0) / requests * 1e6
+                    result["gateway_cpu_us"] = (_service_cpu(gateway.proc.pid, n) - gw0) / requests * 1e6
                     result["munged_cpu_us"] = (_cpu_seconds(munged.pid or 0) - mu0) / requests * 1e6
                     if side == "idle":  # the load generator (a child process), its munge encodes included
                         result["client_cpu_us"] = (_children_cpu() - cl0) / requests * 1e6
                     result["load1"] = os.getloadavg()[0]
-                    results.setdefault(f"{checkout.name} {side}", []).append(result)
+                    results.setdefault(f"{name} {side}", []).append(result)
                 gateway.stop()
         keys = ("lookups_per_s", "p50_ms", "p99_ms", "errors", "load_cycles", "gateway_cpu_us", "munged_cpu_us",
                 "client_cpu_us", "load1")

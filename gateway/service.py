@@ -264,6 +264,8 @@ def _worker(config: Any, sockets: list[socket.socket], parent: int, mask: Any) -
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         _serve_one(config, sockets)
         code = 0
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: uvicorn stopped, re-raised SIGINT
+        code = 0
     except ShifterError as err:
         print(f"shifter-gateway[{os.getpid()}]: {err}", file=sys.stderr)
         logging.getLogger("gateway.service").error("%s", err)

@@ -161,10 +161,11 @@ def test_both_api_processes_answer_and_a_pull_completes_once(
         assert f"[{pid}] gateway.service: shifter-gateway {pid} listening on" in log
 
 
-def test_sigterm_stops_the_service_and_every_api_process(gateway: GatewayProcess) -> None:
+@pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_service_and_every_api_process(gateway: GatewayProcess, signo: int) -> None:
     assert gateway.proc is not None
     pids = workers(gateway)
-    os.kill(gateway.proc.pid, signal.SIGTERM)
+    os.kill(gateway.proc.pid, signo)
     assert gateway.proc.wait(60) == 0
     gateway.proc = None
     for pid in pids:
