@@ -278,11 +278,11 @@ def _worker(config: Any, sockets: list[socket.socket], parent: int, mask: Any) -
         os._exit(code)  # never back into the parent's code (atexit, finally blocks)
 
 
-def _wait_workers(workers: dict[int, int], log: logging.Logger) -> bool:
-    """Until every worker is gone; True if one exited on its own or failed to stop cleanly."""
+def _wait_workers(workers: dict[int, int], log: logging.Logger, stopping: bool = False) -> bool:
+    """Until every worker is gone; True if one exited on its own or failed to stop cleanly.
+    ``stopping``: they have been sent SIGTERM already."""
     failed = False
-    stopping = False
-    deadline: float | None = None
+    deadline: float | None = time.monotonic() + WORKER_STOP_SECONDS if stopping else None
     while workers:
         if deadline is None:
             info = signal.sigwaitinfo(_SUPERVISED)
@@ -296,7 +296,7 @@ def _wait_workers(workers: dict[int, int], log: logging.Logger) -> bool:
                 continue
         if info.si_signo != signal.SIGCHLD:
             if not stopping:
-                log.info("signal %d: stopping %d API processes", info.si_signo, len(workers))
+                log.info("%s: stopping %d API processes", signal.Signals(info.si_signo).name, len(workers))
             stopping = True
             deadline = deadline or time.monotonic() + WORKER_STOP_SECONDS
             for pid in workers:  # SIGTERM (uvicorn stops the same way; SIGINT would leave a traceback)
@@ -337,7 +337,7 @@ def _stop_workers(workers: dict[int, int], log: logging.Logger) -> None:
     """SIGTERM the workers started so far and wait for them (a failed start)."""
     for pid in workers:
         _signal(pid, signal.SIGTERM)
-    _wait_workers(workers, log)
+    _wait_workers(workers, log, stopping=True)
 
 
 def main(argv: list[str] | None = None) -> int:
