@@ -143,7 +143,12 @@ class Recovery:
         return False
 
     def clean_scratch(self, live: set[str]) -> None:
-        """Remove ``job-<rid>`` scratch directories no live pull uses (unmounting an examiner's tree first)."""
+        """Remove ``job-<rid>`` scratch directories no live pull uses (unmounting an examiner's tree first).
+
+        ``live`` was read before the directory was listed: a pull that another gateway on this
+        host (or another API process) started in between is not in it, so each candidate's
+        record is read again, after the listing, before anything is removed.
+        """
         try:
             names = os.listdir(self.ctx.config.expand_dir)
         except OSError:
@@ -153,12 +158,19 @@ class Recovery:
                 with self.ctx.running_lock:
                     if name[4:] in self.ctx.running:
                         continue
+                if self._worked_on(name[4:]):
+                    continue
                 path = os.path.join(self.ctx.config.expand_dir, name)
                 errors = examine.unmount_under(path)
                 if errors:  # never delete through a mount: leave the directory for the next start
                     log.error("scratch %s kept: %s", path, "; ".join(errors))
                     continue
                 shutil.rmtree(path, ignore_errors=True)
+
+    def _worked_on(self, rid: str) -> bool:
+        """Is the record of this scratch directory in flight with a live owner now?"""
+        rec = self.ctx.store.get(rid)
+        return rec is not None and rec["status"] in INFLIGHT and self.ctx.record_alive(rec)
 
     def renew_leases(self) -> None:
         """Heartbeat and lease of every record this process works on (not those waiting to settle)."""
