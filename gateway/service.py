@@ -204,6 +204,13 @@ def _serve_one(config: Any, sockets: list[socket.socket]) -> None:
         config.store.split("@")[-1],
         config.authentication,
     )
+    # uvicorn stops gracefully on SIGTERM (SIGINT) and then raises the signal again under the handler it
+    # found: with the default one the process died there, before the cleanup below (conversion
+    # processes ended, the store closed, "stopped" logged). The handler it finds asks the server
+    # to stop: harmless after the shutdown, and a SIGTERM just before uvicorn takes the signal
+    # over still stops it.
+    for signo in (signal.SIGTERM, signal.SIGINT):  # SIGINT: its KeyboardInterrupt skipped nothing, but left a traceback
+        signal.signal(signo, lambda signo, frame: setattr(server, "should_exit", True))
     try:
         server.run(sockets=sockets)
     finally:
@@ -313,7 +320,7 @@ def _wait_workers(workers: dict[int, int], log: logging.Logger, stopping: bool =
             if workers.pop(pid, None) is None:
                 continue
             code = os.waitstatus_to_exitcode(status)
-            # uvicorn re-raises the SIGTERM it stopped on once it has shut down: that is a clean stop
+            # a worker that got SIGTERM before it took the signal over dies of it: still a clean stop
             if not stopping or code not in (0, -signal.SIGTERM):
                 how = f"killed by signal {-code}" if code < 0 else f"exited with {code}"
                 log.error("API process %d %s; stopping the service", pid, how)

@@ -165,11 +165,35 @@ def test_both_api_processes_answer_and_a_pull_completes_once(
 def test_a_signal_stops_the_service_and_every_api_process(gateway: GatewayProcess, signo: int) -> None:
     assert gateway.proc is not None
     pids = workers(gateway)
+    log_file = Path(gateway.config["LogFile"])
+    wait_for("both API processes to serve",
+             lambda: all(f"shifter-gateway {pid} listening on" in log_file.read_text() for pid in pids), timeout=60)
     os.kill(gateway.proc.pid, signo)
     assert gateway.proc.wait(60) == 0
     gateway.proc = None
     for pid in pids:
         assert gone(pid), pid
+    log = log_file.read_text()
+    for pid in pids:  # each ran its cleanup (conversions ended, store closed), not just died
+        assert f"[{pid}] gateway.service: shifter-gateway stopped" in log
+
+
+@pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGINT])
+def test_a_single_gateway_stops_cleanly_on_a_signal(
+    services: tuple[Path, Munged, Registry], tmp_path: Path, signo: int
+) -> None:
+    """uvicorn raises the signal again after its graceful shutdown: the gateway's own cleanup
+    still runs and the exit status is 0 (systemd's stop, or a Ctrl-C)."""
+    _top, munged, registry = services
+    gw = GatewayProcess(tmp_path, gateway_config(tmp_path, registry, munged.socket)).start()
+    try:
+        assert gw.proc is not None
+        os.kill(gw.proc.pid, signo)
+        assert gw.proc.wait(60) == 0
+        gw.proc = None
+        assert "gateway.service: shifter-gateway stopped" in Path(gw.config["LogFile"]).read_text()
+    finally:
+        gw.stop()
 
 
 def test_a_killed_api_process_stops_the_service_non_zero(gateway: GatewayProcess) -> None:
