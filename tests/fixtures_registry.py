@@ -28,7 +28,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +184,22 @@ def bound_credential(socket: str, method: str, target: str, body: bytes = b"", g
     from shifter.client import munge
 
     return munge.encode(bound_payload(method, target, body, gateway, **extra), socket, decoder_uid=0)
+
+
+@contextlib.contextmanager
+def munged_and_registry(root: Path) -> Iterator[tuple[Path, Munged, Registry]]:
+    """A munged and an empty registry for a test module's gateways, stopped when it ends; ``root``
+    (their files, and the gateways' homes below it) is made readable for the tests' other users."""
+    os.chmod(root, 0o755)
+    munged = Munged().start()
+    try:
+        registry = Registry(root).start()
+        try:
+            yield root, munged, registry
+        finally:
+            registry.stop()
+    finally:
+        munged.stop()
 
 
 def gateway_config(root: Path, registry: Registry, munge_socket: str, **overrides: Any) -> dict[str, Any]:

@@ -18,7 +18,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fixtures_registry import GatewayProcess, Munged, Registry, bound_credential, gateway_config, have, wait_for
+from fixtures_registry import (
+    GatewayProcess,
+    Munged,
+    Registry,
+    bound_credential,
+    gateway_config,
+    have,
+    munged_and_registry,
+    wait_for,
+)
 
 from localcluster import oci
 
@@ -30,15 +39,8 @@ ACCESS_LINE = re.compile(r"^\S+ \S+ [A-Z]+ '[^']*' \d{3} \d+\.\dms$")
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Munged, Registry]]:
-    root = tmp_path_factory.mktemp("api-processes")
-    os.chmod(root, 0o755)
-    munged = Munged().start()
-    registry = Registry(root).start()
-    try:
-        yield root, munged, registry
-    finally:
-        registry.stop()
-        munged.stop()
+    with munged_and_registry(tmp_path_factory.mktemp("api-processes")) as services:
+        yield services
 
 
 @pytest.fixture

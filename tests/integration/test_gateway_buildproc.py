@@ -27,6 +27,7 @@ from fixtures_registry import (
     bound_credential,
     gateway_config,
     have,
+    munged_and_registry,
     wait_for,
 )
 
@@ -39,16 +40,10 @@ pytestmark = pytest.mark.skipif(missing is not None, reason=f"needs {missing}")
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Munged, Registry]]:
-    root = tmp_path_factory.mktemp("buildproc")
-    munged = Munged().start()
-    registry = Registry(root).start()
-    try:
+    with munged_and_registry(tmp_path_factory.mktemp("buildproc")) as services:
         layer = oci.tar_bytes([oci.file("bin/hello", b"hello\n", 0o755)])
-        oci.push_image(registry.url, "test/small", "v1", [oci.gzip_bytes(layer)], oci.image_config([layer]))
-        yield root, munged, registry
-    finally:
-        registry.stop()
-        munged.stop()
+        oci.push_image(services[2].url, "test/small", "v1", [oci.gzip_bytes(layer)], oci.image_config([layer]))
+        yield services
 
 
 class Stalled:

@@ -28,6 +28,7 @@ from fixtures_registry import (
     gateway_config,
     have,
     metric,
+    munged_and_registry,
     wait_for,
 )
 
@@ -41,17 +42,11 @@ pytestmark = pytest.mark.skipif(missing is not None, reason=f"needs {missing}")
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Munged, Registry]]:
-    root = tmp_path_factory.mktemp("recovery")
-    munged = Munged().start()
-    registry = Registry(root).start()
-    try:
+    with munged_and_registry(tmp_path_factory.mktemp("recovery")) as services:
         for tag in ("v1", "v2", "v3"):
             layer = oci.tar_bytes([oci.file("bin/hello", f"hello {tag}\n".encode(), 0o755)])
-            oci.push_image(registry.url, "test/small", tag, [oci.gzip_bytes(layer)], oci.image_config([layer]))
-        yield root, munged, registry
-    finally:
-        registry.stop()
-        munged.stop()
+            oci.push_image(services[2].url, "test/small", tag, [oci.gzip_bytes(layer)], oci.image_config([layer]))
+        yield services
 
 
 def _gateway(services: tuple[Path, Munged, Registry], name: str) -> GatewayProcess:

@@ -30,6 +30,7 @@ from fixtures_registry import (
     gateway_config,
     have,
     metric,
+    munged_and_registry,
     run_shifterimg,
     wait_for,
 )
@@ -88,15 +89,8 @@ class Pair:
 @pytest.fixture(scope="module")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Munged, Registry]]:
     """munged and a registry for the module; each test's gateways are its own."""
-    root = tmp_path_factory.mktemp("two-gateways")
-    os.chmod(root, 0o755)
-    munged = Munged().start()
-    registry = Registry(root).start()
-    try:
-        yield root, munged, registry
-    finally:
-        registry.stop()
-        munged.stop()
+    with munged_and_registry(tmp_path_factory.mktemp("two-gateways")) as services:
+        yield services
 
 
 def two_gateways(services: tuple[Path, Munged, Registry], name: str, mongo_uri: str, dbname: str,
