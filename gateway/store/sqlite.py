@@ -12,7 +12,8 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from gateway.store.base import (
     Doc,
@@ -64,6 +65,27 @@ CREATE TABLE IF NOT EXISTS metrics (
 """
 
 
+_T = TypeVar("_T")
+_UNLOCK_WAIT_SECONDS = 30.0
+
+
+def _until_unlocked(step: Callable[[], _T]) -> _T:
+    """``step``, again while SQLite answers "database is locked".
+
+    Switching a new database to WAL and creating the schema can fail at once, without SQLite's
+    busy handler, while another process does the same: several gateways or API processes
+    starting together on a fresh store (1 start in 40 failed with four at a time).
+    """
+    deadline = time.monotonic() + _UNLOCK_WAIT_SECONDS
+    while True:
+        try:
+            return step()
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class SqliteStore(Store):
     """SQLite in WAL mode: readers never wait for the writer; one connection per thread."""
 
@@ -79,7 +101,7 @@ class SqliteStore(Store):
         self._all_lock = threading.Lock()
         conn = self._conn()
         try:
-            conn.executescript(_SCHEMA)
+            _until_unlocked(lambda: conn.executescript(_SCHEMA))
         except sqlite3.DatabaseError as err:
             raise ShifterError(f"store {path}: {err}") from None
         for suffix in ("", "-wal", "-shm"):  # records name private images and their ACLs
@@ -91,7 +113,7 @@ class SqliteStore(Store):
         if conn is None:
             try:
                 conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-                conn.execute("PRAGMA journal_mode=WAL")
+                _until_unlocked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA busy_timeout=30000")
             except sqlite3.Error as err:
