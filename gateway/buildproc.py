@@ -26,7 +26,6 @@ tracebacks) goes to a file in the job's scratch directory and into the gateway's
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import errno
 import fcntl
@@ -45,6 +44,7 @@ from typing import IO, Any
 
 from gateway import pipeline
 from shifter.errors import ShifterError
+from shifter.runtime.linux import die_with_parent
 
 log = logging.getLogger("gateway.buildproc")
 
@@ -52,7 +52,6 @@ KILL_GRACE_SECONDS = 30.0  # past the pull deadline before the watchdog kills a 
 PROGRESS_SECONDS = 0.2  # a child reports counters within one phase at most this often
 MAX_LINE = 1 << 20  # a protocol line longer than this is a broken child
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(pipeline.__file__)))
-PR_SET_PDEATHSIG = 1
 
 
 class Cancelled(Exception):
@@ -235,14 +234,6 @@ def _last_line(path: str) -> str:
 # -- the child --------------------------------------------------------------------------------
 
 
-def _die_with_parent(parent: int) -> None:
-    """SIGKILL when the gateway's thread that started us ends (a killed gateway included)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # it died before the line above
-        os._exit(1)
-
-
 def _spec(doc: dict[str, Any]) -> pipeline.PullSpec:
     doc = dict(doc)
     doc["location"] = pipeline.Location(**doc["location"])
@@ -264,7 +255,7 @@ def _run_when_idle() -> None:
 
 
 def main() -> int:
-    _die_with_parent(int(sys.argv[1]))
+    die_with_parent(int(sys.argv[1]), signal.SIGKILL)  # a killed gateway leaves no conversion
     _run_when_idle()
     # the protocol gets its own descriptor; fd 1 becomes stderr, so no tool can write into it
     replies = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")

@@ -17,7 +17,6 @@ restarts it; nothing is restarted silently). Workers die with the parent (PR_SET
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import logging
 import os
@@ -134,7 +133,6 @@ def _bind(host: str, port: int) -> socket.socket:
 LOOKUP_SWITCH_INTERVAL = 0.0005  # seconds; CPython's default is 0.005
 
 
-PR_SET_PDEATHSIG = 1
 WORKER_STOP_SECONDS = 60.0  # after SIGTERM, a worker still running this long is killed
 _SUPERVISED = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
 
@@ -264,10 +262,9 @@ def _worker(config: Any, sockets: list[socket.socket], parent: int, mask: Any) -
     """The forked API process: dies with the parent, serves, exits with its own status."""
     code = 1
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl: nobody would stop us
-            os._exit(1)
+        from shifter.runtime.linux import die_with_parent
+
+        die_with_parent(parent, signal.SIGTERM)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         _serve_one(config, sockets)
         code = 0

@@ -38,6 +38,7 @@ CLONE_NEWUSER = 0x10000000
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
 
 
 class _Int(_ctypes._SimpleCData):
@@ -111,6 +112,17 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
     if result < 0:
         raise _fail(f"prctl({option})")
     return result
+
+
+def die_with_parent(parent: int, signo: int) -> None:
+    """Get ``signo`` when the thread that forked this process ends; leave at once if it already has.
+
+    A helper a service forks must not outlive it; checking the parent's pid after the call
+    closes the window in which the parent died before the request was made.
+    """
+    prctl(PR_SET_PDEATHSIG, signo)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def set_no_new_privs() -> None:
