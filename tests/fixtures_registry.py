@@ -186,6 +186,15 @@ def bound_credential(socket: str, method: str, target: str, body: bytes = b"", g
     return munge.encode(bound_payload(method, target, body, gateway, **extra), socket, decoder_uid=0)
 
 
+def process_gone(pid: int) -> bool:
+    """No such process, or only a dead one left for its (new) parent to reap."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[-1].split()[0]
+    except OSError:
+        return True
+    return state in (b"Z", b"X")
+
+
 @contextlib.contextmanager
 def munged_and_registry(root: Path) -> Iterator[tuple[Path, Munged, Registry]]:
     """A munged and an empty registry for a test module's gateways, stopped when it ends; ``root``

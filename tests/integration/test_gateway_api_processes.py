@@ -26,6 +26,7 @@ from fixtures_registry import (
     gateway_config,
     have,
     munged_and_registry,
+    process_gone,
     wait_for,
 )
 
@@ -65,15 +66,6 @@ def workers(gw: GatewayProcess) -> list[int]:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
-
-
-def gone(pid: int) -> bool:
-    """No such process, or only a zombie left for its (new) parent to reap."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[-1].split()[0]
-    except OSError:
-        return True
-    return state == b"Z"
 
 
 def request(gw: GatewayProcess, munge_socket: str, method: str, path: str) -> tuple[int, bytes]:
@@ -174,7 +166,7 @@ def test_a_signal_stops_the_service_and_every_api_process(gateway: GatewayProces
     assert gateway.proc.wait(60) == 0
     gateway.proc = None
     for pid in pids:
-        assert gone(pid), pid
+        assert process_gone(pid), pid
     log = log_file.read_text()
     for pid in pids:  # each ran its cleanup (conversions ended, store closed), not just died
         assert f"[{pid}] gateway.service: shifter-gateway stopped" in log
@@ -204,7 +196,7 @@ def test_a_killed_api_process_stops_the_service_non_zero(gateway: GatewayProcess
     os.kill(first, signal.SIGKILL)
     assert gateway.proc.wait(60) == 1
     gateway.proc = None
-    assert gone(first) and gone(second)
+    assert process_gone(first) and process_gone(second)
     log = Path(gateway.config["LogFile"]).read_text()
     assert f"API process {first} killed by signal 9; stopping the service" in log
 
@@ -215,7 +207,7 @@ def test_api_processes_die_with_a_killed_parent(gateway: GatewayProcess) -> None
     os.kill(gateway.proc.pid, signal.SIGKILL)
     gateway.proc.wait(10)
     gateway.proc = None
-    wait_for("API processes to stop", lambda: all(gone(p) for p in pids), timeout=60)
+    wait_for("API processes to stop", lambda: all(process_gone(p) for p in pids), timeout=60)
 
 
 @pytest.mark.parametrize("value", [0, 65, "2"])

@@ -28,6 +28,7 @@ from fixtures_registry import (
     gateway_config,
     have,
     munged_and_registry,
+    process_gone,
     wait_for,
 )
 
@@ -118,14 +119,6 @@ def nice(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[-1].split()[16])
 
 
-def gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[-1].split()[0]
-    except OSError:
-        return True
-    return state in (b"Z", b"X")
-
-
 def test_a_killed_conversion_process_fails_its_pull_and_leaves_nothing(
         services: tuple[Path, Munged, Registry]) -> None:
     run = Stalled(services, "killed")
@@ -160,7 +153,7 @@ def test_gateway_stop_ends_its_conversion_process_and_recovery_finishes_the_pull
     try:
         child = run.start_stalled_pull()
         run.gw.stop()  # SIGTERM
-        wait_for("the conversion process to end with the gateway", lambda: gone(child), 10)
+        wait_for("the conversion process to end with the gateway", lambda: process_gone(child), 10)
         run.proxy.release.set()
         # recovery re-queues the interrupted pull, which completes from the registry itself
         run.gw.config["Locations"] = {run.registry.addr: {"remotetype": "dockerv2", "url": run.registry.url,
@@ -181,7 +174,7 @@ def test_a_killed_gateway_takes_its_conversion_process_with_it(services: tuple[P
     try:
         child = run.start_stalled_pull()
         run.gw.kill()  # SIGKILL: no stop() runs, the child dies with its parent (PR_SET_PDEATHSIG)
-        wait_for("the conversion process to die with the gateway", lambda: gone(child), 10)
+        wait_for("the conversion process to die with the gateway", lambda: process_gone(child), 10)
     finally:
         run.stop()
 
